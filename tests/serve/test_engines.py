@@ -1,0 +1,50 @@
+import numpy as np
+import pytest
+
+from ray_ft.config import VLLMConfig
+from ray_ft.serve.engines import (
+    EmbeddingRetriever, SentenceTransformerEmbedder, VectorIndex, build_nodes, resolve_dtype,
+)
+from ray_ft.serve.protocols import Embedder, Retriever
+
+
+def test_vector_index_top_k_order_and_scores():
+    nodes = [{"node_id": n, "text": n} for n in "abcd"]
+    vecs = np.array([[1, 0], [0, 1], [0.6, 0.8], [-1, 0]], dtype=np.float32)
+    hits = VectorIndex(nodes, vecs).search(np.array([0.8, 0.6]), top_k=3)
+    assert [h.node_id for h in hits] == ["c", "a", "b"]
+    np.testing.assert_allclose([h.score for h in hits], [0.96, 0.8, 0.6], rtol=1e-6)
+    assert len(VectorIndex(nodes, vecs).search(np.array([1.0, 0.0]), top_k=10)) == 4
+    with pytest.raises(ValueError, match="4 nodes but 3 vectors"):
+        VectorIndex(nodes, vecs[:3])
+
+
+def test_build_nodes_per_passage_and_per_line():
+    docs = [{"passage_id": "p1", "text": "line one\n\nline two"}, {"passage_id": "p2", "text": "solo"}]
+    assert [n["node_id"] for n in build_nodes(docs, "passage")] == ["p1", "p2"]
+    lines = build_nodes(docs, "line")
+    assert [(n["node_id"], n["text"]) for n in lines] == [("p1:0", "line one"), ("p1:2", "line two"), ("p2:0", "solo")]
+    assert all(n["metadata"]["passage_id"] in {"p1", "p2"} for n in lines)
+
+
+def test_dtype_auto_is_fp32_on_cpu_bf16_on_gpu():
+    assert resolve_dtype(VLLMConfig(), use_gpu=False) == "float32"
+    assert resolve_dtype(VLLMConfig(), use_gpu=True) == "bfloat16"
+    assert resolve_dtype(VLLMConfig(dtype="bfloat16"), use_gpu=False) == "bfloat16"
+
+
+@pytest.mark.slow
+def test_real_minilm_embeds_normalised_and_retrieves_the_right_passage(minilm_dir):
+    emb = SentenceTransformerEmbedder(str(minilm_dir))
+    assert isinstance(emb, Embedder)
+    vecs = emb.embed(["a cat sits on the mat", "a kitten is on the rug", "quarterly revenue grew 12%"])
+    assert vecs.shape == (3, 384) and vecs.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, rtol=1e-5)
+    assert vecs[0] @ vecs[1] > vecs[0] @ vecs[2] + 0.3
+    docs = [{"passage_id": "fin", "text": "Apple's net sales increased 8% in fiscal 2023."},
+            {"passage_id": "bio", "text": "Mitochondria produce most of the cell's energy."},
+            {"passage_id": "geo", "text": "Mount Everest is the highest mountain on Earth."}]
+    retriever = EmbeddingRetriever(build_nodes(docs, "passage"), emb)
+    assert isinstance(retriever, Retriever)
+    hits = retriever.retrieve("What is the tallest mountain?", top_k=2)
+    assert hits[0].node_id == "geo" and hits[0].score > hits[1].score

@@ -1,0 +1,79 @@
+from pathlib import Path
+
+import pytest
+
+from ray_ft.config import JobConfig, load_job, parse_job
+from ray_ft.errors import RayFTError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_smoke_job_loads_with_recipe_defaults():
+    cfg = load_job(ROOT / "jobs" / "cmrc_lora_smoke.yaml")
+    assert (cfg.train.lora_rank, cfg.train.lora_alpha, cfg.train.lora_dropout) == (8, 16, 0.0)
+    assert cfg.train.lora_target == "all"
+    assert cfg.data.max_samples == 64 and cfg.eval.max_samples >= 50
+    # The relative data path resolves against the job file's folder.
+    assert Path(cfg.data.source).is_absolute() and Path(cfg.data.source).name == "cmrc2018_dev.json"
+    assert cfg.run_dir == Path("runs/cmrc_lora_smoke")
+
+
+def test_unknown_key_names_the_field_path(tmp_path):
+    job = tmp_path / "bad.yaml"
+    job.write_text("name: x\ntrain:\n  lora_rnk: 8\n")
+    with pytest.raises(RayFTError) as err:
+        load_job(job)
+    assert str(err.value) == f"{job}: field 'train.lora_rnk': unknown key"
+
+
+def test_bad_value_names_field_and_reason():
+    with pytest.raises(RayFTError, match=r"field 'data.val_size': Input should be less than 1"):
+        parse_job({"name": "x", "data": {"val_size": 1.5}})
+    with pytest.raises(RayFTError, match=r"field 'train.learning_rate'"):
+        parse_job({"name": "x", "train": {"learning_rate": "fast"}})
+    with pytest.raises(RayFTError, match=r"field 'name': Field required"):
+        parse_job({})
+
+
+def test_combinations_are_checked():
+    with pytest.raises(RayFTError, match="lora_rank=32 exceeds serve.vllm.max_lora_rank=16"):
+        parse_job({"name": "x", "train": {"lora_rank": 32}})
+    with pytest.raises(RayFTError, match="num_shards=1 < train.num_workers=2"):
+        parse_job({"name": "x", "train": {"num_workers": 2}, "data": {"num_shards": 1}})
+    with pytest.raises(RayFTError, match="exceeds serve.vllm.max_model_len"):
+        parse_job({"name": "x", "data": {"cutoff_len": 4096}})
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    job = tmp_path / "broken.yaml"
+    job.write_text("name: [unclosed\n")
+    with pytest.raises(RayFTError, match=r"broken.yaml: line \d+ invalid YAML"):
+        load_job(job)
+    with pytest.raises(RayFTError, match="nope.yaml: job file not found"):
+        load_job(tmp_path / "nope.yaml")
+    job.write_text("- a list\n")
+    with pytest.raises(RayFTError, match="must be a YAML mapping"):
+        load_job(job)
+
+
+def test_every_field_is_documented():
+    def walk(model):
+        for name, field in model.model_fields.items():
+            if isinstance(field.annotation, type) and issubclass(field.annotation, JobConfig.__base__):
+                yield from walk(field.annotation)
+            else:
+                yield model.__name__, name, field.description
+
+    undocumented = [(m, n) for m, n, d in walk(JobConfig) if not d]
+    assert undocumented == []
+
+
+def test_every_shipped_job_file_validates():
+    jobs = sorted((ROOT / "jobs").glob("*.yaml"))
+    assert len(jobs) >= 2
+    for job in jobs:
+        cfg = load_job(job)
+        assert cfg.name == job.stem
+    gpu = load_job(ROOT / "jobs" / "cmrc_lora_gpu.yaml")
+    assert gpu.train.use_gpu and gpu.train.num_workers == 8 and gpu.ray.address == "auto"
+    assert gpu.data.source == "hf://cmrc2018:validation"
