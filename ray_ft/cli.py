@@ -60,7 +60,8 @@ def _cmd_run(args) -> int:
     summary = run_all(cfg)
     t = summary["timings"]
     print("\n" + to_markdown(summary["eval"]))
-    print(f"train loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}; "
+    print(f"train loss (mean of first/last 8 steps) {summary['first_loss']:.4f} -> "
+          f"{summary['final_loss']:.4f}; "
           + ", ".join(f"{k}={v:.0f}" for k, v in t.items()) + f"; total={sum(t.values()):.0f}s")
     print(f"outputs: {cfg.run_dir}")
     return 0

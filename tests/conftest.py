@@ -52,7 +52,11 @@ def minilm_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smollm_dir) -> Path:
-    """A 2-layer Llama with SmolLM2's tokenizer and chat template, random weights (seeded)."""
+    """A 2-layer Llama with SmolLM2's tokenizer and chat template, random weights (seeded).
+
+    initializer_range 0.5 (not 0.02): with tiny embeddings the logits of a 64-wide model cannot
+    move far from uniform, and no adapter could lower the loss measurably in a few steps.
+    """
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -61,7 +65,7 @@ def tiny_model_dir(tmp_path_factory, smollm_dir) -> Path:
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
+                      tie_word_embeddings=True, initializer_range=0.5, pad_token_id=tok.pad_token_id,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     LlamaForCausalLM(cfg).save_pretrained(out)
     tok.save_pretrained(out)

@@ -48,7 +48,7 @@ def test_missing_data_file_invalid_json_and_no_answers(tmp_path):
     broken = tmp_path / "broken.json"
     broken.write_text('{"data": [1, 2,, 3]}')
     code, _, err = ray_ft("run", str(_job(tmp_path, broken)))
-    _assert_one_line(code, err, "broken.json: invalid JSON at line 1 column 15")
+    _assert_one_line(code, err, "broken.json: invalid JSON at line 1 column 16: Expecting value")
 
     noans = tmp_path / "noans.json"
     make_squad(noans, [("ctx", [("ok1", "q?", "ctx")])])

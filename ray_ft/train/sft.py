@@ -36,11 +36,15 @@ class TrainResult:
 
     @property
     def first_loss(self) -> float:
-        return self.history[0]["loss"]
+        """Mean loss of the first (up to) 8 steps: single batch-1 steps are too noisy to compare."""
+        head = self.history[:8]
+        return sum(h["loss"] for h in head) / len(head)
 
     @property
     def final_loss(self) -> float:
-        return self.history[-1]["loss"]
+        """Mean loss of the last (up to) 8 steps."""
+        tail = self.history[-8:]
+        return sum(h["loss"] for h in tail) / len(tail)
 
 
 def pad_collate(batch: dict, pad_id: int):

@@ -25,7 +25,7 @@ def _make_adapter(model_dir, out):
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
-                p.normal_(0.0, 0.02)
+                p.normal_(0.0, 0.05)
     peft_model.save_pretrained(out)
     return peft_model
 
@@ -90,11 +90,11 @@ def test_openai_client_chat_models_and_embeddings(served):
 def test_rag_endpoint_retrieves_then_answers_and_rejects_bad_requests(served):
     url, _ = served
     with httpx.Client(base_url=url, timeout=300) as http:
-        out = http.post("/v1/rag", json={"query": "How tall is Mount Everest?"}).json()
+        out = http.post("/v1/rag", json={"query": "How tall is Mount Everest?", "max_tokens": 32}).json()
         assert [c["node_id"] for c in out["contexts"]][0] == "everest" and len(out["contexts"]) == 2
         assert out["contexts"][0]["score"] > out["contexts"][1]["score"]
         assert out["model"] == "SmolLM2-135M-Instruct" and "8,849" in out["answer"].replace(" ", "")
-        assert out["completion_tokens"] <= 16 and out["generation_latency_s"] > 0
+        assert out["completion_tokens"] <= 32 and out["generation_latency_s"] > 0
 
         gold = http.post("/v1/rag", json={"query": "Where does the Nile flow?", "model": "tuned",
                                           "contexts": [DOCS[1]["text"]]}).json()
