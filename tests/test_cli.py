@@ -18,7 +18,7 @@ def ray_ft(*args, cwd=None):
 
 def _job(tmp_path: Path, source: Path, **model) -> Path:
     job = tmp_path / "job.yaml"
-    lines = [f"name: cli", f"output_dir: {tmp_path / 'runs'}", "data:", f"  source: {source}"]
+    lines = ["name: cli", f"output_dir: {tmp_path / 'runs'}", "data:", f"  source: {source}"]
     if model:
         lines += ["model:", f"  name: {model['name']}"]
     job.write_text("\n".join(lines) + "\n")

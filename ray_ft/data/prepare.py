@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from ray_ft.data.split import order_key, seeded_sample, split_by_group
 from ray_ft.data.squad import QARecord, read_qa_source
 from ray_ft.data.templates import build_prompt
 from ray_ft.data.tokenize import tokenize_example
+from ray_ft.io import read_jsonl, write_jsonl_atomic, write_text_atomic
 from ray_ft.models import resolve_model
 
 log = logging.getLogger(__name__)
@@ -87,14 +87,6 @@ class TokenizeBatch:
         return pa.Table.from_pydict(cols, schema=TRAIN_SCHEMA)
 
 
-def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def prepare(cfg: JobConfig, out_root: Path, records: list[QARecord] | None = None,
             model_dir: Path | None = None) -> PreparedData:
     """Build the SFT shards, eval set and knowledge base for `cfg` under `out_root`.
@@ -115,9 +107,9 @@ def prepare(cfg: JobConfig, out_root: Path, records: list[QARecord] | None = Non
     try:
         stats = _write_train_shards(cfg, train_recs, str(model_dir), tmp_root / "train", ray)
         eval_rows = eval_order(held_recs, cfg.data.seed)
-        _write_jsonl_atomic(tmp_root / "eval.jsonl", eval_rows)
+        write_jsonl_atomic(tmp_root / "eval.jsonl", eval_rows)
         kb = {r.passage_id: r.context for r in held_recs}
-        _write_jsonl_atomic(
+        write_jsonl_atomic(
             tmp_root / "knowledge_base.jsonl",
             [{"passage_id": pid, "text": text} for pid, text in sorted(kb.items())],
         )
@@ -131,7 +123,7 @@ def prepare(cfg: JobConfig, out_root: Path, records: list[QARecord] | None = Non
             "heldout_passages": len(kb),
             **stats,
         }
-        (tmp_root / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        write_text_atomic(tmp_root / "manifest.json", json.dumps(manifest, indent=2))
         if out_root.exists():
             shutil.rmtree(out_root)
         tmp_root.rename(out_root)
@@ -190,9 +182,9 @@ def _write_train_shards(cfg: JobConfig, train_recs: list[QARecord], model_dir: s
 
 
 def load_eval_records(prepared: PreparedData, n: int | None) -> list[dict]:
-    rows = [json.loads(line) for line in prepared.eval_file.read_text(encoding="utf-8").splitlines()]
+    rows = read_jsonl(prepared.eval_file)
     return rows if n is None else rows[:n]
 
 
 def load_knowledge_base(prepared: PreparedData) -> list[dict]:
-    return [json.loads(line) for line in prepared.knowledge_base_file.read_text(encoding="utf-8").splitlines()]
+    return read_jsonl(prepared.knowledge_base_file)

@@ -9,17 +9,18 @@ Outputs: per-item JSONL, a summary JSON and a Markdown table, each written atomi
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import numpy as np
+from tqdm import tqdm
 
 from ray_ft.eval.metrics import clipped_cosine, exact_match, origin_score, percentile
 from ray_ft.errors import RayFTError
+from ray_ft.io import write_jsonl_atomic, write_text_atomic
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,8 @@ class RAGClient:
 
 
 def predict(client: RAGClient, items: list[dict], target: EvalTarget, mode: str, concurrency: int,
-            max_tokens: int | None = None) -> list[dict]:
-    """One served answer per item; rows carry everything the scorer needs."""
+            max_tokens: int | None = None) -> tuple[list[dict], float]:
+    """One served answer per item, and the wall time it took; rows carry what the scorer needs."""
     extra = {"max_tokens": max_tokens} if max_tokens else {}
 
     def one(i: int) -> dict:
@@ -84,9 +85,15 @@ def predict(client: RAGClient, items: list[dict], target: EvalTarget, mode: str,
         first.setdefault(it["passage_id"], i)
     wave1 = sorted(first.values())
     wave2 = [i for i in range(len(items)) if i not in set(wave1)]
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        rows = list(pool.map(one, wave1)) + list(pool.map(one, wave2))
-    return sorted(rows, key=lambda r: r["id"])
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool, \
+            tqdm(total=len(items), desc=f"eval {target.label}/{mode}", unit="q") as bar:
+        rows = []
+        for wave in (wave1, wave2):
+            for row in pool.map(one, wave):
+                rows.append(row)
+                bar.update()
+    return sorted(rows, key=lambda r: r["id"]), time.perf_counter() - t0
 
 
 def score(rows: list[dict], client: RAGClient) -> list[dict]:
@@ -103,7 +110,8 @@ def score(rows: list[dict], client: RAGClient) -> list[dict]:
     return rows
 
 
-def summarize(rows: list[dict]) -> list[dict]:
+def summarize(rows: list[dict], wall_s: dict[tuple[str, str], float] | None = None) -> list[dict]:
+    """One row per (model, mode); `wall_s` (the time each group's requests took) adds req/s."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["model"], r["mode"]), []).append(r)
@@ -117,29 +125,23 @@ def summarize(rows: list[dict]) -> list[dict]:
             "origin": float(np.mean([r["origin"] for r in rs])),
             "context_hit": float(np.mean([r["context_hit"] for r in rs])) if mode == "retrieved" else None,
             "latency_p50_s": percentile(lat, 50), "latency_p95_s": percentile(lat, 95),
+            "throughput_rps": len(rs) / wall_s[(model, mode)] if wall_s else None,
         }
         table.append(row)
     return sorted(table, key=lambda t: (t["mode"], t["model"]))
 
 
 def to_markdown(table: list[dict]) -> str:
-    head = ("| model | mode | n | EM | cosine | origin | context hit | p50 latency (s) | p95 latency (s) |\n"
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|\n")
+    head = ("| model | mode | n | EM | cosine | origin | context hit | p50 latency (s) | p95 latency (s) "
+            "| req/s |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     lines = []
     for t in table:
         hit = "—" if t["context_hit"] is None else f"{100 * t['context_hit']:.1f}%"
+        rps = "—" if t.get("throughput_rps") is None else f"{t['throughput_rps']:.2f}"
         lines.append(
             f"| {t['model']} | {t['mode']} | {t['n']} | {100 * t['em']:.1f}% | {t['cosine']:.3f} | "
-            f"{100 * t['origin']:.1f}% | {hit} | {t['latency_p50_s']:.2f} | {t['latency_p95_s']:.2f} |")
+            f"{100 * t['origin']:.1f}% | {hit} | {t['latency_p50_s']:.2f} | {t['latency_p95_s']:.2f} | {rps} |")
     return head + "\n".join(lines) + "\n"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def run_eval(client: RAGClient, items: list[dict], targets: list[EvalTarget], modes: list[str],
@@ -150,13 +152,14 @@ def run_eval(client: RAGClient, items: list[dict], targets: list[EvalTarget], mo
     if missing:
         raise RayFTError(f"models not served: {missing}; served: {sorted(served)}")
     rows: list[dict] = []
+    wall_s: dict[tuple[str, str], float] = {}
     for mode in modes:
         for target in targets:
-            rows.extend(predict(client, items, target, mode, concurrency))
+            got, wall_s[(target.label, mode)] = predict(client, items, target, mode, concurrency)
+            rows.extend(got)
     rows = score(rows, client)
-    table = summarize(rows)
-    _write_atomic(out_dir / "predictions.jsonl",
-                  "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    _write_atomic(out_dir / "summary.json", json.dumps(table, indent=2))
-    _write_atomic(out_dir / "summary.md", to_markdown(table))
+    table = summarize(rows, wall_s)
+    write_jsonl_atomic(out_dir / "predictions.jsonl", rows)
+    write_text_atomic(out_dir / "summary.json", json.dumps(table, indent=2))
+    write_text_atomic(out_dir / "summary.md", to_markdown(table))
     return table

@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from ray.serve.schema import LoggingConfig
 
 from ray_ft.config import JobConfig
 from ray_ft.data.templates import build_prompt, join_contexts
@@ -222,9 +223,10 @@ def deploy(cfg: JobConfig, model_dir: str, embedder_dir: str, adapters: dict[str
            documents: list[dict]) -> str:
     """Start Serve on 127.0.0.1:`serve.http_port`, deploy the graph, build the index; return the URL."""
     serve.start(http_options={"host": "127.0.0.1", "port": cfg.serve.http_port})
-    handle = serve.run(build_rag_app(cfg, model_dir, embedder_dir, adapters, documents),
-                       name="ray_ft", route_prefix="/", blocking=False)
-    del handle
+    serve.run(build_rag_app(cfg, model_dir, embedder_dir, adapters, documents),
+              name="ray_ft", route_prefix="/", blocking=False,
+              logging_config=LoggingConfig(enable_access_log=False))  # one line per call is noise
+    # Embed the knowledge base now, so the first request does not pay for it.
     retriever = serve.get_deployment_handle("RetrieverDeployment", app_name="ray_ft")
     retriever.ready.remote().result(timeout_s=600)
     return f"http://127.0.0.1:{cfg.serve.http_port}"

@@ -180,9 +180,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
             }
             history.append(row)
             if rank == 0 and (step % tcfg.log_every_n_steps == 0 or step == n_steps):
-                print("[train] " + " ".join(
-                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
-                ), flush=True)
+                # A logger, not print: Ray Train 2.60 tees a patched print to stdout and to its
+                # logger when stdout is wrapped, which printed every line twice.
+                log.info("[train] " + " ".join(
+                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
             if step == n_steps:
                 _report_final(model, tok, history, rank)
                 break

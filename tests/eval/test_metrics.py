@@ -36,11 +36,13 @@ def test_summary_table_numbers_and_markdown():
         {"model": "finetuned", "mode": "retrieved", "em": 1.0, "cosine": 1.0, "origin": 1.0,
          "context_hit": 1.0, "latency_s": 2.0},
     ]
-    table = summarize(rows)
+    table = summarize(rows, wall_s={("base", "gold"): 4.0, ("finetuned", "retrieved"): 0.5})
     base = next(t for t in table if t["model"] == "base")
     assert base["n"] == 2 and base["em"] == 0.5 and base["cosine"] == pytest.approx(0.7)
     assert base["origin"] == 0.5 and base["latency_p50_s"] == 2.0 and base["context_hit"] is None
     md = to_markdown(table)
-    assert "| base | gold | 2 | 50.0% | 0.700 | 50.0% | — | 2.00 |" in md
-    assert "| finetuned | retrieved | 1 | 100.0% | 1.000 | 100.0% | 100.0% |" in md
+    assert base["throughput_rps"] == 0.5
+    assert "| base | gold | 2 | 50.0% | 0.700 | 50.0% | — | 2.00 | 2.90 | 0.50 |" in md
+    assert "| finetuned | retrieved | 1 | 100.0% | 1.000 | 100.0% | 100.0% | 2.00 | 2.00 | 2.00 |" in md
+    assert summarize(rows)[0]["throughput_rps"] is None
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
