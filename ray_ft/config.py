@@ -90,7 +90,8 @@ class TrainConfig(_Strict):
 class VLLMConfig(_Strict):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto",
-        description='"auto": bfloat16 on GPU, float32 on CPU (vLLM\'s CPU LoRA path is slow in bf16).',
+        description='"auto": bfloat16 on GPU and on CPUs with native bf16 (AVX512-BF16/AMX), '
+        "float32 on other CPUs.",
     )
     max_model_len: int = Field(4096, ge=64, description="Longest prompt + completion in tokens.")
     kv_cache_space_gb: int = Field(
@@ -140,7 +141,12 @@ class RayConfig(_Strict):
         None, description='Cluster to join ("auto" inside `ray job submit`); None starts a local one.'
     )
     num_cpus: int | None = Field(
-        None, ge=1, description="Logical CPUs of a local cluster (None: the machine's cores)."
+        None, ge=1, description="Logical CPUs of a local cluster (None: max(4, the machine's cores))."
+    )
+    include_dashboard: bool = Field(
+        True,
+        description="Start the dashboard with a local cluster; Ray Train's State-API checks need it "
+        "(without it they log a warning every few seconds).",
     )
 
 

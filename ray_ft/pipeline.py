@@ -36,7 +36,7 @@ def init_ray(cfg: JobConfig) -> None:
         ray.init(address=cfg.ray.address)
         return
     num_cpus = cfg.ray.num_cpus or max(4, os.cpu_count() or 1)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    ray.init(num_cpus=num_cpus, include_dashboard=cfg.ray.include_dashboard)
 
 
 def stage_prepare(cfg: JobConfig) -> PreparedData:

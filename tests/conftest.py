@@ -31,7 +31,7 @@ def ray_cluster():
     """One local Ray cluster for the whole session (4 logical CPUs, as `ray-ft` starts locally)."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True)
+    ray.init(num_cpus=4, include_dashboard=True, ignore_reinit_error=True)
     yield ray
     ray.shutdown()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 
 import numpy as np
 
@@ -13,12 +14,21 @@ from ray_ft.errors import RayFTError
 from ray_ft.serve.protocols import Completion, Hit
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: the CPU computes bf16 natively (Linux /proc/cpuinfo flags)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def resolve_dtype(vcfg: VLLMConfig, use_gpu: bool) -> str:
-    """"auto": bfloat16 on GPU; float32 on CPU, where vLLM 0.32's bf16 LoRA path measured more
-    than 10x slower than fp32 on a ~830-token prompt (see bench/RESULTS.md)."""
+    """"auto": bf16 on GPU and on CPUs with native bf16 (measured faster than fp32 there, base and
+    LoRA: bench/vllm_cpu_lora.py); fp32 on other CPUs, where bf16 is emulated."""
     if vcfg.dtype != "auto":
         return vcfg.dtype
-    return "bfloat16" if use_gpu else "float32"
+    return "bfloat16" if use_gpu or cpu_has_native_bf16() else "float32"
 
 
 class UnknownModelError(RayFTError):

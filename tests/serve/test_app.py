@@ -54,7 +54,9 @@ def served(ray_cluster, smollm_dir, minilm_dir, tmp_path_factory):
     expected = _peft_greedy(peft_model, AutoTokenizer.from_pretrained(smollm_dir), QUESTION, 8)
     del peft_model
     cfg = parse_job({"name": "servetest", "data": {"language": "en"},
-                     "serve": {"http_port": 8765, "top_k": 2, "max_tokens": 16}})
+                     # fp32 like the transformers + peft reference, so greedy outputs can be compared
+                     "serve": {"http_port": 8765, "top_k": 2, "max_tokens": 16,
+                               "vllm": {"dtype": "float32"}}})
     url = deploy(cfg, str(smollm_dir), str(minilm_dir), {"tuned": str(adapter)}, DOCS)
     yield url, expected
     serve.shutdown()

@@ -27,9 +27,14 @@ def test_build_nodes_per_passage_and_per_line():
     assert all(n["metadata"]["passage_id"] in {"p1", "p2"} for n in lines)
 
 
-def test_dtype_auto_is_fp32_on_cpu_bf16_on_gpu():
-    assert resolve_dtype(VLLMConfig(), use_gpu=False) == "float32"
+def test_dtype_auto_follows_the_device(monkeypatch):
+    from ray_ft.serve import engines
+
     assert resolve_dtype(VLLMConfig(), use_gpu=True) == "bfloat16"
+    monkeypatch.setattr(engines, "cpu_has_native_bf16", lambda: True)
+    assert resolve_dtype(VLLMConfig(), use_gpu=False) == "bfloat16"
+    monkeypatch.setattr(engines, "cpu_has_native_bf16", lambda: False)
+    assert resolve_dtype(VLLMConfig(), use_gpu=False) == "float32"
     assert resolve_dtype(VLLMConfig(dtype="bfloat16"), use_gpu=False) == "bfloat16"
 
 
