@@ -38,8 +38,3 @@ def peak_memory_mb(use_gpu: bool) -> float:
         return torch.cuda.max_memory_allocated() / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 1024 if sys.platform != "darwin" else rss / 2**20
-
-
-def padding_ratio(attention_mask: torch.Tensor) -> float:
-    """Share of the batch's token slots that are padding."""
-    return 1.0 - attention_mask.float().mean().item()

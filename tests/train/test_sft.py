@@ -81,3 +81,4 @@ def test_lora_ddp_two_workers_reduces_loss_and_saves_only_the_adapter(ray_cluste
     adapter_cfg = json.loads((result.adapter_dir / "adapter_config.json").read_text())
     assert adapter_cfg["r"] == 8 and adapter_cfg["lora_alpha"] == 16
     assert [json.loads(line)["step"] for line in result.metrics_file.read_text().splitlines()] == steps
+
