@@ -23,24 +23,9 @@ from ray_ft.config import VLLMConfig
 from ray_ft.data.squad import read_qa_source
 from ray_ft.data.templates import build_prompt
 from ray_ft.models import resolve_model
+from ray_ft.testing import make_random_lora_adapter
 
 CMRC = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cmrc2018" / "cmrc2018_dev.json"
-
-
-def random_adapter(model_dir: Path, out: Path) -> Path:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
-                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.05)
-    model.save_pretrained(out)
-    return out
 
 
 def one_question_per_passage(n: int) -> list[list[dict]]:
@@ -89,7 +74,10 @@ def main() -> None:
     args = ap.parse_args()
     model_dir = resolve_model("SmolLM2-135M-Instruct")
     with tempfile.TemporaryDirectory() as tmp:
-        adapter = args.adapter or random_adapter(model_dir, Path(tmp) / "adapter")
+        adapter = args.adapter
+        if adapter is None:
+            adapter = Path(tmp) / "adapter"
+            make_random_lora_adapter(model_dir, adapter, std=0.05)
         results = [asyncio.run(bench_dtype(d, model_dir, adapter)) for d in args.dtypes]
     print("\n| dtype | case | base (s) | LoRA (s) | LoRA / base |\n|---|---|---:|---:|---:|")
     for r in results:

@@ -4,6 +4,7 @@ import httpx
 import pytest
 
 from ray_ft.config import parse_job
+from ray_ft.testing import make_random_lora_adapter
 
 DOCS = [
     {"passage_id": "everest", "text": "Mount Everest is the highest mountain on Earth, 8,849 metres tall."},
@@ -11,23 +12,6 @@ DOCS = [
     {"passage_id": "apple", "text": "Apple's total net sales were 383 billion dollars in fiscal 2023."},
 ]
 QUESTION = "What is the capital of France?"
-
-
-def _make_adapter(model_dir, out):
-    """A LoRA adapter with small seeded random B matrices: it changes the output, mildly."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.05)
-    peft_model.save_pretrained(out)
-    return peft_model
 
 
 def _peft_greedy(peft_model, tok, question, n_tokens):
@@ -50,7 +34,7 @@ def served(ray_cluster, smollm_dir, minilm_dir, tmp_path_factory):
     from ray_ft.serve.app import deploy
 
     adapter = tmp_path_factory.mktemp("adapter")
-    peft_model = _make_adapter(smollm_dir, adapter)
+    peft_model = make_random_lora_adapter(smollm_dir, adapter, std=0.05)
     expected = _peft_greedy(peft_model, AutoTokenizer.from_pretrained(smollm_dir), QUESTION, 8)
     del peft_model
     cfg = parse_job({"name": "servetest", "data": {"language": "en"},
