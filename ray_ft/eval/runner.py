@@ -84,7 +84,8 @@ def predict(client: RAGClient, items: list[dict], target: EvalTarget, mode: str,
     for i, it in enumerate(items):
         first.setdefault(it["passage_id"], i)
     wave1 = sorted(first.values())
-    wave2 = [i for i in range(len(items)) if i not in set(wave1)]
+    in_wave1 = set(wave1)
+    wave2 = [i for i in range(len(items)) if i not in in_wave1]
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency) as pool, \
             tqdm(total=len(items), desc=f"eval {target.label}/{mode}", unit="q") as bar:

@@ -34,17 +34,18 @@ class TrainResult:
     metrics_file: Path
     history: list[dict]
 
+    # Means over (up to) 8 steps: single batch-1 steps are too noisy to compare.
     @property
     def first_loss(self) -> float:
-        """Mean loss of the first (up to) 8 steps: single batch-1 steps are too noisy to compare."""
-        head = self.history[:8]
-        return sum(h["loss"] for h in head) / len(head)
+        return _mean_loss(self.history[:8])
 
     @property
     def final_loss(self) -> float:
-        """Mean loss of the last (up to) 8 steps."""
-        tail = self.history[-8:]
-        return sum(h["loss"] for h in tail) / len(tail)
+        return _mean_loss(self.history[-8:])
+
+
+def _mean_loss(rows: list[dict]) -> float:
+    return sum(r["loss"] for r in rows) / len(rows)
 
 
 def pad_collate(batch: dict, pad_id: int):
@@ -108,6 +109,11 @@ def total_steps(examples_per_worker: int, tcfg: TrainConfig) -> int:
     return max(1, math.ceil(steps_per_epoch(examples_per_worker, tcfg) * tcfg.num_train_epochs))
 
 
+def _new_accumulator() -> dict:
+    """Sums over the micro-batches of one optimizer step."""
+    return {"loss": 0.0, "tokens": 0, "slots": 0}
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Runs on each Ray Train worker. `loop_config` is Ray's transport; it is re-validated at once."""
     import ray.train
@@ -140,7 +146,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     history: list[dict] = []
     step, micro, t0 = 0, 0, time.perf_counter()
-    acc = {"loss": 0.0, "tokens": 0, "slots": 0}
+    acc = _new_accumulator()
     model.train()
     while step < n_steps:
         micro_at_epoch_start = micro
@@ -188,7 +194,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 _report_final(model, tok, history, rank)
                 break
             ray.train.report(row)
-            acc = {"loss": 0.0, "tokens": 0, "slots": 0}
+            acc = _new_accumulator()
             t0 = time.perf_counter()
         if micro == micro_at_epoch_start:
             raise RuntimeError(f"worker {rank} got no training rows from its dataset shard")
