@@ -2,7 +2,8 @@
 
     ray-ft run JOB.yaml          prepare -> train -> serve -> evaluate, prints the table
     ray-ft prepare JOB.yaml      only the data stage
-    ray-ft train JOB.yaml        prepare + train
+    ray-ft train JOB.yaml        prepare + train (task: embedding -> fine-tune the embedder)
+    ray-ft eval JOB.yaml         serve base + the trained adapter (+ endpoints) and evaluate
     ray-ft models list | pull NAME
 
 Bad input ends with one line on stderr (`error: <file>: <record>: <field>: ...`) and exit code 2.
@@ -46,14 +47,33 @@ def _cmd_train(args) -> int:
     from ray_ft.pipeline import stage_prepare, stage_train
 
     cfg = load_job(args.job)
+    if cfg.task == "embedding":
+        from ray_ft.eval.retrieval_eval import to_markdown
+        from ray_ft.pipeline import stage_embed
+
+        summary = stage_embed(cfg)
+        print("\n" + to_markdown(summary["before"], summary["after"]))
+        print(f"model: {summary['model_dir']}\nloss: {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}")
+        return 0
     result = stage_train(cfg, stage_prepare(cfg))
     print(f"adapter: {result.adapter_dir}\nloss: {result.first_loss:.4f} -> {result.final_loss:.4f}")
     return 0
 
 
+def _cmd_eval(args) -> int:
+    from ray_ft.config import load_job
+    from ray_ft.eval.report import to_markdown
+    from ray_ft.pipeline import run_eval_only
+
+    cfg = load_job(args.job)
+    print("\n" + to_markdown(run_eval_only(cfg)))
+    print(f"report: {cfg.run_dir / 'eval' / 'summary.md'}")
+    return 0
+
+
 def _cmd_run(args) -> int:
     from ray_ft.config import load_job
-    from ray_ft.eval.runner import to_markdown
+    from ray_ft.eval.report import to_markdown
     from ray_ft.pipeline import run_all
 
     cfg = load_job(args.job)
@@ -74,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("run", _cmd_run, "prepare -> train -> serve -> evaluate"),
         ("prepare", _cmd_prepare, "only the data stage"),
         ("train", _cmd_train, "prepare + train"),
+        ("eval", _cmd_eval, "serve the trained adapter and evaluate"),
     ):
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("job", help="YAML job file")

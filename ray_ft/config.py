@@ -87,6 +87,53 @@ class TrainConfig(_Strict):
     log_every_n_steps: int = Field(1, ge=1, description="How often a metrics line is printed.")
 
 
+class EmbedConfig(_Strict):
+    """Contrastive fine-tuning of the embedder (`task: embedding`), FlagEmbedding's recipe."""
+
+    model: str = Field("all-MiniLM-L6-v2", description="Sentence-transformers model to fine-tune.")
+    source: str = Field(
+        "../../shared/datasets/financial-qa-10k/financial_qa_10k.csv",
+        description="CSV with question and context columns (relative paths: against the job file).",
+    )
+    on_error: Literal["raise", "skip"] = Field(
+        "raise", description="A row with an empty question/context: stop with its line, or skip and count."
+    )
+    test_size: float = Field(0.1, gt=0.0, lt=1.0, description="Share of contexts held out for retrieval eval.")
+    seed: int = Field(1314, description="Seed of the split, the negatives and the training order.")
+    neg_num: int = Field(10, ge=1, description="Random negatives stored per query (never its own context).")
+    train_group_size: int = Field(
+        4, ge=2, description="Passages per query in a step: 1 positive + (n-1) of its negatives."
+    )
+    query_instruction: str = Field(
+        "Represent this sentence for searching relevant passages: ",
+        description="Prefix of every query, in training and in retrieval.",
+    )
+    query_max_len: int = Field(64, ge=8, description="Query tokens kept.")
+    passage_max_len: int = Field(256, ge=8, description="Passage tokens kept.")
+    pooling: Literal["mean", "cls"] = Field("mean", description="Sentence vector: mean of tokens or [CLS].")
+    temperature: float = Field(0.02, gt=0.0, description="InfoNCE temperature.")
+    negatives_cross_device: bool = Field(True, description="Passages of all workers are negatives too.")
+    grad_cache_chunk_size: int | None = Field(
+        None, ge=1, description="GradCache: embed in chunks of this many texts (None: whole batch at once)."
+    )
+    learning_rate: float = Field(2e-5, gt=0.0, description="Peak AdamW learning rate.")
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Linear warm-up share of steps.")
+    num_train_epochs: float = Field(1.0, gt=0.0, description="Passes over the training triplets.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many steps (overrides epochs).")
+    per_device_batch_size: int = Field(32, ge=1, description="Queries per worker per step.")
+    max_train_samples: int | None = Field(None, ge=1, description="Use only the first n triplets (seeded).")
+    eval_top_k: int = Field(10, ge=1, description="Passages retrieved per test query (MRR@k, nDCG@k).")
+    sentence_splitter: str = Field(
+        ".", min_length=1, description='Cuts passages into sentences for context relevance ("。" for Chinese).'
+    )
+    recall_threshold: float = Field(
+        0.5, gt=0.0, le=1.0, description="Levenshtein similarity at which a context counts as recalled."
+    )
+    num_workers: int = Field(1, ge=1, description="Ray Train workers.")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    cpus_per_worker: float = Field(2, gt=0, description="Logical CPUs (and torch threads) per worker.")
+
+
 class VLLMConfig(_Strict):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto",
@@ -120,7 +167,33 @@ class ServeConfig(_Strict):
     http_port: int = Field(8000, ge=1, le=65535, description="Ray Serve HTTP port.")
     generator_cpus: float = Field(1.0, ge=0, description="Logical CPUs reserved for the generator.")
     embedder_cpus: float = Field(0.5, ge=0, description="Logical CPUs reserved for the embedder.")
+    embedder_threads: int = Field(
+        0, ge=0, description="Torch threads of the embedder replica; 0 = all the node's cores (Ray "
+        "would give a 0.5-CPU actor one thread, halving batch throughput on 2 cores).",
+    )
     vllm: VLLMConfig = Field(default_factory=VLLMConfig)
+
+
+class EndpointConfig(_Strict):
+    label: str = Field(..., min_length=1, description="Name of this model in the report.")
+    base_url: str = Field(
+        ..., pattern=r"^https?://",
+        description="OpenAI-compatible API root, ending in /v1 (e.g. http://host:8000/v1).",
+    )
+    model: str = Field(..., min_length=1, description="The `model` field sent to the endpoint.")
+    api_key_env: str | None = Field(
+        None, description="Environment variable holding the bearer token (never put the key here)."
+    )
+
+
+class JudgeConfig(_Strict):
+    enabled: bool = Field(False, description="Score answer relevance and faithfulness with an LLM judge.")
+    model: str = Field(
+        "base", description='Who judges: "base", "finetuned" or the label of an `eval.endpoints` entry.'
+    )
+    max_samples: int = Field(20, ge=1, description="Questions judged per model and mode (the first n).")
+    n_questions: int = Field(3, ge=1, le=10, description="Questions generated per answer (relevance).")
+    max_retries: int = Field(2, ge=0, le=5, description="Re-asks after a malformed JSON reply.")
 
 
 class EvalConfig(_Strict):
@@ -134,6 +207,28 @@ class EvalConfig(_Strict):
         ["base", "finetuned"], min_length=1, description="Which served models to compare."
     )
     concurrency: int = Field(8, ge=1, description="Requests in flight (lets vLLM batch).")
+    endpoints: list[EndpointConfig] = Field(
+        [], description="Other OpenAI-compatible models compared side by side (same prompts, same contexts)."
+    )
+    adapters: dict[str, str] = Field(
+        {}, description="More LoRA adapters served on the same base and compared: {label: folder}."
+    )
+    adapter: str | None = Field(
+        None, description='Adapter folder evaluated as "finetuned" by `ray-ft eval` '
+        "(default: the run's train/adapter; relative to the working directory).",
+    )
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    plots: bool = Field(True, description="Write metrics.png (and loss.png after training).")
+
+    @model_validator(mode="after")
+    def _check_labels(self) -> "EvalConfig":
+        labels = [*self.models, *self.adapters, *(e.label for e in self.endpoints)]
+        dupes = sorted({x for x in labels if labels.count(x) > 1})
+        if dupes:
+            raise ValueError(f"model labels must be unique; repeated: {dupes}")
+        if self.judge.enabled and self.judge.model not in labels:
+            raise ValueError(f"judge.model '{self.judge.model}' is not one of the compared models {labels}")
+        return self
 
 
 class RayConfig(_Strict):
@@ -152,12 +247,16 @@ class RayConfig(_Strict):
 
 class JobConfig(_Strict):
     name: str = Field(..., min_length=1, description="Job name; also the run folder's name.")
+    task: Literal["sft", "embedding"] = Field(
+        "sft", description="What `ray-ft train` fine-tunes: the LLM (sft) or the embedder (embedding)."
+    )
     output_dir: str = Field(
         "runs", description="Parent folder of the run folder (relative to the working directory)."
     )
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -174,6 +273,10 @@ class JobConfig(_Strict):
                 f"data.cutoff_len + serve.max_tokens ({self.data.cutoff_len}+{self.serve.max_tokens}) "
                 f"exceeds serve.vllm.max_model_len={self.serve.vllm.max_model_len}"
             )
+        taken = {self.name, self.model.name} & set(self.eval.adapters)
+        if taken:
+            raise ValueError(f"eval.adapters label {sorted(taken)} is already the served name of the "
+                             "fine-tuned adapter (job name) or of the base model")
         if self.data.num_shards < self.train.num_workers:
             raise ValueError(
                 f"data.num_shards={self.data.num_shards} < train.num_workers="
@@ -211,15 +314,19 @@ def parse_job(data: object, source: str = "<job>", base_dir: Path | None = None)
     return cfg
 
 
-def _resolve_source(cfg: JobConfig, base_dir: Path) -> JobConfig:
-    src = cfg.data.source
+def _resolve_path(src: str, base_dir: Path) -> str:
     if "://" in src or Path(src).is_absolute():
-        return cfg
+        return src
     candidate = (base_dir / src).resolve()
     if not candidate.exists() and Path(src).exists():
         candidate = Path(src).resolve()
-    data = cfg.data.model_copy(update={"source": str(candidate)})
-    return cfg.model_copy(update={"data": data})
+    return str(candidate)
+
+
+def _resolve_source(cfg: JobConfig, base_dir: Path) -> JobConfig:
+    data = cfg.data.model_copy(update={"source": _resolve_path(cfg.data.source, base_dir)})
+    embed = cfg.embed.model_copy(update={"source": _resolve_path(cfg.embed.source, base_dir)})
+    return cfg.model_copy(update={"data": data, "embed": embed})
 
 
 def load_job(path: str | Path) -> JobConfig:

@@ -14,8 +14,12 @@ import time
 from pathlib import Path
 
 from ray_ft.config import JobConfig
-from ray_ft.data.prepare import PreparedData, load_eval_records, load_knowledge_base, prepare
+from ray_ft.data.prepare import (
+    PreparedData, load_eval_records, load_knowledge_base, prepare, reusable,
+)
 from ray_ft.data.squad import read_qa_source
+from ray_ft.errors import RayFTError
+from ray_ft.io import read_jsonl
 from ray_ft.models import resolve_model
 
 log = logging.getLogger(__name__)
@@ -56,27 +60,122 @@ def stage_train(cfg: JobConfig, prepared: PreparedData):
 def stage_serve(cfg: JobConfig, prepared: PreparedData, adapter_dir: Path | None) -> str:
     from ray_ft.serve.app import deploy
 
+    init_ray(cfg)
     adapters = {cfg.name: str(adapter_dir.resolve())} if adapter_dir else {}
+    adapters.update({label: str(Path(path).resolve()) for label, path in cfg.eval.adapters.items()})
     return deploy(cfg, str(resolve_model(cfg.model.name)), str(resolve_model(cfg.serve.embedder)),
                   adapters, load_knowledge_base(prepared))
 
 
-def stage_eval(cfg: JobConfig, prepared: PreparedData, url: str) -> list[dict]:
-    from ray_ft.eval.runner import EvalTarget, RAGClient, run_eval
+def stage_eval(cfg: JobConfig, prepared: PreparedData, url: str,
+               loss_history: list[dict] | None = None) -> list[dict]:
+    from ray_ft.eval.clients import OpenAIChat, RAGClient
+    from ray_ft.eval.runner import EvalTarget, PromptSettings, run_eval
 
+    client = RAGClient(url)
     served = {"base": cfg.model.name, "finetuned": cfg.name}
     targets = [EvalTarget(label, served[label]) for label in cfg.eval.models]
+    targets += [EvalTarget(label, label) for label in cfg.eval.adapters]
+    targets += [EvalTarget(e.label, e.model, OpenAIChat(e.base_url, e.model, e.api_key_env))
+                for e in cfg.eval.endpoints]
+    judge = None
+    if cfg.eval.judge.enabled:
+        t = next(t for t in targets if t.label == cfg.eval.judge.model)
+        judge = t.external or client.chat_model(t.served_name)
     items = load_eval_records(prepared, cfg.eval.max_samples)
     if len(items) < cfg.eval.max_samples:
         log.warning("only %d held-out questions (eval.max_samples=%d)", len(items), cfg.eval.max_samples)
-    return run_eval(RAGClient(url), items, targets, cfg.eval.modes, cfg.eval.concurrency,
-                    cfg.run_dir / "eval")
+    prompt = PromptSettings(cfg.data.language, cfg.model.system_prompt, cfg.serve.max_tokens)
+    return run_eval(client, items, targets, cfg.eval, prompt, cfg.run_dir / "eval", judge, loss_history)
+
+
+def trained_adapter(cfg: JobConfig) -> Path | None:
+    """The adapter `ray-ft eval` serves as "finetuned": eval.adapter, else the run's own."""
+    if "finetuned" not in cfg.eval.models:
+        return None
+    adapter = Path(cfg.eval.adapter) if cfg.eval.adapter else cfg.run_dir / "train" / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise RayFTError(f"{adapter}: no LoRA adapter here (adapter_config.json missing); "
+                         "run `ray-ft train JOB.yaml` first or set eval.adapter")
+    return adapter
+
+
+def check_extra_adapters(cfg: JobConfig) -> None:
+    for label, path in cfg.eval.adapters.items():
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise RayFTError(f"eval.adapters.{label}: {path}: no LoRA adapter here (adapter_config.json missing)")
+
+
+def run_eval_only(cfg: JobConfig) -> list[dict]:
+    """Serve base + an existing adapter and evaluate; reuse the prepared data when unchanged."""
+    from ray import serve
+
+    adapter = trained_adapter(cfg)  # fail before starting anything
+    check_extra_adapters(cfg)
+    prepared = PreparedData(cfg.run_dir / "data")
+    if reusable(prepared, cfg):
+        log.info("reusing %s (same data config and input)", prepared.root)
+    else:
+        prepared = stage_prepare(cfg)
+    metrics = cfg.run_dir / "train" / "metrics.jsonl"
+    history = read_jsonl(metrics) if adapter and not cfg.eval.adapter and metrics.is_file() else None
+    url = stage_serve(cfg, prepared, adapter)
+    try:
+        return stage_eval(cfg, prepared, url, history)
+    finally:
+        serve.shutdown()
+
+
+def stage_embed(cfg: JobConfig) -> dict:
+    """Triplets from the QA CSV -> retrieval eval of the base -> contrastive training on Ray
+    Train -> retrieval eval of the result. Writes embed/{data,model,metrics.jsonl,retrieval.*}."""
+    from ray_ft.data.split import seeded_sample
+    from ray_ft.data.triplets import build_triplets, read_qa_csv, split_pairs
+    from ray_ft.eval.retrieval_eval import evaluate_retriever, to_markdown
+    from ray_ft.io import write_jsonl_atomic, write_text_atomic
+    from ray_ft.serve.engines import SentenceTransformerEmbedder
+    from ray_ft.train.embed import run_embed_training
+
+    e = cfg.embed
+    pairs, skipped = read_qa_csv(Path(e.source), e.on_error)
+    base = resolve_model(e.model)
+    train, test = split_pairs(pairs, e.test_size, e.seed)
+    triplets = build_triplets(train, e.neg_num, e.seed, e.query_instruction)
+    if e.max_train_samples:
+        triplets = seeded_sample(triplets, lambda t: t["query"] + t["pos"][0], e.max_train_samples, e.seed)
+    out = cfg.run_dir / "embed"
+    write_jsonl_atomic(out / "data" / "train.jsonl", triplets)
+    write_jsonl_atomic(out / "data" / "test.jsonl",
+                       [{"query": p.question, "pos": [p.context], "line": p.line} for p in test])
+    questions, contexts = [p.question for p in test], [p.context for p in test]
+
+    def evaluate(model_dir: Path, prefix: str) -> dict:
+        emb = SentenceTransformerEmbedder(str(model_dir))
+        return evaluate_retriever(emb.embed, questions, contexts, e.eval_top_k, e.sentence_splitter,
+                                  e.recall_threshold, query_prefix=prefix)
+
+    # The base model is scored as it is meant to be used (no instruction); the fine-tuned one
+    # with the instruction it was trained with.
+    before = evaluate(base, "")
+    init_ray(cfg)
+    t = time.perf_counter()
+    result = run_embed_training(cfg, triplets, base, out)
+    train_s = time.perf_counter() - t
+    after = evaluate(result.model_dir, e.query_instruction)
+    summary = {"skipped_rows": skipped, "train_pairs": len(train), "test_pairs": len(test),
+               "triplets": len(triplets), "steps": len(result.history), "train_s": train_s,
+               "first_loss": result.history[0]["loss"], "final_loss": result.history[-1]["loss"],
+               "before": before, "after": after, "model_dir": str(result.model_dir)}
+    write_text_atomic(out / "retrieval.json", json.dumps(summary, indent=2))
+    write_text_atomic(out / "retrieval.md", to_markdown(before, after))
+    return summary
 
 
 def run_all(cfg: JobConfig) -> dict:
     """Run every stage in order; return the timings and the eval table."""
     from ray import serve
 
+    check_extra_adapters(cfg)
     timings: dict[str, float] = {}
     t = time.perf_counter()
     prepared = stage_prepare(cfg)
@@ -91,7 +190,7 @@ def run_all(cfg: JobConfig) -> dict:
     timings["serve_start_s"] = time.perf_counter() - t
     try:
         t = time.perf_counter()
-        table = stage_eval(cfg, prepared, url)
+        table = stage_eval(cfg, prepared, url, trained.history)
         timings["eval_s"] = time.perf_counter() - t
     finally:
         serve.shutdown()

@@ -67,6 +67,14 @@ def test_unknown_model_name(tmp_path):
     _assert_one_line(code, err, "model 'NoSuchModel-7B' not found")
 
 
+def test_eval_without_a_trained_adapter_fails_before_starting_anything(tmp_path):
+    data = make_squad(tmp_path / "d.json", [("ctx", [("a", "q?", "ctx")])])
+    code, _, err = ray_ft("eval", str(_job(tmp_path, data)))
+    _assert_one_line(code, err, f"{tmp_path / 'runs' / 'cli' / 'train' / 'adapter'}: no LoRA adapter here",
+                     "run `ray-ft train JOB.yaml` first or set eval.adapter")
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.slow
 def test_models_list_and_pull(smollm_dir):
     code, out, _ = ray_ft("models", "list")

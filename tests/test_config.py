@@ -44,6 +44,22 @@ def test_combinations_are_checked():
         parse_job({"name": "x", "data": {"cutoff_len": 4096}})
 
 
+def test_eval_labels_and_judge_are_checked():
+    ep = {"label": "gpt", "base_url": "https://api.example.com/v1", "model": "gpt-x", "api_key_env": "K"}
+    cfg = parse_job({"name": "x", "eval": {"endpoints": [ep], "judge": {"enabled": True, "model": "gpt"}}})
+    assert cfg.eval.endpoints[0].model == "gpt-x" and cfg.eval.judge.n_questions == 3
+    with pytest.raises(RayFTError, match=r"field 'eval': model labels must be unique; repeated: \['base'\]"):
+        parse_job({"name": "x", "eval": {"endpoints": [{**ep, "label": "base"}]}})
+    with pytest.raises(RayFTError, match=r"repeated: \['gpt'\]"):
+        parse_job({"name": "x", "eval": {"endpoints": [ep], "adapters": {"gpt": "/a"}}})
+    with pytest.raises(RayFTError, match=r"eval.adapters label \['x'\] is already the served name"):
+        parse_job({"name": "x", "eval": {"adapters": {"x": "/a"}}})
+    with pytest.raises(RayFTError, match="judge.model 'finetuned' is not one of the compared models"):
+        parse_job({"name": "x", "eval": {"models": ["base"], "judge": {"enabled": True, "model": "finetuned"}}})
+    with pytest.raises(RayFTError, match=r"field 'eval.endpoints.0.base_url': String should match"):
+        parse_job({"name": "x", "eval": {"endpoints": [{**ep, "base_url": "api.example.com"}]}})
+
+
 def test_invalid_yaml_and_missing_file(tmp_path):
     job = tmp_path / "broken.yaml"
     job.write_text("name: [unclosed\n")

@@ -42,5 +42,8 @@ def test_run_all_on_a_cmrc_slice(ray_cluster, cmrc_slice, tmp_path, smollm_dir, 
     history = [json.loads(line) for line in (run / "train" / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == list(range(1, 7))
     assert (run / "train" / "adapter" / "adapter_model.safetensors").is_file()
-    assert (run / "eval" / "summary.md").read_text().startswith("| model | mode |")
+    md = (run / "eval" / "summary.md").read_text()
+    assert md.startswith("### gold context (n = 3)") and "| metric | base | finetuned |" in md
+    assert "![loss](loss.png)" in md and (run / "eval" / "loss.png").stat().st_size > 1000
+    assert table[("finetuned", "retrieved")]["recall_at_k"] == table[("finetuned", "retrieved")]["context_hit"]
     assert json.loads((run / "run_summary.json").read_text())["manifest"]["train_examples"] == 6

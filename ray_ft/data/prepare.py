@@ -7,6 +7,7 @@ temp folder and renamed into place only when complete.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -62,6 +63,28 @@ class PreparedData:
         return json.loads(self.manifest_file.read_text())
 
 
+def data_config_hash(cfg: JobConfig) -> str:
+    """Fingerprint of everything the prepared data depends on: the data and model config and,
+    for a local source, the file's bytes. Equal hash -> the prepared folder can be reused."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"data": cfg.data.model_dump(), "model": cfg.model.model_dump()},
+                        sort_keys=True).encode())
+    src = Path(cfg.data.source)
+    if "://" not in cfg.data.source and src.is_file():
+        with src.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def reusable(prepared: PreparedData, cfg: JobConfig) -> bool:
+    """True when `prepared` holds a complete prepare of exactly this config and input."""
+    try:
+        return prepared.manifest().get("config_hash") == data_config_hash(cfg)
+    except (OSError, ValueError):
+        return False
+
+
 class TokenizeBatch:
     """Ray Data callable: one tokenizer per actor, a pyarrow table of training rows per batch."""
 
@@ -115,6 +138,7 @@ def prepare(cfg: JobConfig, out_root: Path, records: list[QARecord] | None = Non
         )
         manifest = {
             "source": cfg.data.source,
+            "config_hash": data_config_hash(cfg),
             "model": str(model_dir),
             "records": len(records),
             "passages": len({r.passage_id for r in records}),

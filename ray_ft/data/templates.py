@@ -22,3 +22,9 @@ def build_prompt(context: str, question: str, language: str) -> str:
 def join_contexts(contexts: list[str]) -> str:
     """How several retrieved passages become one `{context}`."""
     return "\n\n".join(c.strip() for c in contexts)
+
+
+def rag_messages(contexts: list[str], question: str, language: str, system_prompt: str) -> list[dict]:
+    """The chat a RAG request becomes: served by the ingress, or sent to an external endpoint."""
+    return [{"role": "system", "content": system_prompt},
+            {"role": "user", "content": build_prompt(join_contexts(contexts), question, language)}]

@@ -1,7 +1,7 @@
 """The RAG graph on Ray Serve: embedder -> retriever -> generator behind one FastAPI ingress.
 
-Endpoints: `POST /v1/chat/completions`, `POST /v1/embeddings`, `GET /v1/models`, `POST /v1/rag`,
-`GET /healthz`. Bad requests get a 4xx JSON error `{"error": {"message", "type"}}` and the
+Endpoints: `POST /v1/chat/completions` (with `response_format` JSON / JSON-schema output),
+`POST /v1/embeddings`, `GET /v1/models`, `POST /v1/rag`, `POST /v1/retrieve`, `GET /healthz`. Bad requests get a 4xx JSON error `{"error": {"message", "type"}}` and the
 service keeps serving.
 
 Logical CPUs are planned so the whole graph fits on a 2-core machine: the generator reserves
@@ -12,6 +12,7 @@ only wait on the others); Serve's proxy and controller reserve none.
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from dataclasses import dataclass
 
@@ -24,12 +25,14 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import LoggingConfig
 
 from ray_ft.config import JobConfig
-from ray_ft.data.templates import build_prompt, join_contexts
+from ray_ft.data.templates import rag_messages
 from ray_ft.serve.engines import (
-    SentenceTransformerEmbedder, UnknownModelError, VectorIndex, VLLMGenerator, build_nodes,
+    InvalidStructuredOutput, SentenceTransformerEmbedder, UnknownModelError, VectorIndex,
+    VLLMGenerator, build_nodes,
 )
 from ray_ft.serve.schemas import (
     ChatCompletionRequest, EmbeddingRequest, RAGRequest, RAGResponse, RetrievedContext,
+    RetrieveRequest, RetrieveResponse,
 )
 
 MAX_EMBED_INPUTS = 256
@@ -43,8 +46,9 @@ class GeneratorDeployment:
     def model_names(self) -> list[str]:
         return self.gen.model_names()
 
-    async def generate(self, messages: list[dict], model: str, max_tokens: int, temperature: float):
-        return await self.gen.generate(messages, model, max_tokens, temperature)
+    async def generate(self, messages: list[dict], model: str, max_tokens: int, temperature: float,
+                       structured: dict | None = None):
+        return await self.gen.generate(messages, model, max_tokens, temperature, structured)
 
     def __del__(self):
         if hasattr(self, "gen"):
@@ -53,7 +57,14 @@ class GeneratorDeployment:
 
 @serve.deployment(max_ongoing_requests=64)
 class EmbedderDeployment:
-    def __init__(self, model_dir: str):
+    def __init__(self, model_dir: str, threads: int = 0):
+        import os
+
+        import torch
+
+        # Ray sets OMP/torch threads from num_cpus (1 for a fractional actor); the embedder runs
+        # in bursts (index build, eval scoring), so it may use every core of the node.
+        torch.set_num_threads(threads or os.cpu_count() or 1)
         self.embedder = SentenceTransformerEmbedder(model_dir)
 
     def embed(self, texts: list[str]) -> np.ndarray:
@@ -106,6 +117,10 @@ def build_fastapi(settings: IngressSettings) -> FastAPI:
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
         return _error(400, f"{where}: {first.get('msg')}", "invalid_request_error")
 
+    @api.exception_handler(InvalidStructuredOutput)
+    async def _bad_schema(_: Request, exc: InvalidStructuredOutput):
+        return _error(400, str(exc), "invalid_request_error")
+
     @api.exception_handler(UnknownModelError)
     async def _unknown_model(_: Request, exc: UnknownModelError):
         return _error(404, str(exc), "model_not_found")
@@ -149,8 +164,10 @@ def make_ingress(settings: IngressSettings):
                 max_tokens = _check_max_tokens(req.max_tokens, self.s)
             except ValueError as err:
                 return _error(400, str(err), "invalid_request_error")
+            structured = req.response_format.structured() if req.response_format else None
             out = await self.generator.generate.remote(
-                [m.model_dump() for m in req.messages], req.model, max_tokens, req.temperature)
+                [m.model_dump() for m in req.messages], req.model, max_tokens, req.temperature,
+                structured)
             return {
                 "id": f"chatcmpl-{time.time_ns()}", "object": "chat.completion",
                 "created": int(time.time()), "model": out.model,
@@ -166,9 +183,21 @@ def make_ingress(settings: IngressSettings):
             if not texts or len(texts) > MAX_EMBED_INPUTS:
                 return _error(400, f"input must hold 1 to {MAX_EMBED_INPUTS} texts", "invalid_request_error")
             vecs = await self.embedder.embed.remote(texts)
+            if req.encoding_format == "base64":
+                encoded = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vecs]
+            else:
+                encoded = [v.tolist() for v in vecs]
             return {"object": "list", "model": req.model or "embedder",
-                    "data": [{"object": "embedding", "index": i, "embedding": v.tolist()}
-                             for i, v in enumerate(vecs)]}
+                    "data": [{"object": "embedding", "index": i, "embedding": e}
+                             for i, e in enumerate(encoded)]}
+
+        @api.post("/v1/retrieve", response_model=RetrieveResponse)
+        async def retrieve(self, req: RetrieveRequest):
+            t0 = time.perf_counter()
+            hits = await self.retriever.retrieve.remote(req.query, req.top_k or self.s.top_k)
+            return RetrieveResponse(
+                contexts=[RetrievedContext(node_id=h.node_id, text=h.text, score=h.score) for h in hits],
+                latency_s=time.perf_counter() - t0)
 
         @api.post("/v1/rag", response_model=RAGResponse)
         async def rag(self, req: RAGRequest):
@@ -186,9 +215,8 @@ def make_ingress(settings: IngressSettings):
                 hits = await self.retriever.retrieve.remote(req.query, req.top_k or self.s.top_k)
                 contexts = [RetrievedContext(node_id=h.node_id, text=h.text, score=h.score) for h in hits]
             t1 = time.perf_counter()
-            user = build_prompt(join_contexts([c.text for c in contexts]), req.query, self.s.language)
-            messages = [{"role": "system", "content": self.s.system_prompt},
-                        {"role": "user", "content": user}]
+            messages = rag_messages([c.text for c in contexts], req.query, self.s.language,
+                                    self.s.system_prompt)
             out = await self.generator.generate.remote(
                 messages, req.model or self.s.base_name, max_tokens, req.temperature)
             return RAGResponse(
@@ -204,7 +232,8 @@ def build_rag_app(cfg: JobConfig, model_dir: str, embedder_dir: str, adapters: d
                   documents: list[dict]):
     """The bound Serve application for `cfg` (deploy it with `serve.run`)."""
     s = cfg.serve
-    embedder = EmbedderDeployment.options(ray_actor_options={"num_cpus": s.embedder_cpus}).bind(embedder_dir)
+    embedder = EmbedderDeployment.options(ray_actor_options={"num_cpus": s.embedder_cpus}).bind(
+        embedder_dir, s.embedder_threads)
     retriever = RetrieverDeployment.options(ray_actor_options={"num_cpus": 0.1}).bind(
         documents, s.node_group, embedder)
     generator = GeneratorDeployment.options(

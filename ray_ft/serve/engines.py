@@ -35,6 +35,10 @@ class UnknownModelError(RayFTError):
     """The request named a model that is neither the base nor a loaded adapter."""
 
 
+class InvalidStructuredOutput(RayFTError):
+    """The request's `response_format` schema cannot be compiled into a decoding constraint."""
+
+
 class VLLMGenerator:
     """Async vLLM engine serving a base model and LoRA adapters (unmerged, chosen per request).
 
@@ -79,18 +83,27 @@ class VLLMGenerator:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     async def generate(self, messages: list[dict], model: str, max_tokens: int,
-                       temperature: float) -> Completion:
+                       temperature: float, structured: dict | None = None) -> Completion:
+        """`structured` ({"json": schema} or {"json_object": True}) constrains decoding to JSON."""
         from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
 
         if model != self.base_name and model not in self.loras:
             raise UnknownModelError(f"unknown model '{model}'; served: {', '.join(self.model_names())}")
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=temperature,
+            structured_outputs=StructuredOutputsParams(**structured) if structured else None)
         final = None
-        async for out in self.engine.generate(
-            self.render(messages), params, request_id=uuid.uuid4().hex,
-            lora_request=self.loras.get(model),
-        ):
-            final = out
+        try:
+            async for out in self.engine.generate(
+                self.render(messages), params, request_id=uuid.uuid4().hex,
+                lora_request=self.loras.get(model),
+            ):
+                final = out
+        except ValueError as err:  # vLLM validates the schema when the request is added
+            if structured:
+                raise InvalidStructuredOutput(f"response_format: {err}") from None
+            raise
         choice = final.outputs[0]
         return Completion(choice.text, model, len(final.prompt_token_ids), len(choice.token_ids),
                           choice.finish_reason)

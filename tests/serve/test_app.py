@@ -100,3 +100,41 @@ def test_rag_endpoint_retrieves_then_answers_and_rejects_bad_requests(served):
             assert resp.status_code == status, resp.text
             assert resp.json()["error"]["message"]
         assert http.get("/healthz").json() == {"status": "ok"}  # still serving
+
+
+@pytest.mark.slow
+def test_structured_output_and_retrieve_endpoint(served):
+    import json
+
+    from openai import BadRequestError, OpenAI
+
+    url, _ = served
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    schema = {"type": "object", "required": ["city", "sure"], "additionalProperties": False,
+              "properties": {"city": {"type": "string"}, "sure": {"type": "boolean"}}}
+    out = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", max_tokens=40,
+        messages=[{"role": "user", "content": f"{QUESTION} Reply in JSON."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}})
+    reply = json.loads(out.choices[0].message.content)  # decoding was constrained to the schema
+    assert set(reply) == {"city", "sure"} and isinstance(reply["sure"], bool)
+    with pytest.raises(BadRequestError, match="json_schema"):
+        client.chat.completions.create(model="tuned", messages=[{"role": "user", "content": "x"}],
+                                       max_tokens=4, response_format={"type": "json_schema"})
+
+    with httpx.Client(base_url=url, timeout=300) as http:
+        got = http.post("/v1/retrieve", json={"query": "Which river flows into the sea?", "top_k": 3}).json()
+        assert [c["node_id"] for c in got["contexts"]][0] == "nile" and len(got["contexts"]) == 3
+        assert got["latency_s"] > 0
+        assert http.post("/v1/retrieve", json={"query": ""}).status_code == 400
+
+        import base64
+
+        import numpy as np
+
+        floats = http.post("/v1/embeddings", json={"input": ["river", "mountain"]}).json()["data"]
+        b64 = http.post("/v1/embeddings", json={"input": ["river", "mountain"],
+                                               "encoding_format": "base64"}).json()["data"]
+        for f, b in zip(floats, b64):
+            np.testing.assert_array_equal(np.frombuffer(base64.b64decode(b["embedding"]), "<f4"),
+                                          np.asarray(f["embedding"], dtype=np.float32))

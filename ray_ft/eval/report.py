@@ -1,0 +1,135 @@
+"""Summary table, Markdown report and PNG charts of an eval run.
+
+Scores are shown as the seed recipe shows them: the sum over questions ("count") out of n, and
+the percentage (for a 0/1 metric the sum is the number of questions that scored).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ray_ft.eval.metrics import percentile
+from ray_ft.eval.scoring import RETRIEVAL_COLUMNS, SCORE_COLUMNS
+
+JUDGE_COLUMNS: dict[str, str] = {
+    "judge_relevance": "answer relevance (judge)",
+    "judge_faithfulness": "faithfulness (judge)",
+}
+ALL_COLUMNS: dict[str, str] = {**SCORE_COLUMNS, **RETRIEVAL_COLUMNS, **JUDGE_COLUMNS}
+
+
+def summarize(rows: list[dict], wall_s: dict[tuple[str, str], float] | None = None) -> list[dict]:
+    """One dict per (model, mode): n, the mean of every score and retrieval column present (None
+    where absent, e.g. retrieval columns in gold mode), judge means over the judged rows
+    (+ `<col>_n` judged, `<col>_failed` malformed), latency p50/p95 and, with `wall_s` (the time
+    each group's requests took), requests per second."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["mode"]), []).append(r)
+    table = []
+    for (model, mode), rs in groups.items():
+        t = {"model": model, "mode": mode, "n": len(rs)}
+        for col in (*SCORE_COLUMNS, *RETRIEVAL_COLUMNS):
+            t[col] = float(np.mean([r[col] for r in rs])) if col in rs[0] else None
+        for col in JUDGE_COLUMNS:
+            judged = [r for r in rs if col in r]
+            if judged:
+                ok = [r[col] for r in judged if r[col] is not None]
+                t[col] = float(np.mean(ok)) if ok else None
+                t[f"{col}_n"], t[f"{col}_failed"] = len(ok), len(judged) - len(ok)
+        lat = [r["latency_s"] for r in rs]
+        t["latency_p50_s"], t["latency_p95_s"] = percentile(lat, 50), percentile(lat, 95)
+        t["throughput_rps"] = len(rs) / wall_s[(model, mode)] if wall_s else None
+        table.append(t)
+    return sorted(table, key=lambda t: (t["mode"], t["model"]))
+
+
+def _cell(t: dict, col: str) -> str:
+    mean = t.get(col)
+    if mean is None:
+        return "—"
+    n = t.get(f"{col}_n", t["n"])
+    count = mean * n
+    count_s = f"{count:.0f}" if abs(count - round(count)) < 1e-9 else f"{count:.1f}"
+    failed = t.get(f"{col}_failed")
+    return f"{count_s}/{n} ({100 * mean:.1f}%)" + (f", {failed} unparsed" if failed else "")
+
+
+def to_markdown(table: list[dict], images: list[str] | None = None) -> str:
+    """Per mode: metrics as rows, models as columns (count/n (percent)); then latency/throughput."""
+    out = []
+    for mode in sorted({t["mode"] for t in table}):
+        ts = [t for t in table if t["mode"] == mode]
+        cols = [c for c in ALL_COLUMNS if any(t.get(c) is not None for t in ts)]
+        out.append(f"### {mode} context (n = {ts[0]['n']})\n")
+        out.append("| metric | " + " | ".join(t["model"] for t in ts) + " |")
+        out.append("|---|" + "---:|" * len(ts))
+        out.extend(f"| {ALL_COLUMNS[c]} | " + " | ".join(_cell(t, c) for t in ts) + " |" for c in cols)
+        out.append("")
+    out.append("| model | mode | n | p50 latency (s) | p95 latency (s) | req/s |")
+    out.append("|---|---|---:|---:|---:|---:|")
+    for t in table:
+        rps = "—" if t.get("throughput_rps") is None else f"{t['throughput_rps']:.2f}"
+        out.append(f"| {t['model']} | {t['mode']} | {t['n']} | {t['latency_p50_s']:.2f} | "
+                   f"{t['latency_p95_s']:.2f} | {rps} |")
+    out.append("")
+    out.extend(f"![{Path(p).stem}]({p})\n" for p in images or [])
+    return "\n".join(out)
+
+
+def _write_png(fig, path: Path) -> Path:
+    """Save next to `path` then rename, so a reader never sees half a PNG."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def plot_metrics(table: list[dict], path: Path) -> Path:
+    """Grouped bar chart: one panel per mode, metrics on x, one bar per model (percent)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = sorted({t["mode"] for t in table})
+    fig, axes = plt.subplots(1, len(modes), figsize=(7 * len(modes), 4), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        ts = [t for t in table if t["mode"] == mode]
+        cols = [c for c in ALL_COLUMNS if all(t.get(c) is not None for t in ts)]
+        x = np.arange(len(cols))
+        width = 0.8 / len(ts)
+        for i, t in enumerate(ts):
+            vals = [100 * t[c] for c in cols]
+            bars = ax.bar(x + (i - (len(ts) - 1) / 2) * width, vals, width, label=t["model"])
+            ax.bar_label(bars, fmt="%.0f", fontsize=7)
+        ax.set_xticks(x, [ALL_COLUMNS[c].replace(" (", "\n(") for c in cols], fontsize=8, rotation=30)
+        ax.set_ylim(0, 105)
+        ax.set_ylabel("score (%)")
+        ax.set_title(f"{mode} context, n = {ts[0]['n']}")
+        ax.legend(fontsize=8)
+    return _write_png(fig, path)
+
+
+def plot_loss(history: list[dict], path: Path, window: int = 8) -> Path:
+    """Training loss per step, raw and as a trailing mean over `window` steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = np.array([h["step"] for h in history])
+    loss = np.array([h["loss"] for h in history], dtype=np.float64)
+    smooth = np.array([loss[max(0, i - window + 1):i + 1].mean() for i in range(len(loss))])
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(steps, loss, alpha=0.35, label="loss")
+    ax.plot(steps, smooth, label=f"mean of last {window} steps")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.legend()
+    return _write_png(fig, path)

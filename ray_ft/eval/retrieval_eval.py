@@ -1,0 +1,49 @@
+"""Retrieval evaluation of an embedder on held-out QA pairs (the seed recipe's protocol).
+
+The knowledge base is the distinct contexts of the test split; each test question retrieves the
+top-k by exact cosine. Reported: context recall and context relevance of the top-1 passage (the
+seed's setting), recall@1/@5, MRR@k and nDCG@k over the top-k.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from ray_ft.eval.retrieval import context_recall, context_relevance, mrr_at_k, ndcg_at_k, recall_at_k
+
+EmbedFn = Callable[[list[str]], np.ndarray]
+
+
+def evaluate_retriever(embed: EmbedFn, questions: list[str], contexts: list[str], top_k: int,
+                       splitter: str, recall_threshold: float = 0.5, query_prefix: str = "") -> dict:
+    """Means over questions; `contexts[i]` is question i's gold passage."""
+    kb = sorted(set(contexts))
+    index = {c: i for i, c in enumerate(kb)}
+    pvec = np.asarray(embed(kb), dtype=np.float32)
+    qvec = np.asarray(embed([query_prefix + q for q in questions]), dtype=np.float32)
+    k = min(top_k, len(kb))
+    scores = qvec @ pvec.T
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    rows = []
+    for gold, ranked in zip(contexts, top):
+        ids, rel = [str(i) for i in ranked], {str(index[gold])}
+        first = kb[ranked[0]]
+        rows.append({
+            "context_recall": context_recall([first], [gold], recall_threshold)["fractional"],
+            "context_relevance": context_relevance([first], [gold], splitter),
+            "recall_at_1": recall_at_k(ids, rel, 1), "recall_at_5": recall_at_k(ids, rel, 5),
+            f"mrr_at_{k}": mrr_at_k(ids, rel, k), f"ndcg_at_{k}": ndcg_at_k(ids, rel, k),
+        })
+    out = {key: float(np.mean([r[key] for r in rows])) for key in rows[0]}
+    return {"n_queries": len(questions), "n_passages": len(kb), **out}
+
+
+def to_markdown(before: dict, after: dict) -> str:
+    keys = [k for k in before if k not in {"n_queries", "n_passages"}]
+    lines = [f"Test split: {before['n_queries']} questions over {before['n_passages']} passages.\n",
+             "| metric | before | after | change |", "|---|---:|---:|---:|"]
+    lines += [f"| {k} | {100 * before[k]:.2f} | {100 * after[k]:.2f} | {100 * (after[k] - before[k]):+.2f} |"
+              for k in keys]
+    return "\n".join(lines) + "\n"
