@@ -99,7 +99,9 @@ class EmbedConfig(_Strict):
         "raise", description="A row with an empty question/context: stop with its line, or skip and count."
     )
     test_size: float = Field(0.1, gt=0.0, lt=1.0, description="Share of contexts held out for retrieval eval.")
-    seed: int = Field(1314, description="Seed of the split, the negatives and the training order.")
+    seed: int = Field(
+        1314, description="Seed of the split, the negatives and the (shuffled, then fixed) training order."
+    )
     neg_num: int = Field(10, ge=1, description="Random negatives stored per query (never its own context).")
     train_group_size: int = Field(
         4, ge=2, description="Passages per query in a step: 1 positive + (n-1) of its negatives."

@@ -140,9 +140,10 @@ def stage_embed(cfg: JobConfig) -> dict:
     pairs, skipped = read_qa_csv(Path(e.source), e.on_error)
     base = resolve_model(e.model)
     train, test = split_pairs(pairs, e.test_size, e.seed)
-    triplets = build_triplets(train, e.neg_num, e.seed, e.query_instruction)
-    if e.max_train_samples:
-        triplets = seeded_sample(triplets, lambda t: t["query"] + t["pos"][0], e.max_train_samples, e.seed)
+    # Seeded shuffle (build_triplets returns them sorted by question): the trainer reads them in
+    # this order, and a max_steps run must see a random slice, not the alphabetical first part.
+    triplets = seeded_sample(build_triplets(train, e.neg_num, e.seed, e.query_instruction),
+                             lambda t: t["query"] + "\0" + t["pos"][0], e.max_train_samples, e.seed)
     out = cfg.run_dir / "embed"
     write_jsonl_atomic(out / "data" / "train.jsonl", triplets)
     write_jsonl_atomic(out / "data" / "test.jsonl",
@@ -154,9 +155,10 @@ def stage_embed(cfg: JobConfig) -> dict:
         return evaluate_retriever(emb.embed, questions, contexts, e.eval_top_k, e.sentence_splitter,
                                   e.recall_threshold, query_prefix=prefix)
 
-    # The base model is scored as it is meant to be used (no instruction); the fine-tuned one
-    # with the instruction it was trained with.
+    # The base model is scored as it is meant to be used (no instruction) and, to separate the
+    # prompt's effect from training's, also with the instruction; the fine-tuned one with it.
     before = evaluate(base, "")
+    before_instr = evaluate(base, e.query_instruction) if e.query_instruction else before
     init_ray(cfg)
     t = time.perf_counter()
     result = run_embed_training(cfg, triplets, base, out)
@@ -165,7 +167,8 @@ def stage_embed(cfg: JobConfig) -> dict:
     summary = {"skipped_rows": skipped, "train_pairs": len(train), "test_pairs": len(test),
                "triplets": len(triplets), "steps": len(result.history), "train_s": train_s,
                "first_loss": result.history[0]["loss"], "final_loss": result.history[-1]["loss"],
-               "before": before, "after": after, "model_dir": str(result.model_dir)}
+               "before": before, "before_with_instruction": before_instr, "after": after,
+               "model_dir": str(result.model_dir)}
     write_text_atomic(out / "retrieval.json", json.dumps(summary, indent=2))
     write_text_atomic(out / "retrieval.md", to_markdown(before, after))
     return summary

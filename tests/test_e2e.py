@@ -45,5 +45,8 @@ def test_run_all_on_a_cmrc_slice(ray_cluster, cmrc_slice, tmp_path, smollm_dir, 
     md = (run / "eval" / "summary.md").read_text()
     assert md.startswith("### gold context (n = 3)") and "| metric | base | finetuned |" in md
     assert "![loss](loss.png)" in md and (run / "eval" / "loss.png").stat().st_size > 1000
-    assert table[("finetuned", "retrieved")]["recall_at_k"] == table[("finetuned", "retrieved")]["context_hit"]
+    ret = [r for r in rows if r["mode"] == "retrieved"]
+    assert all(len(r["retrieved_texts"]) == 1 and r["gold_context"] for r in ret)  # top_k = 1
+    assert table[("finetuned", "retrieved")]["context_recall"] == pytest.approx(
+        sum(r["context_recall"] for r in ret if r["model"] == "finetuned") / 3)
     assert json.loads((run / "run_summary.json").read_text())["manifest"]["train_examples"] == 6

@@ -57,7 +57,8 @@ class OpenAIChat:
                 "temperature": temperature}
         if json_schema is not None:
             body["response_format"] = {"type": "json_schema",
-                                       "json_schema": {"name": "reply", "schema": json_schema}}
+                                       "json_schema": {"name": "reply", "schema": json_schema,
+                                                       "strict": True}}
         out = _post(self.http, "chat/completions", body)
         return out["choices"][0]["message"]["content"] or ""
 

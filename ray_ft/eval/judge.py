@@ -17,9 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
+import httpx
 import numpy as np
 from tqdm import tqdm
 
+from ray_ft.errors import RayFTError
 from ray_ft.eval.clients import ChatModel
 from ray_ft.eval.metrics import clipped_cosine
 from ray_ft.eval.scoring import EmbedFn
@@ -140,7 +142,7 @@ def faithfulness(chat: ChatModel, question: str, answer: str, context: str, s: J
 
 def judge_rows(rows: list[dict], chat: ChatModel, embed: EmbedFn, s: JudgeSettings,
                concurrency: int = 8) -> list[dict]:
-    """Add `judge_relevance` and `judge_faithfulness` (or None + `judge_error`) to each row."""
+    """Add `judge_relevance` and `judge_faithfulness` (or None + `judge_<metric>_error`) to each row."""
     def one(r: dict) -> dict:
         out = {}
         for key, fn in (("relevance", lambda: answer_relevance(chat, embed, r["question"],
@@ -151,9 +153,10 @@ def judge_rows(rows: list[dict], chat: ChatModel, embed: EmbedFn, s: JudgeSettin
                 got = fn()
                 out[f"judge_{key}"] = got["score"]
                 out[f"judge_{key}_detail"] = {k: v for k, v in got.items() if k != "score"}
-            except MalformedReply as err:
+            except (MalformedReply, RayFTError, httpx.HTTPError) as err:
+                # One bad judge call (malformed JSON, a 4xx, a timeout) costs one score, not the run.
                 out[f"judge_{key}"] = None
-                out[f"judge_{key}_error"] = str(err)
+                out[f"judge_{key}_error"] = f"{type(err).__name__}: {err}"
         return out
 
     with ThreadPoolExecutor(max_workers=concurrency) as pool:

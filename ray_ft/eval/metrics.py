@@ -3,9 +3,15 @@
 Two families, reported side by side and never mixed up:
 - the seed recipe's definitions (`exact_match`, `origin_score`, `clipped_cosine`), kept literal so
   numbers compare with the recipe's;
-- the CMRC2018 official definitions (`cmrc_exact_match`, `cmrc_f1`) and `origin_char_score`, a
-  character-level origin that means something for Chinese, where the seed's word test degenerates
-  to "is the whole answer a substring of the context".
+- CMRC2018-style EM and F1 (`cmrc_exact_match`, `cmrc_f1`): the evaluation script's scheme
+  (lower-case, punctuation dropped, mixed segmentation, F1 from the longest common token run, max
+  over references) with three deliberate differences, each of which only matters for non-Chinese
+  text: all Unicode punctuation is dropped (the script drops a fixed list of 33 characters and keeps
+  ASCII `. , ? ! ( )` as tokens), non-CJK runs are split at whitespace (the script uses NLTK's
+  word tokenizer), and EM compares token lists (the script compares strings, so "北京 大学" !=
+  "北京大学" there). For Chinese answers with Chinese punctuation the scores are the script's;
+- `origin_char_score`, a character-level origin that means something for Chinese, where the
+  seed's word test degenerates to "is the whole answer a substring of the context".
 """
 
 from __future__ import annotations
@@ -48,9 +54,8 @@ def cmrc_tokens(text: str) -> list[str]:
     """CMRC2018 mixed segmentation: lower-case, punctuation dropped, each CJK character one token,
     other text split at whitespace and CJK characters (so "Ray 2.0版本" -> ray, 20, 版, 本).
 
-    Punctuation is deleted, not a separator, as in the official script ("U.S." -> "us"). The
-    official script word-tokenizes non-CJK runs with NLTK; whitespace splitting gives the same
-    tokens once punctuation is gone.
+    Punctuation is deleted, not a separator ("U.S." -> "us"); see the module docstring for how
+    this differs from the CMRC2018 script on non-Chinese text.
     """
     tokens: list[str] = []
     run: list[str] = []
@@ -89,9 +94,9 @@ def _longest_common_run(a: list[str], b: list[str]) -> int:
 
 
 def cmrc_f1(prediction: str, references: list[str]) -> float:
-    """CMRC2018 official F1, max over references.
+    """CMRC2018-style F1, max over references.
 
-    Precision and recall count the longest common *contiguous* token run (the official script's
+    Precision and recall count the longest common *contiguous* token run (the CMRC2018 script's
     LCS), over `cmrc_tokens`: p = lcs / len(pred), r = lcs / len(ref), F1 = 2pr / (p + r).
     """
     if not references:
@@ -108,7 +113,7 @@ def cmrc_f1(prediction: str, references: list[str]) -> float:
 
 
 def cmrc_exact_match(prediction: str, references: list[str]) -> float:
-    """CMRC2018 official EM: equal after `cmrc_tokens` normalization to *any* reference."""
+    """CMRC2018-style EM: equal to *any* reference after `cmrc_tokens` normalization."""
     if not references:
         raise ValueError("cmrc_exact_match needs at least one reference answer")
     pred = cmrc_tokens(prediction)

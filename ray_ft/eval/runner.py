@@ -121,13 +121,14 @@ def run_eval(client: RAGClient, items: list[dict], targets: list[EvalTarget], ec
                                                         ecfg.concurrency, prompt)
             rows.extend(got)
     rows = score_rows(rows, client.embed, splitter=SENTENCE_SPLITTERS[prompt.language])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl_atomic(out_dir / "predictions.jsonl", rows)  # kept even if judging is cut short
     if judge is not None:
         judged_ids = {it["id"] for it in items[:ecfg.judge.max_samples]}
         settings = JudgeSettings(n_questions=ecfg.judge.n_questions, max_retries=ecfg.judge.max_retries)
         judge_rows([r for r in rows if r["id"] in judged_ids], judge, client.embed, settings,
                    ecfg.concurrency)
     table = summarize(rows, wall_s)
-    out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl_atomic(out_dir / "predictions.jsonl", rows)
     write_text_atomic(out_dir / "summary.json", json.dumps(table, indent=2, ensure_ascii=False))
     pngs = []

@@ -64,7 +64,7 @@ class EmbedderDeployment:
 
         # Ray sets OMP/torch threads from num_cpus (1 for a fractional actor); the embedder runs
         # in bursts (index build, eval scoring), so it may use every core of the node.
-        torch.set_num_threads(threads or os.cpu_count() or 1)
+        torch.set_num_threads(threads or len(os.sched_getaffinity(0)) or 1)
         self.embedder = SentenceTransformerEmbedder(model_dir)
 
     def embed(self, texts: list[str]) -> np.ndarray:

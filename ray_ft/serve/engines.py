@@ -4,6 +4,7 @@ embedder, exact-cosine vector index. None of them knows about Ray Serve."""
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from pathlib import Path
 
@@ -101,7 +102,8 @@ class VLLMGenerator:
             ):
                 final = out
         except ValueError as err:  # vLLM validates the schema when the request is added
-            if structured:
+            # Only schema problems become a response_format error; a too-long prompt stays itself.
+            if structured and re.search(r"schema|grammar|json|structured", str(err), re.IGNORECASE):
                 raise InvalidStructuredOutput(f"response_format: {err}") from None
             raise
         choice = final.outputs[0]

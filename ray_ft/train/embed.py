@@ -176,10 +176,16 @@ def _report_final(model, tok, history, rank, base_dir: str, pooling: str) -> Non
 def write_sentence_transformer(model, tok, base_dir: Path, out: Path, pooling: str) -> None:
     """The base folder's sentence-transformers modules with the trained encoder and pooling."""
     inner = model.module if hasattr(model, "module") else model
-    for item in base_dir.iterdir():
-        if item.name in {"ray_ft_source.json"} or item.suffix in {".safetensors", ".bin"}:
-            continue
-        (shutil.copytree if item.is_dir() else shutil.copy2)(item, out / item.name)
+    # Only the sentence-transformers description and its module folders: a base folder may also
+    # hold other weight formats (onnx/, openvino/, tf_model.h5) that would silently be stale.
+    for name in ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json"):
+        if (base_dir / name).is_file():
+            shutil.copy2(base_dir / name, out / name)
+    if (base_dir / "modules.json").is_file():
+        for module in json.loads((base_dir / "modules.json").read_text()):
+            src = base_dir / module.get("path", "")
+            if module.get("path") and src.is_dir():
+                shutil.copytree(src, out / module["path"])
     inner.model.save_pretrained(out)
     tok.save_pretrained(out)
     pool_cfg = out / "1_Pooling" / "config.json"

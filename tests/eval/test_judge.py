@@ -9,6 +9,7 @@ from ray_ft.eval.judge import (
     JudgeSettings, MalformedReply, answer_relevance, ask_json, faithfulness, judge_rows,
     parse_json_object, string_list,
 )
+from ray_ft.errors import RayFTError
 from ray_ft.eval.metrics import clipped_cosine
 from tests.eval.fakes import CharCountEmbedder
 
@@ -88,3 +89,12 @@ def test_judge_rows_records_failures_instead_of_scores():
     assert rows[0]["judge_relevance"] is None and rows[0]["judge_faithfulness"] is None
     assert "after 2 attempts" in rows[0]["judge_relevance_error"]
     assert len(bad.sent) == 4  # 2 attempts for relevance, 2 for the statements
+
+    class Down:
+        def chat(self, *a, **k):
+            raise RayFTError("POST http://judge/v1/chat/completions -> 400: prompt too long")
+
+    rows = [{"question": "q", "prediction": "Paris", "context": "c"}, {"question": "q2", "prediction": "", "context": "c"}]
+    judge_rows(rows, Down(), CharCountEmbedder(), JudgeSettings(), concurrency=2)
+    assert rows[0]["judge_faithfulness"] is None and "400: prompt too long" in rows[0]["judge_faithfulness_error"]
+    assert rows[1]["judge_relevance"] == 0.0  # an empty answer needs no call, so still scored

@@ -75,10 +75,18 @@ def test_grad_cache_gradients_match_the_full_batch():
         torch.testing.assert_close(a.grad, b.grad)
 
 
-def _worker(rank, world, q, p, out):
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, q, p, out, port):
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29517", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     b, g = q.shape[0] // world, p.shape[0] // q.shape[0]
     lq = q[rank * b:(rank + 1) * b].clone().requires_grad_()
     lp = p[rank * b * g:(rank + 1) * b * g].clone().requires_grad_()
@@ -97,7 +105,7 @@ def test_cross_device_loss_with_two_processes_equals_one_combined_batch():
     p = F.normalize(torch.randn(12, 8), dim=-1)
     manager = mp.Manager()
     out = manager.dict()
-    mp.spawn(_worker, args=(2, q, p, out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, q, p, out, _free_port()), nprocs=2, join=True)
 
     q1, p1 = q.clone().requires_grad_(), p.clone().requires_grad_()
     single = info_nce(q1, p1, 0.05)
