@@ -124,6 +124,16 @@ class EmbedConfig(_Strict):
     max_steps: int | None = Field(None, ge=1, description="Stop after this many steps (overrides epochs).")
     per_device_batch_size: int = Field(32, ge=1, description="Queries per worker per step.")
     max_train_samples: int | None = Field(None, ge=1, description="Use only the first n triplets (seeded).")
+    val_size: float = Field(
+        0.05, ge=0.0, lt=0.5,
+        description="Share of the training contexts held out for validation during training (0: none).",
+    )
+    val_max_queries: int = Field(300, ge=1, description="Validation questions scored at each evaluation.")
+    eval_every_n_steps: int | None = Field(
+        None, ge=1, description="Validate + checkpoint every n steps (always at the end)."
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept, best validation MRR first.")
+    max_failures: int = Field(1, ge=0, description="Worker-group restarts from the latest checkpoint.")
     eval_top_k: int = Field(10, ge=1, description="Passages retrieved per test query (MRR@k, nDCG@k).")
     sentence_splitter: str = Field(
         ".", min_length=1, description='Cuts passages into sentences for context relevance ("。" for Chinese).'

@@ -140,6 +140,9 @@ def stage_embed(cfg: JobConfig) -> dict:
     pairs, skipped = read_qa_csv(Path(e.source), e.on_error)
     base = resolve_model(e.model)
     train, test = split_pairs(pairs, e.test_size, e.seed)
+    train, held = split_pairs(train, e.val_size, e.seed + 1) if e.val_size else (train, [])
+    held = seeded_sample(held, lambda p: f"{p.line}", e.val_max_queries, e.seed)
+    val = {"questions": [p.question for p in held], "contexts": [p.context for p in held]} if held else None
     # Seeded shuffle (build_triplets returns them sorted by question): the trainer reads them in
     # this order, and a max_steps run must see a random slice, not the alphabetical first part.
     triplets = seeded_sample(build_triplets(train, e.neg_num, e.seed, e.query_instruction),
@@ -161,11 +164,12 @@ def stage_embed(cfg: JobConfig) -> dict:
     before_instr = evaluate(base, e.query_instruction) if e.query_instruction else before
     init_ray(cfg)
     t = time.perf_counter()
-    result = run_embed_training(cfg, triplets, base, out)
+    result = run_embed_training(cfg, triplets, base, out, val)
     train_s = time.perf_counter() - t
     after = evaluate(result.model_dir, e.query_instruction)
     summary = {"skipped_rows": skipped, "train_pairs": len(train), "test_pairs": len(test),
-               "triplets": len(triplets), "steps": len(result.history), "train_s": train_s,
+               "val_pairs": len(held), "triplets": len(triplets), "steps": len(result.history),
+               "exported_step": result.best_step, "train_s": train_s,
                "first_loss": result.history[0]["loss"], "final_loss": result.history[-1]["loss"],
                "before": before, "before_with_instruction": before_instr, "after": after,
                "model_dir": str(result.model_dir)}

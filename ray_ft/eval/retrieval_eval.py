@@ -34,7 +34,8 @@ def evaluate_retriever(embed: EmbedFn, questions: list[str], contexts: list[str]
             "context_recall": context_recall([first], [gold], recall_threshold)["fractional"],
             "context_relevance": context_relevance([first], [gold], splitter),
             "recall_at_1": recall_at_k(ids, rel, 1), "recall_at_5": recall_at_k(ids, rel, 5),
-            f"mrr_at_{k}": mrr_at_k(ids, rel, k), f"ndcg_at_{k}": ndcg_at_k(ids, rel, k),
+            # Named by the requested k, so the keys do not change with the knowledge base's size.
+            f"mrr_at_{top_k}": mrr_at_k(ids, rel, k), f"ndcg_at_{top_k}": ndcg_at_k(ids, rel, k),
         })
     out = {key: float(np.mean([r[key] for r in rows])) for key in rows[0]}
     return {"n_queries": len(questions), "n_passages": len(kb), **out}

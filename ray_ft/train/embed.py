@@ -15,22 +15,22 @@ import logging
 import math
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ray_ft.config import EmbedConfig, JobConfig
 from ray_ft.train import metrics as tm
+from ray_ft.train.checkpoints import HISTORY_FILE, fit_and_export, ordered_ingest, report_checkpoint
 
 log = logging.getLogger(__name__)
-HISTORY_FILE = "ray_ft_history.jsonl"
 
 
 @dataclass(frozen=True)
 class EmbedTrainResult:
     model_dir: Path
     history: list[dict]
+    best_step: int | None  # the step whose checkpoint was exported
 
 
 class SentenceEncoder:
@@ -85,6 +85,38 @@ def group_passages(batch: dict, group_size: int, rng: random.Random) -> list[str
     return out
 
 
+def _step_seed(seed: int, rank: int, step: int) -> int:
+    """Randomness of one step (negative sampling, dropout) from (seed, rank, step) alone, so a
+    run resumed from a checkpoint draws exactly what the uninterrupted run would have."""
+    return (seed * 1_000_003 + rank * 10_007 + step) % (2**31)
+
+
+def _validation_scores(model, tok, val: dict, ecfg: EmbedConfig, device) -> dict:
+    """recall@1 / MRR@k / nDCG@k of the current model on the validation pairs (rank 0 only)."""
+    import torch
+
+    from ray_ft.eval.retrieval_eval import evaluate_retriever
+
+    inner = model.module if hasattr(model, "module") else model
+
+    def embed(texts: list[str]):
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(texts), 64):
+                enc = tok(texts[i:i + 64], padding=True, truncation=True,
+                          max_length=ecfg.passage_max_len, return_tensors="pt")
+                out.append(inner({k: v.to(device) for k, v in enc.items()}).float().cpu())
+        return torch.cat(out).numpy()
+
+    inner.eval()
+    try:
+        got = evaluate_retriever(embed, val["questions"], val["contexts"], ecfg.eval_top_k,
+                                 ecfg.sentence_splitter, ecfg.recall_threshold, ecfg.query_instruction)
+    finally:
+        inner.train()
+    return {f"val_{k}": v for k, v in got.items() if k not in {"n_queries", "n_passages"}}
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -100,16 +132,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if not ecfg.use_gpu:
         torch.set_num_threads(max(1, int(ecfg.cpus_per_worker)))
-    torch.manual_seed(ecfg.seed + rank)
-    rng = random.Random(ecfg.seed * 1000 + rank)
+    torch.manual_seed(ecfg.seed)  # same initial weights on every worker (DDP broadcasts anyway)
 
     tok = AutoTokenizer.from_pretrained(loop_config["model_dir"])
     tok.padding_side = "right"  # GradCache trims each chunk's trailing padding
-    model = ray.train.torch.prepare_model(SentenceEncoder.build(loop_config["model_dir"], ecfg.pooling))
-    device = ray.train.torch.get_device()
-    optim = torch.optim.AdamW(model.parameters(), lr=ecfg.learning_rate)
+    encoder = SentenceEncoder.build(loop_config["model_dir"], ecfg.pooling)
+    optim = torch.optim.AdamW(encoder.parameters(), lr=ecfg.learning_rate)
     n_steps = total_steps(loop_config["triplets_per_worker"], ecfg)
+    per_epoch = steps_per_epoch(loop_config["triplets_per_worker"], ecfg)
     sched = get_scheduler("linear", optim, math.ceil(ecfg.warmup_ratio * n_steps), n_steps)
+    step, history = _resume(encoder, optim, sched)
+    model = ray.train.torch.prepare_model(encoder)
+    device = ray.train.torch.get_device()
 
     def loss_fn(q, p):
         if ecfg.negatives_cross_device:
@@ -120,14 +154,25 @@ def train_loop_per_worker(loop_config: dict) -> None:
         enc = tok(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
         return {k: v.to(device) for k, v in enc.items()}
 
-    history: list[dict] = []
+    def save(folder: Path) -> None:
+        write_sentence_transformer(model, tok, Path(loop_config["model_dir"]), folder, ecfg.pooling)
+        torch.save({"step": step, "optim": optim.state_dict(), "sched": sched.state_dict()},
+                   folder / TRAINER_STATE)
+
     shard = ray.train.get_dataset_shard("train")
-    step, t0 = 0, time.perf_counter()
+    t0 = time.perf_counter()
     model.train()
     while step < n_steps:
-        for batch in shard.iter_batches(batch_size=ecfg.per_device_batch_size, drop_last=True):
+        skip = step % per_epoch  # batches of this epoch a resumed run has already trained on
+        for i, batch in enumerate(shard.iter_batches(batch_size=ecfg.per_device_batch_size, drop_last=True)):
+            if i < skip:
+                continue
+            if i >= per_epoch:
+                break
+            seed = _step_seed(ecfg.seed, rank, step)
+            torch.manual_seed(seed)
             queries = [ecfg.query_instruction + str(q) for q in batch["query"]]
-            passages = group_passages(batch, ecfg.train_group_size, rng)
+            passages = group_passages(batch, ecfg.train_group_size, random.Random(seed))
             q_in, p_in = tokenize(queries, ecfg.query_max_len), tokenize(passages, ecfg.passage_max_len)
             if ecfg.grad_cache_chunk_size:
                 loss = grad_cache_backward(model, q_in, p_in, ecfg.grad_cache_chunk_size, loss_fn,
@@ -150,27 +195,53 @@ def train_loop_per_worker(loop_config: dict) -> None:
             row = {"step": step, "loss": stats[0].item() / world, "lr": sched.get_last_lr()[0],
                    "grad_norm": float(grad_norm), "sentences_per_s": stats[1].item() / dt,
                    "peak_mem_mb": tm.peak_memory_mb(ecfg.use_gpu), "step_time_s": dt}
+            evaluate = step == n_steps or bool(ecfg.eval_every_n_steps and step % ecfg.eval_every_n_steps == 0)
+            if evaluate and rank == 0 and loop_config.get("val"):
+                row.update(_validation_scores(model, tok, loop_config["val"], ecfg, device))
             history.append(row)
             if rank == 0:
                 log.info("[embed] " + " ".join(
                     f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-            if step == n_steps:
-                _report_final(model, tok, history, rank, loop_config["model_dir"], ecfg.pooling)
-                break
-            ray.train.report(row)
+            _maybe_inject_failure(loop_config, step, rank)
+            if evaluate:
+                report_checkpoint(history, rank, save)  # CheckpointConfig keeps the best ones
+            else:
+                ray.train.report(row)
             t0 = time.perf_counter()
+            if step == n_steps:
+                break
 
 
-def _report_final(model, tok, history, rank, base_dir: str, pooling: str) -> None:
+TRAINER_STATE = "trainer_state.pt"
+
+
+def _resume(encoder, optim, sched) -> tuple[int, list[dict]]:
+    """Restore weights, optimizer, scheduler, step and history from Ray Train's latest checkpoint
+    (after a worker failure, with FailureConfig); (0, []) on a fresh start."""
     import ray.train
+    import torch
+    from safetensors.torch import load_file
 
-    if rank != 0:
-        ray.train.report(history[-1])
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        write_sentence_transformer(model, tok, Path(base_dir), Path(tmp), pooling)
-        Path(tmp, HISTORY_FILE).write_text("".join(json.dumps(r) + "\n" for r in history))
-        ray.train.report(history[-1], checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return 0, []
+    with ckpt.as_directory() as d:
+        d = Path(d)
+        encoder.model.load_state_dict(load_file(str(d / "model.safetensors")))
+        state = torch.load(d / TRAINER_STATE, weights_only=False)
+        optim.load_state_dict(state["optim"])
+        sched.load_state_dict(state["sched"])
+        history = [json.loads(line) for line in (d / HISTORY_FILE).read_text().splitlines()]
+    log.info("[embed] resumed from %s at step %d", ckpt.path, state["step"])
+    return state["step"], history
+
+
+def _maybe_inject_failure(loop_config: dict, step: int, rank: int) -> None:
+    """Failure tests only: raise once on rank 0 after `fail_at_step` (a marker file says "once")."""
+    fail_at, marker = loop_config.get("fail_at_step"), loop_config.get("fail_marker")
+    if fail_at and step == fail_at and rank == 0 and not Path(marker).exists():
+        Path(marker).write_text("failed once")
+        raise RuntimeError(f"injected failure after step {step}")
 
 
 def write_sentence_transformer(model, tok, base_dir: Path, out: Path, pooling: str) -> None:
@@ -195,13 +266,15 @@ def write_sentence_transformer(model, tok, base_dir: Path, out: Path, pooling: s
         pool_cfg.write_text(json.dumps(cfg, indent=2))
 
 
-def run_embed_training(cfg: JobConfig, triplets: list[dict], model_dir: Path, out_dir: Path) -> EmbedTrainResult:
-    """Fit on Ray Train; the trained sentence-transformers folder lands in `out_dir/model`."""
+def run_embed_training(cfg: JobConfig, triplets: list[dict], model_dir: Path, out_dir: Path,
+                       val: dict | None = None, fail_at_step: int | None = None) -> EmbedTrainResult:
+    """Fit on Ray Train; the best (by validation MRR, else the last) sentence-transformers folder
+    lands in `out_dir/model`. `val` = {"questions", "contexts"} scored every
+    `embed.eval_every_n_steps` and at the end. `fail_at_step` is for failure tests: the first
+    attempt's rank 0 raises after that step and Ray Train restarts from the latest checkpoint."""
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from ray_ft.train.sft import _ordered_ingest
 
     ecfg = cfg.embed
     per_worker = len(triplets) // ecfg.num_workers
@@ -209,28 +282,23 @@ def run_embed_training(cfg: JobConfig, triplets: list[dict], model_dir: Path, ou
         raise ValueError(f"{len(triplets)} triplets cannot fill a batch of {ecfg.per_device_batch_size} "
                          f"on each of {ecfg.num_workers} workers")
     out_dir.mkdir(parents=True, exist_ok=True)
+    score = f"val_mrr_at_{ecfg.eval_top_k}" if val else None
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": cfg.model_dump(), "model_dir": str(model_dir),
-                           "triplets_per_worker": per_worker},
+                           "triplets_per_worker": per_worker, "val": val,
+                           "fail_at_step": fail_at_step, "fail_marker": str(out_dir / ".failed_once")},
         scaling_config=ScalingConfig(
             num_workers=ecfg.num_workers, use_gpu=ecfg.use_gpu,
             resources_per_worker={"CPU": ecfg.cpus_per_worker} if not ecfg.use_gpu else None),
-        run_config=RunConfig(name=f"embed_{time.strftime('%Y%m%d_%H%M%S')}",
-                             storage_path=str((out_dir / "ray").resolve())),
+        run_config=RunConfig(
+            name=f"embed_{time.strftime('%Y%m%d_%H%M%S')}", storage_path=str((out_dir / "ray").resolve()),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=ecfg.keep_checkpoints, checkpoint_score_attribute=score,
+                checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=ecfg.max_failures)),
         datasets={"train": ray.data.from_items(triplets)},
-        dataset_config=_ordered_ingest(),
+        dataset_config=ordered_ingest(),
     )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
-    final = out_dir / "model"
-    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".model."))
-    result.checkpoint.to_directory(str(tmp))
-    history = [json.loads(line) for line in (tmp / HISTORY_FILE).read_text().splitlines()]
-    (tmp / HISTORY_FILE).unlink()
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    (out_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
-    return EmbedTrainResult(final, history)
+    final, history, chosen = fit_and_export(trainer, out_dir, "model", best_by=score, drop=(TRAINER_STATE,))
+    return EmbedTrainResult(final, history, chosen.get("step"))

@@ -8,11 +8,8 @@ runs on a laptop and on a GPU cluster; only `TrainConfig` (workers, use_gpu) dif
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +21,7 @@ from ray_ft.config import JobConfig, TrainConfig
 from ray_ft.data.prepare import PreparedData
 from ray_ft.data.tokenize import IGNORE_INDEX
 from ray_ft.train import metrics as tm
+from ray_ft.train.checkpoints import fit_and_export, ordered_ingest, report_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +189,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 log.info("[train] " + " ".join(
                     f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
             if step == n_steps:
-                _report_final(model, tok, history, rank)
+                report_checkpoint(history, rank, lambda folder: _save_adapter(model, tok, folder))
                 break
             ray.train.report(row)
             acc = _new_accumulator()
@@ -200,35 +198,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
             raise RuntimeError(f"worker {rank} got no training rows from its dataset shard")
 
 
-HISTORY_FILE = "ray_ft_history.jsonl"
-
-
-def _report_final(model, tok, history: list[dict], rank: int) -> None:
-    """Last step: rank 0 attaches a checkpoint holding only the adapter and the step history."""
-    import ray.train
-
-    if rank != 0:
-        ray.train.report(history[-1])
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        inner = model.module if hasattr(model, "module") else model
-        inner.save_pretrained(tmp)  # peft saves adapter weights + adapter_config.json only
-        tok.save_pretrained(tmp)
-        Path(tmp, HISTORY_FILE).write_text("".join(json.dumps(r) + "\n" for r in history))
-        ray.train.report(history[-1], checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-
-def _ordered_ingest():
-    """Ray Train's default ingest options, but blocks reach the workers in file order.
-
-    Without `preserve_order` the two read tasks race and the example order (hence the loss curve)
-    changes from run to run; the prepare stage already wrote the shards in a seeded order.
-    """
-    from ray.train import DataConfig
-
-    options = DataConfig.default_ingest_options()
-    options.preserve_order = True
-    return DataConfig(execution_options=options)
+def _save_adapter(model, tok, folder: Path) -> None:
+    inner = model.module if hasattr(model, "module") else model
+    inner.save_pretrained(folder)  # peft saves adapter weights + adapter_config.json only
+    tok.save_pretrained(folder)
 
 
 def run_training(cfg: JobConfig, prepared: PreparedData, model_dir: Path, out_dir: Path) -> TrainResult:
@@ -257,20 +230,8 @@ def run_training(cfg: JobConfig, prepared: PreparedData, model_dir: Path, out_di
         run_config=RunConfig(name=f"sft_{time.strftime('%Y%m%d_%H%M%S')}",
                              storage_path=str((out_dir / "ray").resolve())),
         datasets={"train": train_ds},
-        dataset_config=_ordered_ingest(),
+        dataset_config=ordered_ingest(),
     )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
-    adapter_dir = out_dir / "adapter"
-    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".adapter."))
-    result.checkpoint.to_directory(str(tmp))
-    history_file = tmp / HISTORY_FILE
-    history = [json.loads(line) for line in history_file.read_text().splitlines()]
-    history_file.unlink()
-    if adapter_dir.exists():
-        shutil.rmtree(adapter_dir)
-    tmp.rename(adapter_dir)
+    adapter_dir, history, _ = fit_and_export(trainer, out_dir, "adapter")
     metrics_file = out_dir / "metrics.jsonl"
-    metrics_file.write_text("".join(json.dumps(r) + "\n" for r in history))
     return TrainResult(adapter_dir, metrics_file, history)
