@@ -93,7 +93,8 @@ class EmbedConfig(_Strict):
     model: str = Field("all-MiniLM-L6-v2", description="Sentence-transformers model to fine-tune.")
     source: str = Field(
         "../../shared/datasets/financial-qa-10k/financial_qa_10k.csv",
-        description="CSV with question and context columns (relative paths: against the job file).",
+        description="CSV with question and context columns, or a FlagEmbedding triplet .jsonl "
+        "(relative paths: against the job file).",
     )
     on_error: Literal["raise", "skip"] = Field(
         "raise", description="A row with an empty question/context: stop with its line, or skip and count."

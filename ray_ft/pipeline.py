@@ -130,23 +130,34 @@ def stage_embed(cfg: JobConfig) -> dict:
     """Triplets from the QA CSV -> retrieval eval of the base -> contrastive training on Ray
     Train -> retrieval eval of the result. Writes embed/{data,model,metrics.jsonl,retrieval.*}."""
     from ray_ft.data.split import seeded_sample
-    from ray_ft.data.triplets import build_triplets, read_qa_csv, split_pairs
+    from ray_ft.data.triplets import (
+        build_triplets, pairs_of_triplets, read_qa_csv, read_triplets_jsonl, split_pairs,
+    )
     from ray_ft.eval.retrieval_eval import evaluate_retriever, to_markdown
     from ray_ft.io import write_jsonl_atomic, write_text_atomic
     from ray_ft.serve.engines import SentenceTransformerEmbedder
     from ray_ft.train.embed import run_embed_training
 
     e = cfg.embed
-    pairs, skipped = read_qa_csv(Path(e.source), e.on_error)
+    given = None  # triplets read from a FlagEmbedding JSONL source (its negatives kept as they are)
+    if e.source.endswith(".jsonl"):
+        given, skipped = read_triplets_jsonl(Path(e.source), e.on_error)
+        pairs = pairs_of_triplets(given)
+    else:
+        pairs, skipped = read_qa_csv(Path(e.source), e.on_error)
     base = resolve_model(e.model)
     train, test = split_pairs(pairs, e.test_size, e.seed)
     train, held = split_pairs(train, e.val_size, e.seed + 1) if e.val_size else (train, [])
     held = seeded_sample(held, lambda p: f"{p.line}", e.val_max_queries, e.seed)
     val = {"questions": [p.question for p in held], "contexts": [p.context for p in held]} if held else None
+    if given is None:
+        triplets = build_triplets(train, e.neg_num, e.seed, e.query_instruction)
+    else:
+        keep = {p.line for p in train}
+        triplets = [{k: v for k, v in t.items() if k != "line"} for t in given if t["line"] in keep]
     # Seeded shuffle (build_triplets returns them sorted by question): the trainer reads them in
     # this order, and a max_steps run must see a random slice, not the alphabetical first part.
-    triplets = seeded_sample(build_triplets(train, e.neg_num, e.seed, e.query_instruction),
-                             lambda t: t["query"] + "\0" + t["pos"][0], e.max_train_samples, e.seed)
+    triplets = seeded_sample(triplets, lambda t: t["query"] + "\0" + t["pos"][0], e.max_train_samples, e.seed)
     out = cfg.run_dir / "embed"
     write_jsonl_atomic(out / "data" / "train.jsonl", triplets)
     write_jsonl_atomic(out / "data" / "test.jsonl",

@@ -1,13 +1,15 @@
 """QA CSV corpora (Financial-QA-10k layout) and FlagEmbedding-format embedding triplets.
 
-A CSV needs `question` and `context` columns (others, e.g. `answer`, `ticker`, are kept as they
-are not needed). A row with a missing or empty field raises a one-line error naming the file,
-the line and the field; `on_error="skip"` skips such rows and counts them instead.
+A CSV needs `question` and `context` columns (others, e.g. `answer`, `ticker`, are ignored). A
+triplet JSONL has one `{query, pos: [...], neg: [...]}` object per line (`prompt`, `pos_scores`,
+`neg_scores`, `type` optional), as FlagEmbedding reads it. A bad row or line raises a one-line
+error naming the file, the line and the field; `on_error="skip"` skips it and counts instead.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,3 +80,53 @@ def build_triplets(pairs: list[QAPair], neg_num: int, seed: int,
                 neg.append(c)
         out.append({"query": p.question, "pos": [p.context], "neg": neg, "prompt": prompt})
     return out
+
+
+def _check_triplet(obj: object) -> str | None:
+    """The first problem with one triplet line, or None."""
+    if not isinstance(obj, dict):
+        return "line is not a JSON object"
+    if not isinstance(obj.get("query"), str) or not obj["query"].strip():
+        return "field 'query' missing or empty"
+    for key in ("pos", "neg"):
+        items = obj.get(key)
+        if not isinstance(items, list) or not items:
+            return f"field '{key}' missing or not a non-empty list"
+        if not all(isinstance(t, str) and t.strip() for t in items):
+            return f"field '{key}' holds an empty or non-string passage"
+    if obj["pos"][0] in obj["neg"]:
+        return "field 'neg' contains the positive"
+    return None
+
+
+def read_triplets_jsonl(path: Path, on_error: str = "raise") -> tuple[list[dict], int]:
+    """(triplets, skipped) from a FlagEmbedding triplet file; each keeps its 1-based `line`."""
+    if not path.is_file():
+        raise RayFTError(f"{path}: file not found")
+    out, skipped = [], 0
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise RayFTError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            problem = _check_triplet(obj)
+        except json.JSONDecodeError as err:
+            problem = f"invalid JSON at column {err.colno}: {err.msg}"
+        if problem:
+            if on_error == "skip":
+                skipped += 1
+                continue
+            raise RayFTError(f"{path}: line {n}: {problem}")
+        out.append({**obj, "line": n})
+    if not out:
+        raise RayFTError(f"{path}: no usable triplets")
+    return out, skipped
+
+
+def pairs_of_triplets(triplets: list[dict]) -> list[QAPair]:
+    """(query, first positive) pairs, to split a triplet file by context and score retrieval."""
+    return [QAPair(t["line"], t["query"], t["pos"][0], "") for t in triplets]

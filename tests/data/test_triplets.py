@@ -67,3 +67,36 @@ def test_full_financial_qa_10k(tmp_path):
     assert all(t["pos"][0] not in t["neg"] and len(set(t["neg"])) == 10 for t in trips)
     json.dumps(trips[0])  # FlagEmbedding JSONL row
     assert set(trips[0]) == {"query", "pos", "neg", "prompt"}
+
+
+def test_triplet_jsonl_reader_roundtrip_and_errors(tmp_path):
+    from ray_ft.data.triplets import pairs_of_triplets, read_triplets_jsonl
+    from ray_ft.io import write_jsonl_atomic
+
+    rows = "".join(f"q{i}?,a,ctx{i % 7}\n" for i in range(12))
+    pairs, _ = read_qa_csv(_csv(tmp_path, "question,answer,context\n" + rows))
+    trips = build_triplets(pairs, neg_num=3, seed=5)
+    write_jsonl_atomic(tmp_path / "t.jsonl", trips)
+    back, skipped = read_triplets_jsonl(tmp_path / "t.jsonl")
+    assert [{k: v for k, v in t.items() if k != "line"} for t in back] == trips and skipped == 0
+    assert [(p.line, p.question, p.context) for p in pairs_of_triplets(back)][:1] == [(1, trips[0]["query"], trips[0]["pos"][0])]
+
+    good = json.dumps({"query": "q", "pos": ["p"], "neg": ["n"], "prompt": "x", "pos_scores": [1.0]})
+    cases = [
+        ("{not json", r"line 2: invalid JSON at column 2"),
+        (json.dumps({"pos": ["p"], "neg": ["n"]}), r"line 2: field 'query' missing or empty"),
+        (json.dumps({"query": "q", "pos": [], "neg": ["n"]}), r"line 2: field 'pos' missing or not a non-empty list"),
+        (json.dumps({"query": "q", "pos": ["p"], "neg": ["n", ""]}), r"line 2: field 'neg' holds an empty"),
+        (json.dumps({"query": "q", "pos": ["p"], "neg": ["p"]}), r"line 2: field 'neg' contains the positive"),
+        ("[1, 2]", r"line 2: line is not a JSON object"),
+    ]
+    for bad, msg in cases:
+        f = _csv(tmp_path, good + "\n" + bad + "\n", "bad.jsonl")
+        with pytest.raises(RayFTError, match=r"bad.jsonl: " + msg):
+            read_triplets_jsonl(f)
+        got, skipped = read_triplets_jsonl(f, on_error="skip")
+        assert len(got) == 1 and skipped == 1 and got[0]["pos_scores"] == [1.0]
+    with pytest.raises(RayFTError, match="e.jsonl: no usable triplets"):
+        read_triplets_jsonl(_csv(tmp_path, "\n", "e.jsonl"))
+    with pytest.raises(RayFTError, match="u.jsonl: not UTF-8 text"):
+        read_triplets_jsonl(_csv(tmp_path, b'{"query": "\xff"}\n', "u.jsonl"))
