@@ -266,6 +266,22 @@ def write_sentence_transformer(model, tok, base_dir: Path, out: Path, pooling: s
         pool_cfg.write_text(json.dumps(cfg, indent=2))
 
 
+def _write_triplets(triplets: list[dict], out_dir: Path) -> Path:
+    """The training triplets as one parquet file (rows in the given order) for Ray Data to read:
+    a file in the run folder rather than objects owned by the driver process, so workers of a
+    cluster (and a restarted worker group) read the same input the way the SFT trainer does."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols = {"query": [t["query"] for t in triplets], "pos": [list(t["pos"]) for t in triplets],
+            "neg": [list(t["neg"]) for t in triplets]}
+    path = out_dir / "train_triplets.parquet"
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(pa.table(cols), tmp)
+    tmp.replace(path)
+    return path
+
+
 def run_embed_training(cfg: JobConfig, triplets: list[dict], model_dir: Path, out_dir: Path,
                        val: dict | None = None, fail_at_step: int | None = None) -> EmbedTrainResult:
     """Fit on Ray Train; the best (by validation MRR, else the last) sentence-transformers folder
@@ -297,7 +313,7 @@ def run_embed_training(cfg: JobConfig, triplets: list[dict], model_dir: Path, ou
                 num_to_keep=ecfg.keep_checkpoints, checkpoint_score_attribute=score,
                 checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=ecfg.max_failures)),
-        datasets={"train": ray.data.from_items(triplets)},
+        datasets={"train": ray.data.read_parquet(str(_write_triplets(triplets, out_dir)))},
         dataset_config=ordered_ingest(),
     )
     final, history, chosen = fit_and_export(trainer, out_dir, "model", best_by=score, drop=(TRAINER_STATE,))

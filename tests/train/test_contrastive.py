@@ -83,7 +83,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, q, p, out, port):
+def _worker(rank, world, q, p, out_dir, port):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -92,20 +92,21 @@ def _worker(rank, world, q, p, out, port):
     lp = p[rank * b * g:(rank + 1) * b * g].clone().requires_grad_()
     loss = cross_device_loss(lq, lp, 0.05)
     loss.backward()
-    out[rank] = (loss.item(), lq.grad.clone(), lp.grad.clone())
+    torch.save((loss.item(), lq.grad.clone(), lp.grad.clone()), f"{out_dir}/rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
 
 
-def test_cross_device_loss_with_two_processes_equals_one_combined_batch():
+def test_cross_device_loss_with_two_processes_equals_one_combined_batch(tmp_path):
     import torch.multiprocessing as mp
 
     torch.manual_seed(0)
     q = F.normalize(torch.randn(4, 8), dim=-1)
     p = F.normalize(torch.randn(12, 8), dim=-1)
-    manager = mp.Manager()
-    out = manager.dict()
-    mp.spawn(_worker, args=(2, q, p, out, _free_port()), nprocs=2, join=True)
+    # Results come back through files: a multiprocessing Manager would fork this process, which
+    # holds the test session's Ray driver (a forked gRPC client stalled later Ray Train runs).
+    mp.spawn(_worker, args=(2, q, p, str(tmp_path), _free_port()), nprocs=2, join=True)
+    out = {rank: torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)}
 
     q1, p1 = q.clone().requires_grad_(), p.clone().requires_grad_()
     single = info_nce(q1, p1, 0.05)
