@@ -56,7 +56,11 @@ def _cmd_train(args) -> int:
         print(f"model: {summary['model_dir']}\nloss: {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}")
         return 0
     result = stage_train(cfg, stage_prepare(cfg))
-    print(f"adapter: {result.adapter_dir}\nloss: {result.first_loss:.4f} -> {result.final_loss:.4f}")
+    kind = "adapter" if cfg.train.finetuning_type == "lora" else "model"
+    print(f"{kind}: {result.adapter_dir} (step {result.exported_step})\n"
+          f"loss: {result.first_loss:.4f} -> {result.final_loss:.4f}")
+    if result.merged_dir:
+        print(f"merged: {result.merged_dir}")
     return 0
 
 

@@ -8,7 +8,7 @@ Library code receives these objects, never raw dicts.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -55,16 +55,56 @@ class DataConfig(_Strict):
     )
     seed: int = Field(42, description="Seed of the passage split and of the sample selection.")
     num_shards: int = Field(2, ge=1, description="Parquet shards written for the training set.")
+    packing: bool = Field(
+        False, description="Pack several examples into each training row of up to cutoff_len tokens; "
+        "position ids restart per example, so attention never crosses examples.",
+    )
+    dev_size: float = Field(
+        0.0, ge=0.0, lt=0.5,
+        description="Share of the training passages held out as the validation set used during "
+        "training (0: none). Split by passage, apart from the eval set.",
+    )
+
+
+class DeepSpeedConfig(_Strict):
+    """DeepSpeed ZeRO for `task: sft` (CPU accelerator + gloo without a GPU, NCCL on GPUs)."""
+
+    stage: Literal[0, 2, 3] = Field(
+        0, description="ZeRO stage: 0 = plain DDP (no DeepSpeed), 2 = shard optimizer state and "
+        "gradients, 3 = also shard the parameters.",
+    )
+    offload_optimizer: bool = Field(False, description="Keep optimizer state in CPU memory (ZeRO-Offload).")
+    overrides: dict[str, Any] = Field(
+        {}, description="Merged (recursively) over the generated DeepSpeed config, e.g. "
+        "{zero_optimization: {overlap_comm: true}}. Batch size, accumulation, clipping and "
+        "precision keys are owned by `train.*` and may not be overridden.",
+    )
+
+    @model_validator(mode="after")
+    def _check_overrides(self) -> "DeepSpeedConfig":
+        owned = sorted(set(self.overrides) & DEEPSPEED_OWNED_KEYS)
+        if owned:
+            raise ValueError(f"overrides may not set {owned}: they come from train.* fields")
+        return self
+
+
+DEEPSPEED_OWNED_KEYS = {
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+    "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler",
+}
 
 
 class TrainConfig(_Strict):
-    finetuning_type: Literal["lora"] = Field("lora", description="Only LoRA in this release.")
+    finetuning_type: Literal["lora", "freeze", "full"] = Field(
+        "lora", description="lora: train a peft adapter; freeze: train only the top "
+        "`freeze_trainable_layers` decoder layers; full: train every weight.",
+    )
     learning_rate: float = Field(3e-4, gt=0.0, description="Peak AdamW learning rate.")
     num_train_epochs: float = Field(1.0, gt=0.0, description="Passes over the training set.")
     max_steps: int | None = Field(
         None, gt=0, description="Stop after this many optimizer steps (overrides epochs)."
     )
-    per_device_train_batch_size: int = Field(1, ge=1, description="Examples per worker per step.")
+    per_device_train_batch_size: int = Field(1, ge=1, description="Rows (examples, or packed rows) per worker per micro-step.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
     lr_scheduler_type: Literal["cosine", "linear", "constant"] = Field(
         "cosine", description="Learning-rate decay after warm-up."
@@ -80,11 +120,56 @@ class TrainConfig(_Strict):
         description='"all" for every linear layer except the output head, or a comma-separated '
         "list of module names (e.g. q_proj,v_proj).",
     )
+    freeze_trainable_layers: int = Field(
+        2, ge=1, description="freeze: how many of the last decoder layers are trained."
+    )
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description='"auto": bf16 on GPU, fp32 on CPU. bf16 runs the model in bfloat16 '
+        "(DeepSpeed: bf16 mixed precision with fp32 master weights).",
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass.")
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel ranks).")
     use_gpu: bool = Field(False, description="One GPU per worker; CPU (gloo) otherwise.")
     cpus_per_worker: float = Field(2, gt=0, description="Logical CPUs (and torch threads) per worker.")
-    seed: int = Field(42, description="Seed of LoRA init and data order.")
+    seed: int = Field(42, description="Seed of the adapter init and of dropout.")
     log_every_n_steps: int = Field(1, ge=1, description="How often a metrics line is printed.")
+    eval_every_n_steps: int | None = Field(
+        None, ge=1, description="Validate and checkpoint every n optimizer steps (and always at the end).",
+    )
+    val_max_examples: int = Field(64, ge=1, description="Validation rows scored for the validation loss.")
+    val_generate_samples: int = Field(
+        16, ge=0, description="Validation questions answered greedily for exact match / origin (0: none).",
+    )
+    val_max_new_tokens: int = Field(32, ge=1, description="Token limit of those validation answers.")
+    metric_for_best: Literal["val_loss", "val_exact_match", "val_origin", "val_f1"] = Field(
+        "val_loss", description="Which validation number picks the exported checkpoint "
+        "(loss: lowest; the others: highest).",
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept, the best by metric_for_best first.")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many validations without a better metric_for_best.",
+    )
+    max_failures: int = Field(1, ge=0, description="Worker-group restarts from the latest checkpoint.")
+    storage_path: str | None = Field(
+        None, description="Where Ray Train keeps checkpoints: a local folder or s3://, gs:// URI "
+        "(None: the run folder's train/ray).",
+    )
+    export_merged: bool = Field(
+        False, description="lora: also write train/merged, the base with the adapter merged in "
+        "(safetensors), for engines that cannot load adapters.",
+    )
+    tensorboard: bool = Field(True, description="Write TensorBoard event files to train/tensorboard.")
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> "TrainConfig":
+        if self.early_stopping_patience and not self.eval_every_n_steps:
+            raise ValueError("early_stopping_patience needs eval_every_n_steps")
+        if self.metric_for_best != "val_loss" and self.val_generate_samples == 0:
+            raise ValueError(f"metric_for_best={self.metric_for_best} needs val_generate_samples > 0")
+        if self.export_merged and self.finetuning_type != "lora":
+            raise ValueError("export_merged applies to lora only (freeze/full export a whole model)")
+        return self
 
 
 class EmbedConfig(_Strict):

@@ -100,6 +100,14 @@ def trained_adapter(cfg: JobConfig) -> Path | None:
     return adapter
 
 
+def check_servable(cfg: JobConfig) -> None:
+    """The RAG graph serves the fine-tuned model as a LoRA adapter on the base engine."""
+    if cfg.train.finetuning_type != "lora" and "finetuned" in cfg.eval.models:
+        raise RayFTError(
+            f"train.finetuning_type={cfg.train.finetuning_type}: serving a whole fine-tuned model "
+            "beside the base is not supported yet; use `ray-ft train`, or set eval.models: [base]")
+
+
 def check_extra_adapters(cfg: JobConfig) -> None:
     for label, path in cfg.eval.adapters.items():
         if not (Path(path) / "adapter_config.json").is_file():
@@ -110,6 +118,7 @@ def run_eval_only(cfg: JobConfig) -> list[dict]:
     """Serve base + an existing adapter and evaluate; reuse the prepared data when unchanged."""
     from ray import serve
 
+    check_servable(cfg)
     adapter = trained_adapter(cfg)  # fail before starting anything
     check_extra_adapters(cfg)
     prepared = PreparedData(cfg.run_dir / "data")
@@ -193,6 +202,7 @@ def run_all(cfg: JobConfig) -> dict:
     """Run every stage in order; return the timings and the eval table."""
     from ray import serve
 
+    check_servable(cfg)
     check_extra_adapters(cfg)
     timings: dict[str, float] = {}
     t = time.perf_counter()

@@ -18,6 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from ray_ft.config import JobConfig
+from ray_ft.data.packing import PackBatch
 from ray_ft.data.split import order_key, seeded_sample, split_by_group
 from ray_ft.data.squad import QARecord, read_qa_source
 from ray_ft.data.templates import build_prompt
@@ -50,6 +51,11 @@ class PreparedData:
     @property
     def eval_file(self) -> Path:
         return self.root / "eval.jsonl"
+
+    @property
+    def val_file(self) -> Path:
+        """Dev rows for validation during training (only with data.dev_size > 0)."""
+        return self.root / "val.parquet"
 
     @property
     def knowledge_base_file(self) -> Path:
@@ -123,12 +129,19 @@ def prepare(cfg: JobConfig, out_root: Path, records: list[QARecord] | None = Non
     train_recs, held_recs = split_by_group(
         records, lambda r: r.passage_id, cfg.data.val_size, cfg.data.seed
     )
+    dev_recs: list[QARecord] = []
+    if cfg.data.dev_size:
+        train_recs, dev_recs = split_by_group(
+            train_recs, lambda r: r.passage_id, cfg.data.dev_size, cfg.data.seed + 1
+        )
     model_dir = model_dir or resolve_model(cfg.model.name)
 
     out_root.parent.mkdir(parents=True, exist_ok=True)
     tmp_root = Path(tempfile.mkdtemp(dir=out_root.parent, prefix=f".{out_root.name}."))
     try:
         stats = _write_train_shards(cfg, train_recs, str(model_dir), tmp_root / "train", ray)
+        if dev_recs:
+            stats["dev_questions"] = _write_val(cfg, dev_recs, str(model_dir), tmp_root / "val.parquet")
         eval_rows = eval_order(held_recs, cfg.data.seed)
         write_jsonl_atomic(tmp_root / "eval.jsonl", eval_rows)
         kb = {r.passage_id: r.context for r in held_recs}
@@ -193,16 +206,67 @@ def _write_train_shards(cfg: JobConfig, train_recs: list[QARecord], model_dir: s
     n_selected = selected.count()
     if n_selected == 0:
         raise ValueError(f"{cfg.data.source}: no training example fits data.cutoff_len={cutoff}")
-    selected.repartition(cfg.data.num_shards).write_parquet(str(out))
     lengths = selected.select_columns(["num_tokens"]).to_pandas()["num_tokens"]
+    rows = selected
+    if cfg.data.packing:
+        # Pack windows of consecutive (seeded-order) examples; preserve_order keeps it reproducible.
+        rows = selected.map_batches(PackBatch, fn_constructor_kwargs={"capacity": cutoff},
+                                    batch_size=PACK_WINDOW, batch_format="pyarrow", concurrency=1).materialize()
+    n_rows = rows.count()
+    if n_rows < cfg.data.num_shards:
+        raise ValueError(f"{cfg.data.source}: {n_rows} training rows cannot fill data.num_shards="
+                         f"{cfg.data.num_shards} shards")
+    rows.repartition(cfg.data.num_shards).write_parquet(str(out))
+    row_lengths = rows.select_columns(["num_tokens"]).to_pandas()["num_tokens"]
     return {
         "train_examples": int(n_selected),
+        "train_rows": int(n_rows),
+        "packing": cfg.data.packing,
         "dropped_over_cutoff_len": int(n_tokenized - n_fitting),
         "train_tokens": int(lengths.sum()),
         "train_tokens_max": int(lengths.max()),
         "train_tokens_mean": round(float(lengths.mean()), 1),
+        "token_length_histogram": length_histogram(lengths.tolist(), cutoff),
+        # Real tokens / slots when each row is padded to the longest row of a batch of 8.
+        "fill_ratio_batch8": fill_ratio(row_lengths.tolist(), 8),
         "num_shards": cfg.data.num_shards,
     }
+
+
+PACK_WINDOW = 512  # examples packed together; larger windows pack tighter but hold more in memory
+
+
+def length_histogram(lengths: list[int], cutoff: int, bins: int = 8) -> dict[str, int]:
+    """{"lo-hi": count} over `bins` equal-width token-length bins up to cutoff."""
+    width = max(1, -(-cutoff // bins))
+    out: dict[str, int] = {}
+    for b in range(bins):
+        lo, hi = b * width + 1, min((b + 1) * width, cutoff)
+        out[f"{lo}-{hi}"] = sum(1 for n in lengths if lo <= n <= hi)
+    return out
+
+
+def fill_ratio(lengths: list[int], batch_size: int) -> float:
+    """Real tokens / padded slots for consecutive batches padded to their longest row."""
+    slots = sum(max(lengths[i:i + batch_size]) * len(lengths[i:i + batch_size])
+                for i in range(0, len(lengths), batch_size))
+    return round(sum(lengths) / slots, 4) if slots else 0.0
+
+
+def _write_val(cfg: JobConfig, dev_recs: list[QARecord], model_dir: str, path: Path) -> int:
+    """Tokenized dev rows (for validation loss) with their context and answers (for generated-answer
+    metrics), in a seeded order, over-long ones dropped."""
+    import pyarrow.parquet as pq
+
+    rows = seeded_sample(dev_recs, lambda r: r.id, None, cfg.data.seed)
+    batch = {k: [getattr(r, k) if k != "answers" else list(r.answers) for r in rows]
+             for k in ("id", "passage_id", "context", "question", "answers")}
+    table = TokenizeBatch(model_dir, cfg.model.system_prompt, cfg.data.language, cfg.data.seed)(batch)
+    table = table.append_column("context", pa.array(batch["context"]))
+    table = table.append_column("answers", pa.array(batch["answers"], type=pa.list_(pa.string())))
+    keep = [i for i, n in enumerate(table.column("num_tokens").to_pylist()) if n <= cfg.data.cutoff_len]
+    pq.write_table(table.take(keep), path)
+    return len(keep)
 
 
 def load_eval_records(prepared: PreparedData, n: int | None) -> list[dict]:

@@ -29,26 +29,36 @@ def ordered_ingest():
     return DataConfig(execution_options=options)
 
 
-def report_checkpoint(history: list[dict], rank: int, save: Callable[[Path], None]) -> None:
-    """Rank 0 reports a checkpoint written by `save(folder)` plus the history so far; the other
-    ranks report their metrics only (every rank must report the same number of times)."""
+def report_checkpoint(history: list[dict], rank: int, save: Callable[[Path], None],
+                      all_ranks_save: bool = False) -> None:
+    """Report the latest metrics with a checkpoint written by `save(folder)` plus the history so far.
+
+    By default only rank 0 saves and the other ranks report their metrics alone (every rank must
+    report the same number of times). With `all_ranks_save` every rank calls `save` (sharded
+    state, collective gathers) and reports what it wrote; Ray Train merges the ranks' files into
+    one checkpoint folder, so their file names must not collide.
+    """
     import ray.train
 
-    if rank != 0:
+    if rank != 0 and not all_ranks_save:
         ray.train.report(history[-1])
         return
     with tempfile.TemporaryDirectory() as tmp:
         save(Path(tmp))
-        Path(tmp, HISTORY_FILE).write_text("".join(json.dumps(r) + "\n" for r in history))
-        ray.train.report(history[-1], checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        if rank == 0:
+            Path(tmp, HISTORY_FILE).write_text("".join(json.dumps(r) + "\n" for r in history))
+        wrote = any(Path(tmp).iterdir())
+        ray.train.report(history[-1], checkpoint=ray.train.Checkpoint.from_directory(tmp) if wrote else None)
 
 
 def fit_and_export(trainer, out_dir: Path, name: str, best_by: str | None = None,
-                   drop: tuple[str, ...] = ()) -> tuple[Path, list[dict], dict]:
-    """Run `trainer`; copy the chosen checkpoint to `out_dir/name` (temp folder + rename, without
-    the files in `drop`) and the step history (from the latest checkpoint) to
+                   drop: tuple[str, ...] = (), best_mode: str = "max",
+                   subdir: str | None = None) -> tuple[Path, list[dict], dict]:
+    """Run `trainer`; copy the chosen checkpoint (or its `subdir`) to `out_dir/name` (temp folder +
+    rename, without the files in `drop`) and the step history (from the latest checkpoint) to
     `out_dir/metrics.jsonl`. The chosen one is the latest, or with `best_by` the checkpoint whose
-    reported metric of that name is highest. Returns (folder, history, the chosen metrics)."""
+    reported metric of that name is best (`best_mode` "max" or "min"). Returns (folder, history,
+    the chosen metrics)."""
     result = trainer.fit()
     if result.error:
         raise result.error
@@ -56,12 +66,14 @@ def fit_and_export(trainer, out_dir: Path, name: str, best_by: str | None = None
     if best_by:
         scored = [(c, m) for c, m in (result.best_checkpoints or []) if m.get(best_by) is not None]
         if scored:
-            chosen, chosen_metrics = max(scored, key=lambda cm: cm[1][best_by])
+            pick = max if best_mode == "max" else min
+            chosen, chosen_metrics = pick(scored, key=lambda cm: cm[1][best_by])
     with result.checkpoint.as_directory() as latest:
         history = [json.loads(line) for line in Path(latest, HISTORY_FILE).read_text().splitlines()]
     final = out_dir / name
     tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{name}."))
-    chosen.to_directory(str(tmp))
+    with chosen.as_directory() as src:
+        shutil.copytree(Path(src, subdir) if subdir else src, tmp, dirs_exist_ok=True)
     for extra in (HISTORY_FILE, *drop):
         (tmp / extra).unlink(missing_ok=True)
     if final.exists():

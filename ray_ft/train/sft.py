@@ -1,36 +1,42 @@
-"""LoRA SFT of a causal LM on Ray Train.
+"""Supervised fine-tuning of a causal LM on Ray Train: LoRA, freeze or full; DDP or DeepSpeed ZeRO.
 
-The driver builds a `TorchTrainer` whose workers read their parquet shard with
-`ray.train.get_dataset_shard`, train a peft LoRA adapter (DDP over gloo on CPU, NCCL on GPU), report
-metrics every optimizer step and, at the end, a checkpoint holding only the adapter. The same code
-runs on a laptop and on a GPU cluster; only `TrainConfig` (workers, use_gpu) differs.
+Each Ray Train worker reads its parquet shard (`ray.train.get_dataset_shard`), padded examples or
+packed rows, and trains through a stepper (`ray_ft.train.steppers`: plain PyTorch/DDP or
+DeepSpeed ZeRO-2/3). Every `eval_every_n_steps` and at the end it validates (loss + greedy-answer
+metrics on the dev split) and reports a checkpoint; Ray Train keeps the best ones by
+`metric_for_best`, and that best one is exported. With `FailureConfig`, a dead worker makes Ray
+Train restart the group from the latest checkpoint: weights, optimizer, scheduler, step, history
+and the position in the data are restored. The same code runs on a laptop and on a GPU cluster.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import math
+import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from ray.data.collate_fn import NumpyBatchCollateFn
-
 from ray_ft.config import JobConfig, TrainConfig
 from ray_ft.data.prepare import PreparedData
-from ray_ft.data.tokenize import IGNORE_INDEX
 from ray_ft.train import metrics as tm
-from ray_ft.train.checkpoints import fit_and_export, ordered_ingest, report_checkpoint
+from ray_ft.train.batches import PadCollate, model_inputs
+from ray_ft.train.checkpoints import HISTORY_FILE, fit_and_export, ordered_ingest, report_checkpoint
+from ray_ft.train.methods import build_model, load_trained_weights, merge_adapter, save_export
+from ray_ft.train.steppers import DEEPSPEED_DIR, TRAINER_STATE, make_stepper, resolved_precision
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class TrainResult:
-    adapter_dir: Path
+    adapter_dir: Path  # lora: the adapter; freeze/full: the whole model folder
     metrics_file: Path
     history: list[dict]
+    exported_step: int | None = None
+    merged_dir: Path | None = None
 
     # Means over (up to) 8 steps: single batch-1 steps are too noisy to compare.
     @property
@@ -46,70 +52,33 @@ def _mean_loss(rows: list[dict]) -> float:
     return sum(r["loss"] for r in rows) / len(rows)
 
 
-def pad_collate(batch: dict, pad_id: int):
-    """numpy batch of ragged `input_ids`/`labels` -> right-padded torch tensors."""
-    import torch
-
-    seqs, labs = batch["input_ids"], batch["labels"]
-    width = max(len(s) for s in seqs)
-    n = len(seqs)
-    input_ids = np.full((n, width), pad_id, dtype=np.int64)
-    labels = np.full((n, width), IGNORE_INDEX, dtype=np.int64)
-    mask = np.zeros((n, width), dtype=np.int64)
-    for i, (s, lab) in enumerate(zip(seqs, labs)):
-        input_ids[i, : len(s)] = s
-        labels[i, : len(lab)] = lab
-        mask[i, : len(s)] = 1
-    return {
-        "input_ids": torch.from_numpy(input_ids),
-        "labels": torch.from_numpy(labels),
-        "attention_mask": torch.from_numpy(mask),
-    }
+def micro_batches_per_epoch(rows_per_worker: int, tcfg: TrainConfig) -> int:
+    return -(-rows_per_worker // tcfg.per_device_train_batch_size)
 
 
-class PadCollate(NumpyBatchCollateFn):
-    """Ray Data collate callable (the class form Ray 2.47+ asks for) around `pad_collate`."""
-
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-
-    def __call__(self, batch: dict):
-        return pad_collate(batch, self.pad_id)
-
-
-def lora_target_modules(spec: str) -> str | list[str]:
-    return "all-linear" if spec == "all" else [m.strip() for m in spec.split(",") if m.strip()]
+def steps_per_epoch(rows_per_worker: int, tcfg: TrainConfig) -> int:
+    """Optimizer steps per epoch: full accumulation groups only (a partial group at the end of an
+    epoch is left out, so every step averages the same number of micro-batches)."""
+    micro = micro_batches_per_epoch(rows_per_worker, tcfg)
+    if micro < tcfg.gradient_accumulation_steps:
+        raise ValueError(f"{rows_per_worker} rows per worker make {micro} micro-batches, fewer than "
+                         f"gradient_accumulation_steps={tcfg.gradient_accumulation_steps}")
+    return micro // tcfg.gradient_accumulation_steps
 
 
-def build_lora_model(model_dir: str, tcfg: TrainConfig, dtype):
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(tcfg.seed)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    num_params = sum(p.numel() for p in base.parameters())
-    lcfg = LoraConfig(
-        r=tcfg.lora_rank, lora_alpha=tcfg.lora_alpha, lora_dropout=tcfg.lora_dropout,
-        target_modules=lora_target_modules(tcfg.lora_target), task_type="CAUSAL_LM",
-    )
-    return get_peft_model(base, lcfg), num_params
-
-
-def steps_per_epoch(examples_per_worker: int, tcfg: TrainConfig) -> int:
-    micro = math.ceil(examples_per_worker / tcfg.per_device_train_batch_size)
-    return max(1, math.ceil(micro / tcfg.gradient_accumulation_steps))
-
-
-def total_steps(examples_per_worker: int, tcfg: TrainConfig) -> int:
+def total_steps(rows_per_worker: int, tcfg: TrainConfig) -> int:
     if tcfg.max_steps is not None:
         return tcfg.max_steps
-    return max(1, math.ceil(steps_per_epoch(examples_per_worker, tcfg) * tcfg.num_train_epochs))
+    return max(1, round(steps_per_epoch(rows_per_worker, tcfg) * tcfg.num_train_epochs))
 
 
-def _new_accumulator() -> dict:
-    """Sums over the micro-batches of one optimizer step."""
-    return {"loss": 0.0, "tokens": 0, "slots": 0}
+def _step_seed(seed: int, rank: int, step: int) -> int:
+    """Dropout randomness of a step from (seed, rank, step): a resumed run draws the same."""
+    return (seed * 1_000_003 + rank * 10_007 + step) % (2**31)
+
+
+def _is_better(metric: str, value: float, best: float | None) -> bool:
+    return best is None or (value < best if metric == "val_loss" else value > best)
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -117,121 +86,225 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import torch
     import torch.distributed as dist
-    from transformers import AutoTokenizer, get_scheduler
+    from transformers import AutoTokenizer
+
+    from ray_ft.train.validation import validate
 
     job = JobConfig.model_validate(loop_config["job"])
     tcfg = job.train
     model_dir: str = loop_config["model_dir"]
-    examples_per_worker: int = loop_config["examples_per_worker"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if not tcfg.use_gpu:
         torch.set_num_threads(max(1, int(tcfg.cpus_per_worker)))
-    dtype = torch.bfloat16 if tcfg.use_gpu else torch.float32
+    dtype = torch.bfloat16 if resolved_precision(tcfg) == "bf16" and not tcfg.deepspeed.stage else torch.float32
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    model, num_params = build_lora_model(model_dir, tcfg, dtype)
-    model = ray.train.torch.prepare_model(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optim = torch.optim.AdamW(params, lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay)
-    n_steps = total_steps(examples_per_worker, tcfg)
-    sched = get_scheduler(tcfg.lr_scheduler_type, optim, math.ceil(tcfg.warmup_ratio * n_steps), n_steps)
+    model, num_params = build_model(model_dir, tcfg, dtype)
+    rows_per_worker = loop_config["rows_per_worker"]
+    n_steps, per_epoch = total_steps(rows_per_worker, tcfg), steps_per_epoch(rows_per_worker, tcfg)
+    step, history, best, since_best = 0, [], None, 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:  # a restart after a failure: weights first, before any wrapping
+        with ckpt.as_directory() as d:
+            load_trained_weights(model, Path(d) / "export", tcfg.finetuning_type)
+    stepper = make_stepper(model, tcfg, n_steps, world)
+    resumed_from = None
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            stepper.load_state(Path(d))
+            state = json.loads(Path(d, "loop_state.json").read_text())
+            history = [json.loads(line) for line in Path(d, HISTORY_FILE).read_text().splitlines()]
+        step, best, since_best = state["step"], state["best"], state["since_best"]
+        resumed_from = step
+        if rank == 0:
+            log.info("[train] resumed from %s at step %d", ckpt.path, step)
     device = ray.train.torch.get_device()
     fpt = tm.flops_per_token(num_params, tcfg.finetuning_type)
     peak = tm.peak_tflops(tcfg.use_gpu)
+    writer = _tensorboard(loop_config, rank)
+    val_rows = loop_config.get("val_rows") or []
+    metric = tcfg.metric_for_best
+
+    def save(folder: Path) -> None:
+        """Rank 0's part of a checkpoint: the export form of the weights and the loop state."""
+        trainable = [p for p in stepper.module.parameters() if p.requires_grad] \
+            if tcfg.finetuning_type == "lora" else list(stepper.module.parameters())
+        with stepper.gathered(trainable):
+            if rank == 0:
+                save_export(stepper.module, tok, folder / "export", tcfg.finetuning_type)
+        if rank == 0:
+            (folder / "loop_state.json").write_text(json.dumps({"step": step, "best": best, "since_best": since_best}))
 
     shard = ray.train.get_dataset_shard("train")
-    history: list[dict] = []
-    step, micro, t0 = 0, 0, time.perf_counter()
-    acc = _new_accumulator()
-    model.train()
-    while step < n_steps:
-        micro_at_epoch_start = micro
-        for batch in shard.iter_torch_batches(
-            batch_size=tcfg.per_device_train_batch_size,
-            collate_fn=PadCollate(pad_id),
-            local_shuffle_buffer_size=None,
-        ):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            out = model(**batch)
-            (out.loss / tcfg.gradient_accumulation_steps).backward()
-            acc["loss"] += out.loss.item() / tcfg.gradient_accumulation_steps
-            acc["tokens"] += int(batch["attention_mask"].sum())
-            acc["slots"] += batch["attention_mask"].numel()
-            micro += 1
-            if micro % tcfg.gradient_accumulation_steps:
+    stepper.train(True)
+    stop = False
+    t0, tokens, slots, loss_sum = time.perf_counter(), 0, 0, 0.0
+    while step < n_steps and not stop:
+        skip = (step % per_epoch) * tcfg.gradient_accumulation_steps  # micro-batches a resumed run did
+        seen = 0
+        for micro, batch in enumerate(shard.iter_torch_batches(
+                batch_size=tcfg.per_device_train_batch_size, collate_fn=PadCollate(pad_id),
+                local_shuffle_buffer_size=None)):
+            seen += 1
+            if micro < skip:
                 continue
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
-            optim.step()
-            sched.step()
-            optim.zero_grad(set_to_none=True)
+            if micro >= per_epoch * tcfg.gradient_accumulation_steps:
+                break  # the partial accumulation group at the epoch's end
+            if micro % tcfg.gradient_accumulation_steps == 0:
+                torch.manual_seed(_step_seed(tcfg.seed, rank, step))
+            boundary = (micro + 1) % tcfg.gradient_accumulation_steps == 0
+            loss = stepper.forward(model_inputs(batch, device))
+            stepper.backward(loss, boundary)
+            loss_sum += loss.item() / tcfg.gradient_accumulation_steps
+            tokens += int(batch["num_real_tokens"])
+            slots += batch["input_ids"].numel()
+            if not boundary:
+                if tcfg.deepspeed.stage:
+                    stepper.micro_step()
+                continue
+            grad_norm = stepper.step()
             step += 1
             dt = time.perf_counter() - t0
-            totals = torch.tensor([acc["loss"], acc["tokens"], acc["slots"]], dtype=torch.float64)
+            totals = torch.tensor([loss_sum, tokens, slots], dtype=torch.float64)
             if world > 1:
                 dist.all_reduce(totals)
-            loss = totals[0].item() / world
             tokens_per_s = totals[1].item() / dt
             achieved = tokens_per_s * fpt / 1e12
             row = {
-                "step": step, "epoch": round(step / steps_per_epoch(examples_per_worker, tcfg), 3),
-                "loss": loss, "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
-                "tokens_per_s": tokens_per_s, "tflops": achieved,
+                "step": step, "epoch": round(step / per_epoch, 3), "loss": totals[0].item() / world,
+                "lr": stepper.lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "tflops": achieved,
                 "mfu": (achieved / (peak * world)) if peak else None,
                 "padding_ratio": 1.0 - totals[1].item() / totals[2].item(),
                 "peak_mem_mb": tm.peak_memory_mb(tcfg.use_gpu), "step_time_s": dt,
             }
+            if resumed_from is not None:
+                row["resumed_from_step"], resumed_from = resumed_from, None
+            evaluate = step == n_steps or bool(tcfg.eval_every_n_steps and step % tcfg.eval_every_n_steps == 0)
+            if evaluate and val_rows:
+                row.update(validate(stepper, tok, val_rows, tcfg, rank, world, device))
+                if _is_better(metric, row[metric], best):
+                    best, since_best = row[metric], 0
+                else:
+                    since_best += 1
+                stop = bool(tcfg.early_stopping_patience and since_best >= tcfg.early_stopping_patience)
+                row["early_stop"] = stop
             history.append(row)
-            if rank == 0 and (step % tcfg.log_every_n_steps == 0 or step == n_steps):
-                # A logger, not print: Ray Train 2.60 tees a patched print to stdout and to its
-                # logger when stdout is wrapped, which printed every line twice.
-                log.info("[train] " + " ".join(
-                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-            if step == n_steps:
-                report_checkpoint(history, rank, lambda folder: _save_adapter(model, tok, folder))
+            if rank == 0 and (step % tcfg.log_every_n_steps == 0 or evaluate):
+                _log_row(row, n_steps, writer)
+            _maybe_kill(loop_config, step, rank)
+            if evaluate or stop:
+                # Every rank reports: DeepSpeed's shards come from all of them; Ray Train merges the
+                # files into one checkpoint folder and keeps the best by metric_for_best.
+                report_checkpoint(history, rank, lambda folder: (save(folder), stepper.save_state(folder, rank)),
+                                  all_ranks_save=bool(tcfg.deepspeed.stage))
+            if step == n_steps or stop:
                 break
-            ray.train.report(row)
-            acc = _new_accumulator()
-            t0 = time.perf_counter()
-        if micro == micro_at_epoch_start:
+            t0, tokens, slots, loss_sum = time.perf_counter(), 0, 0, 0.0
+        if seen == 0:
             raise RuntimeError(f"worker {rank} got no training rows from its dataset shard")
+    if writer:
+        writer.close()
 
 
-def _save_adapter(model, tok, folder: Path) -> None:
-    inner = model.module if hasattr(model, "module") else model
-    inner.save_pretrained(folder)  # peft saves adapter weights + adapter_config.json only
-    tok.save_pretrained(folder)
+def _log_row(row: dict, n_steps: int, writer) -> None:
+    # A logger, not print: Ray Train tees a patched print to stdout and to its logger when stdout
+    # is wrapped, which printed every line twice.
+    log.info(f"[train] {row['step']}/{n_steps} " + " ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "step"))
+    if writer:
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+                writer.add_scalar(f"train/{k}" if not k.startswith("val_") else f"val/{k[4:]}", v, row["step"])
+        writer.flush()
 
 
-def run_training(cfg: JobConfig, prepared: PreparedData, model_dir: Path, out_dir: Path) -> TrainResult:
-    """Fit the adapter on Ray Train; copy it to `out_dir/adapter` and the metrics to metrics.jsonl."""
+def _tensorboard(loop_config: dict, rank: int):
+    """Rank 0 writes TensorBoard events live (on rank 0's node; the run folder on one machine)."""
+    folder = loop_config.get("tensorboard_dir")
+    if rank != 0 or not folder:
+        return None
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(folder)
+
+
+def _maybe_kill(loop_config: dict, step: int, rank: int) -> None:
+    """Failure tests only: the worker of `kill_rank` dies (SIGKILL, no cleanup) after `kill_at_step`,
+    once per marker file, as a node loss would end it.
+
+    It first waits a few seconds: Ray Train's controller collects reports at its health-check poll
+    (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s), so a checkpoint reported less than one poll before a
+    crash is not registered yet and the restart would use the one before it (correct, but then
+    the test could not say which step it resumed from)."""
+    at, marker = loop_config.get("kill_at_step"), loop_config.get("kill_marker")
+    if at and step == at and rank == loop_config.get("kill_rank", 0) and not Path(marker).exists():
+        time.sleep(5)
+        Path(marker).write_text(f"killed rank {rank} after step {step}")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def load_val_rows(prepared: PreparedData) -> list[dict]:
+    if not prepared.val_file.is_file():
+        return []
+    import pyarrow.parquet as pq
+
+    return pq.read_table(prepared.val_file).to_pylist()
+
+
+def run_training(cfg: JobConfig, prepared: PreparedData, model_dir: Path, out_dir: Path,
+                 kill_at_step: int | None = None, kill_rank: int = 0) -> TrainResult:
+    """Fit on Ray Train; export the best (or last) checkpoint to `out_dir/adapter` (lora) or
+    `out_dir/model` (freeze/full), the step history to metrics.jsonl and a loss plot.
+    `kill_at_step`/`kill_rank` are for failure tests (that worker is SIGKILLed once)."""
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     tcfg = cfg.train
     manifest = prepared.manifest()
-    examples_per_worker = manifest["train_examples"] // tcfg.num_workers
-    if examples_per_worker == 0:
-        raise ValueError(f"{manifest['train_examples']} examples cannot feed {tcfg.num_workers} workers")
-    train_ds = ray.data.read_parquet(str(prepared.train_dir))
+    rows_per_worker = manifest["train_rows"] // tcfg.num_workers
+    if rows_per_worker == 0:
+        raise ValueError(f"{manifest['train_rows']} training rows cannot feed {tcfg.num_workers} workers")
+    steps_per_epoch(rows_per_worker, tcfg)  # raises early if accumulation cannot be filled
+    val_rows = load_val_rows(prepared)
+    if tcfg.metric_for_best != "val_loss" and not val_rows:
+        raise ValueError(f"train.metric_for_best={tcfg.metric_for_best} needs a dev split (data.dev_size > 0)")
     out_dir.mkdir(parents=True, exist_ok=True)
+    score = tcfg.metric_for_best if val_rows else None
+    storage = tcfg.storage_path or str((out_dir / "ray").resolve())
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "job": cfg.model_dump(), "model_dir": str(model_dir),
-            "examples_per_worker": examples_per_worker,
+            "job": cfg.model_dump(), "model_dir": str(model_dir), "rows_per_worker": rows_per_worker,
+            "val_rows": val_rows, "tensorboard_dir": str((out_dir / "tensorboard").resolve()) if tcfg.tensorboard else None,
+            "kill_at_step": kill_at_step, "kill_rank": kill_rank, "kill_marker": str(out_dir / ".killed_once"),
         },
         scaling_config=ScalingConfig(
             num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
             resources_per_worker={"CPU": tcfg.cpus_per_worker} if not tcfg.use_gpu else None,
         ),
-        run_config=RunConfig(name=f"sft_{time.strftime('%Y%m%d_%H%M%S')}",
-                             storage_path=str((out_dir / "ray").resolve())),
-        datasets={"train": train_ds},
+        run_config=RunConfig(
+            name=f"sft_{cfg.name}_{time.strftime('%Y%m%d_%H%M%S')}", storage_path=storage,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=tcfg.keep_checkpoints, checkpoint_score_attribute=score,
+                checkpoint_score_order="min" if score == "val_loss" else "max"),
+            failure_config=FailureConfig(max_failures=tcfg.max_failures)),
+        datasets={"train": ray.data.read_parquet(str(prepared.train_dir))},
         dataset_config=ordered_ingest(),
     )
-    adapter_dir, history, _ = fit_and_export(trainer, out_dir, "adapter")
-    metrics_file = out_dir / "metrics.jsonl"
-    return TrainResult(adapter_dir, metrics_file, history)
+    name = "adapter" if tcfg.finetuning_type == "lora" else "model"
+    final, history, chosen = fit_and_export(
+        trainer, out_dir, name, best_by=score, best_mode="min" if score == "val_loss" else "max",
+        subdir="export")
+    merged = merge_adapter(model_dir, final, out_dir / "merged") if tcfg.export_merged else None
+    if history:
+        from ray_ft.eval.report import plot_loss
+
+        plot_loss(history, out_dir / "loss.png")
+    return TrainResult(final, out_dir / "metrics.jsonl", history, chosen.get("step"), merged)
+
+
+__all__ = ["TrainResult", "run_training", "train_loop_per_worker", "steps_per_epoch", "total_steps",
+           "DEEPSPEED_DIR", "TRAINER_STATE"]

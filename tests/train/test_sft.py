@@ -1,84 +1,181 @@
+"""SFT on Ray Train (CPU, tiny 2-layer Llama): every method, DDP, DeepSpeed ZeRO-2/3, packing,
+validation with best-checkpoint export, merged export, and resume after a killed worker."""
+
 import json
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from ray_ft.config import TrainConfig, parse_job
-from ray_ft.data.prepare import TRAIN_SCHEMA, PreparedData
-from ray_ft.data.templates import build_prompt
-from ray_ft.data.tokenize import IGNORE_INDEX, tokenize_example
-from ray_ft.train.sft import pad_collate, run_training, steps_per_epoch, total_steps
-
-FACTS = [("北京是中国的首都。", "中国的首都是哪里？", "北京"),
-         ("Paris is the capital of France.", "What is the capital of France?", "Paris"),
-         ("The Nile flows through Egypt.", "Which river flows through Egypt?", "The Nile"),
-         ("水在一百度沸腾。", "水在多少度沸腾？", "一百度")]
+from ray_ft.train.sft import run_training, steps_per_epoch, total_steps
+from ray_ft.train.steppers import deepspeed_config
+from tests.train.sft_data import write_prepared
 
 
-def test_pad_collate_pads_right_and_masks():
-    batch = {"input_ids": np.array([[1, 2, 3], [4]], dtype=object),
-             "labels": np.array([[IGNORE_INDEX, 2, 3], [4]], dtype=object)}
-    out = pad_collate(batch, pad_id=0)
-    assert out["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
-    assert out["labels"].tolist() == [[IGNORE_INDEX, 2, 3], [4, IGNORE_INDEX, IGNORE_INDEX]]
-    assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-
-
-def test_step_arithmetic():
+def test_step_arithmetic_leaves_out_partial_accumulation_groups():
     t = TrainConfig(per_device_train_batch_size=2, gradient_accumulation_steps=2, num_train_epochs=1.5)
-    assert steps_per_epoch(9, t) == 3  # 5 micro-batches -> 3 optimizer steps
-    assert total_steps(9, t) == 5
+    assert steps_per_epoch(9, t) == 2  # 5 micro-batches -> 2 full groups of 2
+    assert total_steps(9, t) == 3
     assert total_steps(9, TrainConfig(max_steps=7)) == 7
+    with pytest.raises(ValueError, match="fewer than gradient_accumulation_steps=4"):
+        steps_per_epoch(3, TrainConfig(gradient_accumulation_steps=4))
 
 
-def _prepared(tmp_path, model_dir, repeats: int) -> PreparedData:
-    from transformers import AutoTokenizer
+def test_deepspeed_config_comes_from_the_job_and_takes_overrides():
+    t = TrainConfig(per_device_train_batch_size=4, gradient_accumulation_steps=2, max_grad_norm=0.5,
+                    precision="bf16", deepspeed={"stage": 3, "offload_optimizer": True,
+                                                 "overrides": {"zero_optimization": {"overlap_comm": True}}})
+    ds = deepspeed_config(t, world_size=8)
+    assert ds["train_batch_size"] == 64 and ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 0.5
+    assert ds["bf16"] == {"enabled": True}
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == "cpu"
+    assert zero["overlap_comm"] is True and zero["contiguous_gradients"] is True  # merged, not replaced
+    with pytest.raises(ValueError, match="may not set \\['train_batch_size'\\]"):
+        TrainConfig(deepspeed={"stage": 2, "overrides": {"train_batch_size": 3}})
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    rows = {name: [] for name in TRAIN_SCHEMA.names}
-    for r in range(repeats):
-        for i, (ctx, q, a) in enumerate(FACTS):
-            ex = tokenize_example(tok, "You are a helpful assistant.", build_prompt(ctx, q, "en"), a)
-            for k, v in (("id", f"{r}-{i}"), ("passage_id", str(i)), ("input_ids", ex.input_ids),
-                         ("labels", ex.labels), ("num_tokens", len(ex.input_ids)), ("order", f"{r}-{i}")):
-                rows[k].append(v)
-    root = tmp_path / "data"
-    (root / "train").mkdir(parents=True)
-    table = pa.Table.from_pydict(rows, schema=TRAIN_SCHEMA)
-    half = table.num_rows // 2
-    pq.write_table(table.slice(0, half), root / "train" / "0.parquet")
-    pq.write_table(table.slice(half), root / "train" / "1.parquet")
-    (root / "manifest.json").write_text(json.dumps({"train_examples": table.num_rows}))
-    return PreparedData(root)
+
+def _job(tmp_path, model_dir, **train):
+    return parse_job({"name": "t", "output_dir": str(tmp_path / "runs"), "model": {"name": str(model_dir)},
+                      "train": {"cpus_per_worker": 1, "lr_scheduler_type": "constant", "tensorboard": False,
+                                **train}})
+
+
+def _losses(history, n=2):
+    return np.mean([h["loss"] for h in history[:n]]), np.mean([h["loss"] for h in history[-n:]])
+
+
+def _keys(path):
+    with safe_open(str(path), "pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
 
 @pytest.mark.slow
-def test_lora_ddp_two_workers_reduces_loss_and_saves_only_the_adapter(ray_cluster, tiny_model_dir, tmp_path):
-    prepared = _prepared(tmp_path, tiny_model_dir, repeats=6)  # 24 examples, 12 per worker
-    cfg = parse_job({"name": "t", "model": {"name": str(tiny_model_dir)}, "train": {
-        "num_workers": 2, "cpus_per_worker": 1, "learning_rate": 3e-2, "num_train_epochs": 4,
-        "per_device_train_batch_size": 2, "lora_rank": 8, "lr_scheduler_type": "constant"}})
+@pytest.mark.parametrize("method,lr", [("lora", 3e-2), ("freeze", 3e-3), ("full", 1e-3)])
+def test_each_method_reduces_the_training_loss(ray_cluster, tiny_model_dir, tmp_path, method, lr):
+    prepared = write_prepared(tmp_path / "data", tiny_model_dir, repeats=3)  # 12 examples
+    cfg = _job(tmp_path, tiny_model_dir, finetuning_type=method, learning_rate=lr, num_train_epochs=4,
+               per_device_train_batch_size=2, num_workers=1, cpus_per_worker=2)
     result = run_training(cfg, prepared, tiny_model_dir, tmp_path / "train")
 
-    steps = [h["step"] for h in result.history]
-    assert steps == list(range(1, 25))  # 12 per worker / batch 2 = 6 steps per epoch, 4 epochs
-    first = np.mean([h["loss"] for h in result.history[:2]])
-    last = np.mean([h["loss"] for h in result.history[-2:]])
+    assert [h["step"] for h in result.history] == list(range(1, 25))
+    first, last = _losses(result.history)
+    assert last < 0.7 * first, (method, first, last)
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    if method == "lora":
+        assert result.adapter_dir.name == "adapter"
+        assert all("lora_A" in k or "lora_B" in k for k in _keys(result.adapter_dir / "adapter_model.safetensors"))
+        return
+    trained = load_file(str(result.adapter_dir / "model.safetensors"))  # a whole model folder
+    assert set(trained) == set(base)
+    changed = {k for k in base if not np.array_equal(base[k].numpy(), trained[k].numpy())}
+    if method == "freeze":  # default: the top 2 layers of 2 train, embeddings and final norm do not
+        assert changed and all(".layers." in k for k in changed)
+        assert "model.embed_tokens.weight" not in changed
+    else:
+        assert "model.embed_tokens.weight" in changed and "model.norm.weight" in changed
+    assert not any("lora" in k for k in trained)
+
+
+@pytest.mark.slow
+def test_ddp_packed_validation_picks_the_best_checkpoint_and_merged_export_matches(
+        ray_cluster, tiny_model_dir, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    # Dev answers belong to other facts: training on the right answers first lowers the dev loss
+    # (format, end of turn), then raises it, so the best checkpoint lies before the last one.
+    prepared = write_prepared(tmp_path / "data", tiny_model_dir, repeats=6, packing_capacity=256,
+                              val="wrong_answers")
+    cfg = _job(tmp_path, tiny_model_dir, num_workers=2, learning_rate=3e-2, num_train_epochs=6,
+               eval_every_n_steps=2, val_generate_samples=4, val_max_new_tokens=4, keep_checkpoints=2,
+               export_merged=True, tensorboard=True)
+    result = run_training(cfg, prepared, tiny_model_dir, tmp_path / "train")
+
+    h = result.history
+    rows = prepared.manifest()["train_rows"]
+    assert [x["step"] for x in h] == list(range(1, len(h) + 1)) and len(h) == 6 * (rows // 2)
+    assert all(x["padding_ratio"] == 0 for x in h)  # batch 1 of packed rows: nothing to pad
+    val = {x["step"]: x["val_loss"] for x in h if "val_loss" in x}
+    assert sorted(val) == [s for s in range(2, len(h) + 1, 2)]
+    assert result.exported_step == min(val, key=val.get)
+    assert result.exported_step < h[-1]["step"], val  # the selection mattered
+    assert all(0 <= x["val_exact_match"] <= 1 and 0 <= x["val_origin"] <= 1 for x in h if "val_loss" in x)
+    assert _losses(h)[1] < _losses(h)[0]
+
+    keys = _keys(result.adapter_dir / "adapter_model.safetensors")
+    assert len(keys) == 2 * 7 * 2 and all("lora_A" in k or "lora_B" in k for k in keys)
+    assert (tmp_path / "train" / "loss.png").stat().st_size > 1000
+    assert list((tmp_path / "train" / "tensorboard").glob("events.out.tfevents.*"))
+
+    # The merged model generates exactly what base + adapter generates (greedy), unlike the base.
+    prompt = torch.tensor([prepared_prompt(prepared)])
+    merged = AutoModelForCausalLM.from_pretrained(result.merged_dir).eval()
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(result.adapter_dir)).eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    gen = {name: m.generate(prompt, max_new_tokens=12, do_sample=False)[0, prompt.shape[1]:].tolist()
+           for name, m in (("merged", merged), ("peft", peft), ("base", base))}
+    assert gen["merged"] == gen["peft"] and gen["merged"] != gen["base"]
+    assert not any("lora" in k for k in _keys(result.merged_dir / "model.safetensors"))
+
+
+def prepared_prompt(prepared):
+    import pyarrow.parquet as pq
+
+    from ray_ft.train.validation import prompt_part
+
+    row = pq.read_table(prepared.val_file).to_pylist()[0]
+    return prompt_part(row["input_ids"], row["labels"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,method", [(2, "lora"), (3, "lora"), (3, "full")])
+def test_deepspeed_zero_on_cpu_two_workers(ray_cluster, tiny_model_dir, tmp_path, stage, method):
+    prepared = write_prepared(tmp_path / "data", tiny_model_dir, repeats=4, val="right_answers")  # 8 per worker
+    cfg = _job(tmp_path, tiny_model_dir, num_workers=2, finetuning_type=method,
+               learning_rate=3e-2 if method == "lora" else 1e-3, num_train_epochs=4,
+               per_device_train_batch_size=2, gradient_accumulation_steps=2, eval_every_n_steps=4,
+               val_generate_samples=2, val_max_new_tokens=3, deepspeed={"stage": stage})
+    result = run_training(cfg, prepared, tiny_model_dir, tmp_path / "train")
+
+    assert [x["step"] for x in result.history] == list(range(1, 9))  # 4 micro / 2 accumulation x 4 epochs
+    first, last = _losses(result.history)
     assert last < 0.8 * first, (first, last)
-    h = result.history[-1]
-    assert h["tokens_per_s"] > 0 and 0 <= h["padding_ratio"] < 1 and h["peak_mem_mb"] > 100
-    assert h["lr"] == pytest.approx(3e-2)
+    assert all(x["grad_norm"] is not None and x["grad_norm"] > 0 for x in result.history)
+    assert {x["step"] for x in result.history if "val_loss" in x} == {4, 8}
+    base = _keys(tiny_model_dir / "model.safetensors")
+    if method == "lora":  # gathered from the ZeRO-3 shards: full-size A (r x in) and B (out x r)
+        keys = _keys(result.adapter_dir / "adapter_model.safetensors")
+        a = next(k for k in keys if "layers.0.self_attn.q_proj.lora_A" in k)
+        assert keys[a] == (8, 64) and len(keys) == 2 * 7 * 2
+    else:
+        assert _keys(result.adapter_dir / "model.safetensors") == base
+    # Each rank's ZeRO shard went into the same checkpoint folder.
+    ckpts = sorted(p for p in (tmp_path / "train" / "ray").glob("sft_*/checkpoint_*") if p.is_dir())
+    shards = {p.name for p in ckpts[-1].glob("deepspeed/state/*optim_states.pt")}
+    assert shards == {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)}
 
-    weights = result.adapter_dir / "adapter_model.safetensors"
-    with safe_open(str(weights), "pt") as f:
-        keys = list(f.keys())
-    assert keys and all("lora_A" in k or "lora_B" in k for k in keys)
-    # "all" linear layers: q,k,v,o,gate,up,down in each of the 2 layers, A and B each.
-    assert len(keys) == 2 * 7 * 2
-    adapter_cfg = json.loads((result.adapter_dir / "adapter_config.json").read_text())
-    assert adapter_cfg["r"] == 8 and adapter_cfg["lora_alpha"] == 16
-    assert [json.loads(line)["step"] for line in result.metrics_file.read_text().splitlines()] == steps
 
+@pytest.mark.slow
+def test_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, tiny_model_dir, tmp_path):
+    """Rank 1 is SIGKILLed after step 3; Ray Train restarts both workers from the step-2
+    checkpoint (weights, optimizer, scheduler, data position) and the run ends where an
+    undisturbed run ends."""
+    prepared = write_prepared(tmp_path / "data", tiny_model_dir, repeats=4)  # 16 rows, 8 per worker
+    cfg = _job(tmp_path, tiny_model_dir, num_workers=2, learning_rate=3e-2, max_steps=6,
+               per_device_train_batch_size=2, eval_every_n_steps=2, lr_scheduler_type="cosine")
+    clean = run_training(cfg, prepared, tiny_model_dir, tmp_path / "clean")
+    killed = run_training(cfg, prepared, tiny_model_dir, tmp_path / "killed", kill_at_step=3, kill_rank=1)
+
+    assert "killed rank 1 after step 3" in (tmp_path / "killed" / ".killed_once").read_text()
+    resumed = [h for h in killed.history if "resumed_from_step" in h]
+    assert [(h["step"], h["resumed_from_step"]) for h in resumed] == [(3, 2)]
+    assert [h["step"] for h in killed.history] == list(range(1, 7))
+    assert [h["loss"] for h in killed.history] == pytest.approx([h["loss"] for h in clean.history], rel=1e-4)
+    a = load_file(str(clean.adapter_dir / "adapter_model.safetensors"))
+    b = load_file(str(killed.adapter_dir / "adapter_model.safetensors"))
+    assert all(np.allclose(a[k].numpy(), b[k].numpy(), atol=1e-5) for k in a)

@@ -1,0 +1,120 @@
+"""The three fine-tuning methods (LoRA, freeze, full): which weights train, and how each is saved.
+
+- lora: a peft adapter on the chosen linear layers; checkpoints and export hold only the adapter.
+- freeze: the last `freeze_trainable_layers` decoder layers train, everything else is frozen;
+  checkpoints and export are whole Hugging Face model folders.
+- full: every weight trains; saved as whole model folders.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ray_ft.config import TrainConfig
+from ray_ft.errors import RayFTError
+
+
+def lora_target_modules(spec: str) -> str | list[str]:
+    return "all-linear" if spec == "all" else [m.strip() for m in spec.split(",") if m.strip()]
+
+
+def decoder_layer_index(name: str) -> int | None:
+    """`model.layers.11.mlp.up_proj.weight` -> 11 (None for embeddings, final norm, head)."""
+    m = re.search(r"\.layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def freeze_all_but_top_layers(model, n_trainable: int) -> list[str]:
+    """requires_grad only on the last `n_trainable` decoder layers; returns the trained names."""
+    indices = {i for n, _ in model.named_parameters() if (i := decoder_layer_index(n)) is not None}
+    if not indices:
+        raise RayFTError(f"{type(model).__name__}: no `.layers.N.` parameters; freeze cannot pick layers")
+    if n_trainable > len(indices):
+        raise RayFTError(f"train.freeze_trainable_layers={n_trainable} > the model's {len(indices)} layers")
+    first = max(indices) - n_trainable + 1
+    trained = []
+    for name, p in model.named_parameters():
+        idx = decoder_layer_index(name)
+        p.requires_grad_(idx is not None and idx >= first)
+        if p.requires_grad:
+            trained.append(name)
+    return trained
+
+
+def build_model(model_dir: str, tcfg: TrainConfig, dtype):
+    """(model ready for training, number of base parameters) for `tcfg.finetuning_type`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(tcfg.seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    num_params = sum(p.numel() for p in model.parameters())
+    if tcfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if tcfg.finetuning_type == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        if tcfg.gradient_checkpointing:
+            model.enable_input_require_grads()  # checkpointed blocks need a grad-requiring input
+        lcfg = LoraConfig(
+            r=tcfg.lora_rank, lora_alpha=tcfg.lora_alpha, lora_dropout=tcfg.lora_dropout,
+            target_modules=lora_target_modules(tcfg.lora_target), task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lcfg)
+    elif tcfg.finetuning_type == "freeze":
+        freeze_all_but_top_layers(model, tcfg.freeze_trainable_layers)
+    return model, num_params
+
+
+def trainable_state(model) -> dict:
+    """Parameters that train (what a checkpoint must restore besides the optimizer)."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_export(model, tok, folder: Path, finetuning_type: str) -> None:
+    """lora: adapter_model.safetensors + adapter_config.json only; else a whole model folder."""
+    if finetuning_type == "lora":
+        model.save_pretrained(folder)  # peft writes only the adapter weights and its config
+    else:
+        model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+
+
+def load_trained_weights(model, folder: Path, finetuning_type: str) -> None:
+    """Put the weights a checkpoint folder holds back into `model` (before any wrapping)."""
+    from safetensors.torch import load_file
+
+    if finetuning_type == "lora":
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
+        return
+    state = {}
+    for f in sorted(folder.glob("model*.safetensors")):
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    if unexpected or set(missing) - tied:
+        raise RayFTError(f"{folder}: checkpoint does not match the model "
+                         f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
+
+
+def merge_adapter(base_dir: Path, adapter_dir: Path, out: Path) -> Path:
+    """base + adapter -> one model folder (safetensors) with the LoRA deltas merged into the weights."""
+    import shutil
+    import tempfile
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto")
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    merged.save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
