@@ -223,6 +223,6 @@ def run_all(cfg: JobConfig) -> dict:
     finally:
         serve.shutdown()
     summary = {"job": cfg.name, "timings": timings, "first_loss": trained.first_loss,
-               "final_loss": trained.final_loss, "manifest": prepared.manifest(), "eval": table}
+               "final_loss": trained.final_loss, "exported_step": trained.exported_step, "manifest": prepared.manifest(), "eval": table}
     (cfg.run_dir / "run_summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     return summary

@@ -12,8 +12,10 @@ from ray_ft.pipeline import run_all
 def test_run_all_on_a_cmrc_slice(ray_cluster, cmrc_slice, tmp_path, smollm_dir, minilm_dir):
     cfg = parse_job({
         "name": "e2e", "output_dir": str(tmp_path / "runs"),
-        "data": {"source": str(cmrc_slice), "max_samples": 6, "cutoff_len": 1024, "val_size": 0.1},
-        "train": {"max_steps": 6, "learning_rate": 3e-4},
+        "data": {"source": str(cmrc_slice), "max_samples": 6, "cutoff_len": 1024, "val_size": 0.1,
+                 "packing": True, "dev_size": 0.1},
+        "train": {"max_steps": 6, "learning_rate": 3e-4, "eval_every_n_steps": 3, "val_max_examples": 2,
+                  "val_generate_samples": 2, "val_max_new_tokens": 8},
         "serve": {"http_port": 8766, "max_tokens": 16},
         "eval": {"max_samples": 3, "concurrency": 4},
     })
@@ -41,6 +43,9 @@ def test_run_all_on_a_cmrc_slice(ray_cluster, cmrc_slice, tmp_path, smollm_dir, 
 
     history = [json.loads(line) for line in (run / "train" / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == list(range(1, 7))
+    val = {h["step"]: h["val_loss"] for h in history if "val_loss" in h}  # SmolLM2 on the dev split
+    assert sorted(val) == [3, 6] and all(0 < v < 10 for v in val.values())
+    assert summary["exported_step"] == min(val, key=val.get)
     assert (run / "train" / "adapter" / "adapter_model.safetensors").is_file()
     md = (run / "eval" / "summary.md").read_text()
     assert md.startswith("### gold context (n = 3)") and "| metric | base | finetuned |" in md

@@ -140,13 +140,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     stepper.train(True)
     stop = False
-    t0, tokens, slots, loss_sum = time.perf_counter(), 0, 0, 0.0
+    t0, tokens, slots, loss_sum, waited = time.perf_counter(), 0, 0, 0.0, 0.0
     while step < n_steps and not stop:
         skip = (step % per_epoch) * tcfg.gradient_accumulation_steps  # micro-batches a resumed run did
-        seen = 0
+        seen, t_ask = 0, time.perf_counter()
         for micro, batch in enumerate(shard.iter_torch_batches(
                 batch_size=tcfg.per_device_train_batch_size, collate_fn=PadCollate(pad_id),
                 local_shuffle_buffer_size=None)):
+            waited += time.perf_counter() - t_ask  # time blocked on the data pipeline
             seen += 1
             if micro < skip:
                 continue
@@ -163,6 +164,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if not boundary:
                 if tcfg.deepspeed.stage:
                     stepper.micro_step()
+                t_ask = time.perf_counter()
                 continue
             grad_norm = stepper.step()
             step += 1
@@ -177,7 +179,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 "lr": stepper.lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "tflops": achieved,
                 "mfu": (achieved / (peak * world)) if peak else None,
                 "padding_ratio": 1.0 - totals[1].item() / totals[2].item(),
-                "peak_mem_mb": tm.peak_memory_mb(tcfg.use_gpu), "step_time_s": dt,
+                "peak_mem_mb": tm.peak_memory_mb(tcfg.use_gpu), "step_time_s": dt, "data_wait_s": waited,
             }
             if resumed_from is not None:
                 row["resumed_from_step"], resumed_from = resumed_from, None
@@ -201,7 +203,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                   all_ranks_save=bool(tcfg.deepspeed.stage))
             if step == n_steps or stop:
                 break
-            t0, tokens, slots, loss_sum = time.perf_counter(), 0, 0, 0.0
+            t0, tokens, slots, loss_sum, waited = time.perf_counter(), 0, 0, 0.0, 0.0
+            t_ask = t0
         if seen == 0:
             raise RuntimeError(f"worker {rank} got no training rows from its dataset shard")
     if writer:

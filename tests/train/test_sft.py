@@ -1,7 +1,6 @@
 """SFT on Ray Train (CPU, tiny 2-layer Llama): every method, DDP, DeepSpeed ZeRO-2/3, packing,
 validation with best-checkpoint export, merged export, and resume after a killed worker."""
 
-import json
 
 import numpy as np
 import pytest
