@@ -81,8 +81,10 @@ def _cmd_run(args) -> int:
     from ray_ft.pipeline import run_all
 
     cfg = load_job(args.job)
-    summary = run_all(cfg)
+    summary = run_all(cfg, set(args.force or ()))
     t = summary["timings"]
+    if summary["skipped"]:
+        print(f"skipped (config and inputs unchanged): {', '.join(summary['skipped'])}; rerun with --force STAGE")
     print("\n" + to_markdown(summary["eval"]))
     print(f"train loss (mean of first/last 8 steps) {summary['first_loss']:.4f} -> "
           f"{summary['final_loss']:.4f}; "
@@ -102,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("job", help="YAML job file")
+        if name == "run":
+            sp.add_argument("--force", action="append", choices=["prepare", "train", "eval"],
+                            help="rerun this stage (and the ones after it) even if unchanged; repeatable")
         sp.set_defaults(fn=fn)
     models = sub.add_parser("models", help="packaged models")
     msub = models.add_subparsers(dest="models_cmd", required=True)

@@ -198,31 +198,62 @@ def stage_embed(cfg: JobConfig) -> dict:
     return summary
 
 
-def run_all(cfg: JobConfig) -> dict:
-    """Run every stage in order; return the timings and the eval table."""
+def run_all(cfg: JobConfig, force: set[str] | frozenset[str] = frozenset()) -> dict:
+    """Run every stage in order; return the timings, the skipped stages and the eval table.
+
+    Stages whose config (and upstream stages) are unchanged since they last finished are skipped
+    (`ray_ft.stages`); `force` names stages to rerun anyway (their downstream stages rerun too).
+    """
     from ray import serve
+
+    from ray_ft.stages import StageLog
+    from ray_ft.train.sft import TrainResult
 
     check_servable(cfg)
     check_extra_adapters(cfg)
+    log_ = StageLog(cfg.run_dir, cfg, force)
     timings: dict[str, float] = {}
+    skipped: list[str] = []
+
     t = time.perf_counter()
-    prepared = stage_prepare(cfg)
+    prepared = PreparedData(cfg.run_dir / "data")
+    if log_.fresh("prepare") is not None and reusable(prepared, cfg):
+        skipped.append("prepare")
+    else:
+        prepared = stage_prepare(cfg)
+        log_.done("prepare", {}, [prepared.manifest_file])
     timings["prepare_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    trained = stage_train(cfg, prepared)
+    rec = log_.fresh("train")
+    if rec is not None:
+        skipped.append("train")
+        trained = TrainResult(Path(rec["adapter_dir"]), Path(rec["metrics_file"]),
+                              read_jsonl(Path(rec["metrics_file"])), rec["exported_step"])
+    else:
+        trained = stage_train(cfg, prepared)
+        log_.done("train", {"adapter_dir": str(trained.adapter_dir), "metrics_file": str(trained.metrics_file),
+                            "exported_step": trained.exported_step},
+                  [trained.adapter_dir, trained.metrics_file])
     timings["train_s"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    url = stage_serve(cfg, prepared, trained.adapter_dir)
-    timings["serve_start_s"] = time.perf_counter() - t
-    try:
+    summary_file = cfg.run_dir / "eval" / "summary.json"
+    if log_.fresh("eval") is not None:
+        skipped.append("eval")
+        table = json.loads(summary_file.read_text())
+    else:
         t = time.perf_counter()
-        table = stage_eval(cfg, prepared, url, trained.history)
-        timings["eval_s"] = time.perf_counter() - t
-    finally:
-        serve.shutdown()
-    summary = {"job": cfg.name, "timings": timings, "first_loss": trained.first_loss,
-               "final_loss": trained.final_loss, "exported_step": trained.exported_step, "manifest": prepared.manifest(), "eval": table}
+        url = stage_serve(cfg, prepared, trained.adapter_dir)
+        timings["serve_start_s"] = time.perf_counter() - t
+        try:
+            t = time.perf_counter()
+            table = stage_eval(cfg, prepared, url, trained.history)
+            timings["eval_s"] = time.perf_counter() - t
+        finally:
+            serve.shutdown()
+        log_.done("eval", {}, [summary_file])
+    summary = {"job": cfg.name, "timings": timings, "skipped": skipped, "first_loss": trained.first_loss,
+               "final_loss": trained.final_loss, "exported_step": trained.exported_step,
+               "manifest": prepared.manifest(), "eval": table}
     (cfg.run_dir / "run_summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     return summary

@@ -55,3 +55,17 @@ def test_run_all_on_a_cmrc_slice(ray_cluster, cmrc_slice, tmp_path, smollm_dir, 
     assert table[("finetuned", "retrieved")]["context_recall"] == pytest.approx(
         sum(r["context_recall"] for r in ret if r["model"] == "finetuned") / 3)
     assert json.loads((run / "run_summary.json").read_text())["manifest"]["train_examples"] == 6
+
+    # Re-running the finished job skips every stage (seconds, no Ray Train, no Serve) ...
+    import time
+
+    t = time.perf_counter()
+    again = run_all(cfg)
+    assert again["skipped"] == ["prepare", "train", "eval"] and time.perf_counter() - t < 20
+    assert again["eval"] == summary["eval"] and again["exported_step"] == summary["exported_step"]
+    # ... and changing an eval setting reruns only the eval stage (same adapter, same data).
+    fewer = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"max_samples": 2})})
+    third = run_all(fewer)
+    assert third["skipped"] == ["prepare", "train"]
+    assert {t["n"] for t in third["eval"]} == {2}
+    assert json.loads((run / "stages.json").read_text())["train"]["outputs"]["exported_step"] == summary["exported_step"]

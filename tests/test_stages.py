@@ -1,0 +1,53 @@
+import pytest
+
+from ray_ft.config import parse_job
+from ray_ft.stages import StageLog, stage_hashes
+from tests.conftest import make_squad
+
+
+def _cfg(tmp_path, **over):
+    src = tmp_path / "qa.json"
+    if not src.exists():
+        make_squad(src, [("Paris is in France.", [("q1", "Where is Paris?", "France")])])
+    job = {"name": "s", "output_dir": str(tmp_path / "runs"), "data": {"source": str(src)}}
+    for section, fields in over.items():
+        job.setdefault(section, {}).update(fields)
+    return parse_job(job)
+
+
+def test_a_change_reruns_its_stage_and_everything_after_it(tmp_path):
+    base = stage_hashes(_cfg(tmp_path))
+    lr = stage_hashes(_cfg(tmp_path, train={"learning_rate": 1e-4}))
+    assert lr["prepare"] == base["prepare"] and lr["train"] != base["train"] and lr["eval"] != base["eval"]
+    ev = stage_hashes(_cfg(tmp_path, eval={"max_samples": 7}))
+    assert (ev["prepare"], ev["train"]) == (base["prepare"], base["train"]) and ev["eval"] != base["eval"]
+    data = stage_hashes(_cfg(tmp_path, data={"seed": 1}))
+    assert all(data[s] != base[s] for s in base)
+    # The source file's bytes count too.
+    (tmp_path / "qa.json").write_text((tmp_path / "qa.json").read_text().replace("France.", "France!"))
+    assert stage_hashes(_cfg(tmp_path))["prepare"] != base["prepare"]
+
+
+def test_stage_log_skips_only_finished_unchanged_stages(tmp_path):
+    cfg = _cfg(tmp_path)
+    out = tmp_path / "out.txt"
+    out.write_text("x")
+    log = StageLog(cfg.run_dir, cfg)
+    assert log.fresh("prepare") is None
+    log.done("prepare", {"n": 1}, [out])
+    log.done("train", {"adapter_dir": "a"}, [out])
+
+    again = StageLog(cfg.run_dir, cfg)  # a new invocation reads stages.json
+    assert again.fresh("prepare") == {"n": 1} and again.fresh("train") == {"adapter_dir": "a"}
+    assert again.fresh("eval") is None  # never finished (e.g. interrupted): runs
+    assert StageLog(cfg.run_dir, cfg, force={"prepare"}).fresh("prepare") is None
+    changed = StageLog(cfg.run_dir, _cfg(tmp_path, train={"learning_rate": 1e-4}))
+    assert changed.fresh("prepare") == {"n": 1} and changed.fresh("train") is None
+
+    upstream_ran = StageLog(cfg.run_dir, cfg)
+    upstream_ran.done("prepare", {"n": 2}, [out])
+    assert upstream_ran.fresh("train") is None  # new data -> train again, though its config is the same
+    out.unlink()
+    assert StageLog(cfg.run_dir, cfg).fresh("train") is None  # its output is gone
+    with pytest.raises(ValueError, match="unknown stage"):
+        StageLog(cfg.run_dir, cfg, force={"serve"})
