@@ -22,6 +22,7 @@ from pathlib import Path
 from ray_ft.config import EmbedConfig, JobConfig
 from ray_ft.train import metrics as tm
 from ray_ft.train.checkpoints import HISTORY_FILE, fit_and_export, ordered_ingest, report_checkpoint
+from ray_ft.train.steppers import TRAINER_STATE
 
 log = logging.getLogger(__name__)
 
@@ -210,9 +211,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
             t0 = time.perf_counter()
             if step == n_steps:
                 break
-
-
-TRAINER_STATE = "trainer_state.pt"
 
 
 def _resume(encoder, optim, sched) -> tuple[int, list[dict]]:

@@ -25,7 +25,7 @@ from ray_ft.train import metrics as tm
 from ray_ft.train.batches import PadCollate, model_inputs
 from ray_ft.train.checkpoints import HISTORY_FILE, fit_and_export, ordered_ingest, report_checkpoint
 from ray_ft.train.methods import build_model, load_trained_weights, merge_adapter, save_export
-from ray_ft.train.steppers import DEEPSPEED_DIR, TRAINER_STATE, make_stepper, resolved_precision
+from ray_ft.train.steppers import make_stepper, resolved_precision
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +307,3 @@ def run_training(cfg: JobConfig, prepared: PreparedData, model_dir: Path, out_di
 
         plot_loss(history, out_dir / "loss.png")
     return TrainResult(final, out_dir / "metrics.jsonl", history, chosen.get("step"), merged)
-
-
-__all__ = ["TrainResult", "run_training", "train_loop_per_worker", "steps_per_epoch", "total_steps",
-           "DEEPSPEED_DIR", "TRAINER_STATE"]
