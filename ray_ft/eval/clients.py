@@ -42,14 +42,9 @@ class OpenAIChat:
 
     def __init__(self, base_url: str, model: str, api_key_env: str | None = None,
                  timeout_s: float = 600.0):
-        headers = {}
-        if api_key_env:
-            key = os.environ.get(api_key_env)
-            if not key:
-                raise RayFTError(f"environment variable {api_key_env} (API key for {base_url}) is not set")
-            headers["Authorization"] = f"Bearer {key}"
         self.model = model
-        self.http = httpx.Client(base_url=base_url.rstrip("/") + "/", timeout=timeout_s, headers=headers)
+        self.http = httpx.Client(base_url=base_url.rstrip("/") + "/", timeout=timeout_s,
+                                 headers=_bearer(api_key_env, base_url))
 
     def chat(self, messages: list[dict], max_tokens: int, temperature: float = 0.0,
              json_schema: dict | None = None) -> str:
@@ -63,12 +58,24 @@ class OpenAIChat:
         return out["choices"][0]["message"]["content"] or ""
 
 
-class RAGClient:
-    """Client of the ray_ft ingress."""
+def _bearer(api_key_env: str | None, base_url: str) -> dict:
+    if not api_key_env:
+        return {}
+    key = os.environ.get(api_key_env)
+    if not key:
+        raise RayFTError(f"environment variable {api_key_env} (API key for {base_url}) is not set")
+    return {"Authorization": f"Bearer {key}"}
 
-    def __init__(self, base_url: str, timeout_s: float = 600.0):
+
+class RAGClient:
+    """Client of the ray_ft ingress; `api_key_env` names the variable holding its bearer token
+    (`serve.auth_token_env`) when the graph requires one."""
+
+    def __init__(self, base_url: str, timeout_s: float = 600.0, api_key_env: str | None = None):
         self.base_url = base_url.rstrip("/")
-        self.http = httpx.Client(base_url=self.base_url, timeout=timeout_s)
+        self.api_key_env = api_key_env
+        self.http = httpx.Client(base_url=self.base_url, timeout=timeout_s,
+                                 headers=_bearer(api_key_env, self.base_url))
 
     def rag(self, query: str, model: str, contexts: list[str] | None = None, **kw) -> dict:
         body = {"query": query, "model": model, **kw}
@@ -86,8 +93,11 @@ class RAGClient:
                          for d in sorted(data, key=lambda d: d["index"])])
 
     def models(self) -> list[str]:
-        return [m["id"] for m in self.http.get("/v1/models").json()["data"]]
+        resp = self.http.get("/v1/models")
+        if resp.status_code >= 400:
+            raise RayFTError(f"GET {self.base_url}/v1/models -> {resp.status_code}: {resp.text[:300]}")
+        return [m["id"] for m in resp.json()["data"]]
 
     def chat_model(self, model: str) -> OpenAIChat:
         """The ingress's own OpenAI-compatible chat endpoint for `model`."""
-        return OpenAIChat(self.base_url + "/v1", model)
+        return OpenAIChat(self.base_url + "/v1", model, self.api_key_env)

@@ -20,7 +20,6 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ray_ft.config import EvalConfig
-from ray_ft.data.templates import rag_messages
 from ray_ft.errors import RayFTError
 from ray_ft.eval.clients import ChatModel, RAGClient
 from ray_ft.eval.judge import JudgeSettings, judge_rows
@@ -28,6 +27,7 @@ from ray_ft.eval.retrieval import SENTENCE_SPLITTERS
 from ray_ft.eval.report import plot_loss, plot_metrics, summarize, to_markdown
 from ray_ft.eval.scoring import score_rows
 from ray_ft.io import write_jsonl_atomic, write_text_atomic
+from ray_ft.serve.prompting import RAGPrompt
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ class PromptSettings:
     language: str
     system_prompt: str
     max_tokens: int
+    template: str | None = None  # serve.prompt_template ({context_str}, {query}); None: training's
 
 
 def _ask(client: RAGClient, target: EvalTarget, item: dict, mode: str, prompt: PromptSettings) -> dict:
@@ -57,8 +58,8 @@ def _ask(client: RAGClient, target: EvalTarget, item: dict, mode: str, prompt: P
     t0 = time.perf_counter()
     contexts = ([{"node_id": None, "text": gold[0]}] if gold
                 else client.retrieve(item["question"])["contexts"])
-    messages = rag_messages([c["text"] for c in contexts], item["question"], prompt.language,
-                            prompt.system_prompt)
+    messages = RAGPrompt(prompt.language, prompt.system_prompt, prompt.template).messages(
+        [c["text"] for c in contexts], item["question"])
     answer = target.external.chat(messages, prompt.max_tokens)
     return {"answer": answer, "contexts": contexts, "model": target.served_name,
             "latency_s": time.perf_counter() - t0, "completion_tokens": None}

@@ -12,6 +12,7 @@ import numpy as np
 
 from ray_ft.config import VLLMConfig
 from ray_ft.errors import RayFTError
+from ray_ft.serve.adapters import fetch_adapter
 from ray_ft.serve.protocols import Completion, Hit
 
 
@@ -38,6 +39,10 @@ class UnknownModelError(RayFTError):
 
 class InvalidStructuredOutput(RayFTError):
     """The request's `response_format` schema cannot be compiled into a decoding constraint."""
+
+
+class PromptTooLong(RayFTError):
+    """The rendered prompt plus max_tokens does not fit in the engine's max_model_len."""
 
 
 class VLLMGenerator:
@@ -71,8 +76,10 @@ class VLLMGenerator:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.base_name = base_name
         self.system_prompt = system_prompt
+        self.max_model_len = vcfg.max_model_len
         self.loras = {
-            name: LoRARequest(name, i + 1, str(path)) for i, (name, path) in enumerate(adapters.items())
+            # Remote adapters (s3://, gs://) are fetched into the local cache of this node.
+            name: LoRARequest(name, i + 1, fetch_adapter(str(path))) for i, (name, path) in enumerate(adapters.items())
         }
 
     def model_names(self) -> list[str]:
@@ -86,29 +93,58 @@ class VLLMGenerator:
     async def generate(self, messages: list[dict], model: str, max_tokens: int,
                        temperature: float, structured: dict | None = None) -> Completion:
         """`structured` ({"json": schema} or {"json_object": True}) constrains decoding to JSON."""
+        from vllm.sampling_params import RequestOutputKind
+
+        final = None
+        async for out in self._run(messages, model, max_tokens, temperature, structured,
+                                   RequestOutputKind.FINAL_ONLY):
+            final = out
+        choice = final.outputs[0]
+        return Completion(choice.text, model, len(final.prompt_token_ids), len(choice.token_ids),
+                          choice.finish_reason)
+
+    async def stream(self, messages: list[dict], model: str, max_tokens: int, temperature: float,
+                     structured: dict | None = None):
+        """Yield Completions whose `text` is the new text since the previous one (token counts
+        so far; `finish_reason` on the last). Bad requests raise before the first yield."""
+        from vllm.sampling_params import RequestOutputKind
+
+        generated = 0
+        async for out in self._run(messages, model, max_tokens, temperature, structured,
+                                   RequestOutputKind.DELTA):
+            choice = out.outputs[0]
+            generated += len(choice.token_ids)
+            yield Completion(choice.text, model, len(out.prompt_token_ids), generated, choice.finish_reason)
+
+    async def _run(self, messages, model, max_tokens, temperature, structured, output_kind):
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
 
         if model != self.base_name and model not in self.loras:
             raise UnknownModelError(f"unknown model '{model}'; served: {', '.join(self.model_names())}")
+        prompt = self.render(messages)
+        # Checked here, not left to the engine: vLLM would silently shorten the completion when
+        # prompt + max_tokens passes max_model_len, and its error for a too-long prompt is a 500.
+        n_prompt = len(self.tokenizer(prompt)["input_ids"])  # as vLLM tokenizes a text prompt
+        if n_prompt + max_tokens > self.max_model_len:
+            raise PromptTooLong(f"the prompt is {n_prompt} tokens; with max_tokens={max_tokens} it exceeds "
+                                f"the model's context of {self.max_model_len} tokens")
         params = SamplingParams(
-            max_tokens=max_tokens, temperature=temperature,
+            max_tokens=max_tokens, temperature=temperature, output_kind=output_kind,
             structured_outputs=StructuredOutputsParams(**structured) if structured else None)
-        final = None
         try:
-            async for out in self.engine.generate(
-                self.render(messages), params, request_id=uuid.uuid4().hex,
-                lora_request=self.loras.get(model),
-            ):
-                final = out
+            async for out in self.engine.generate(prompt, params, request_id=uuid.uuid4().hex,
+                                                  lora_request=self.loras.get(model)):
+                yield out
         except ValueError as err:  # vLLM validates the schema when the request is added
-            # Only schema problems become a response_format error; a too-long prompt stays itself.
+            # Only schema problems become a response_format error; anything else stays itself.
             if structured and re.search(r"schema|grammar|json|structured", str(err), re.IGNORECASE):
                 raise InvalidStructuredOutput(f"response_format: {err}") from None
             raise
-        choice = final.outputs[0]
-        return Completion(choice.text, model, len(final.prompt_token_ids), len(choice.token_ids),
-                          choice.finish_reason)
+
+    async def check_health(self) -> None:
+        """Raises when the engine core process has died (Serve then replaces the replica)."""
+        await self.engine.check_health()
 
     def shutdown(self) -> None:
         self.engine.shutdown()
@@ -117,16 +153,18 @@ class VLLMGenerator:
 class SentenceTransformerEmbedder:
     """Embeds with a sentence-transformers folder (pooling and normalisation from its modules)."""
 
-    def __init__(self, model_dir: str, device: str = "cpu", batch_size: int = 64):
+    def __init__(self, model_dir: str, device: str = "cpu", batch_size: int = 64, dtype: str = "float32"):
+        import torch
         from sentence_transformers import SentenceTransformer
 
-        self.model = SentenceTransformer(model_dir, device=device)
+        self.model = SentenceTransformer(model_dir, device=device,
+                                         model_kwargs={"torch_dtype": getattr(torch, dtype)})
         self.batch_size = batch_size
 
     def embed(self, texts: list[str]) -> np.ndarray:
         vecs = self.model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
-                                 convert_to_numpy=True, show_progress_bar=False)
-        return vecs.astype(np.float32)
+                                 convert_to_tensor=True, show_progress_bar=False)
+        return vecs.float().cpu().numpy()  # numpy has no bfloat16
 
 
 class VectorIndex:
@@ -155,18 +193,3 @@ class EmbeddingRetriever:
 
     def retrieve(self, query: str, top_k: int) -> list[Hit]:
         return self.index.search(self.embedder.embed([query])[0], top_k)
-
-
-def build_nodes(documents: list[dict], node_group: str) -> list[dict]:
-    """Documents `{passage_id, text}` -> retrieval nodes, one per passage or per non-empty line."""
-    nodes = []
-    for doc in documents:
-        if node_group == "passage":
-            nodes.append({"node_id": doc["passage_id"], "text": doc["text"],
-                          "metadata": {"passage_id": doc["passage_id"]}})
-            continue
-        for i, line in enumerate(ln.strip() for ln in doc["text"].splitlines()):
-            if line:
-                nodes.append({"node_id": f"{doc['passage_id']}:{i}", "text": line,
-                              "metadata": {"passage_id": doc["passage_id"]}})
-    return nodes

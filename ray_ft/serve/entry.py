@@ -2,6 +2,7 @@
 
     serve run ray_ft.serve.entry:app_builder job=jobs/cmrc_lora_gpu.yaml
 
+(or `ray-ft serve JOB.yaml`, which also starts a local Ray cluster when the job names none)
 builds the same RAG graph `ray-ft run` deploys, from a job whose data stage (knowledge base) and,
 when "finetuned" is among `eval.models`, train stage (adapter) have already run: the run folder
 (`output_dir/name`) must be readable by the Serve replicas (shared storage on a cluster).
@@ -9,31 +10,66 @@ when "finetuned" is among `eval.models`, train stage (adapter) have already run:
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ray_ft.config import load_job
 from ray_ft.data.prepare import PreparedData, load_knowledge_base
 from ray_ft.errors import RayFTError
 from ray_ft.models import resolve_model
 
 
+def served_inputs(cfg, job: str) -> dict:
+    """What the graph of a finished run serves: model and embedder folders, adapters by served
+    name, knowledge-base documents (the keyword arguments of `build_rag_app` / `deploy`). Fails
+    with a message naming the missing piece and the command that makes it."""
+    from ray_ft.pipeline import check_extra_adapters, check_servable, served_adapters, trained_adapter
+
+    check_servable(cfg)
+    check_extra_adapters(cfg)
+    prepared = PreparedData(cfg.run_dir / "data")
+    if not prepared.knowledge_base_file.is_file():
+        raise RayFTError(f"{prepared.knowledge_base_file}: no knowledge base; run `ray-ft prepare {job}` first")
+    adapters = served_adapters(cfg, trained_adapter(cfg))
+    return {"model_dir": str(resolve_model(cfg.model.name)), "embedder_dir": str(resolve_model(cfg.serve.embedder)),
+            "adapters": adapters, "documents": load_knowledge_base(prepared)}
+
+
 def app_builder(args: dict):
     """Serve's application-builder hook: `args` holds `job` (path of the YAML job file)."""
-    from ray_ft.pipeline import check_extra_adapters, check_servable, trained_adapter
     from ray_ft.serve.app import build_rag_app
 
     if "job" not in args:
         raise RayFTError("ray_ft.serve.entry:app_builder needs the argument job=PATH_TO_JOB.yaml")
     cfg = load_job(args["job"])
-    check_servable(cfg)
-    check_extra_adapters(cfg)
-    prepared = PreparedData(cfg.run_dir / "data")
-    if not prepared.knowledge_base_file.is_file():
-        raise RayFTError(f"{prepared.knowledge_base_file}: no knowledge base; run `ray-ft prepare {args['job']}` first")
-    adapters = {}
-    adapter = trained_adapter(cfg)
-    if adapter is not None:
-        adapters[cfg.name] = str(adapter.resolve())
-    adapters.update({label: str(Path(path).resolve()) for label, path in cfg.eval.adapters.items()})
-    return build_rag_app(cfg, str(resolve_model(cfg.model.name)), str(resolve_model(cfg.serve.embedder)),
-                         adapters, load_knowledge_base(prepared))
+    return build_rag_app(cfg, **served_inputs(cfg, args["job"]))
+
+
+def serve_until_stopped(cfg, job: str, announce=print) -> None:
+    """`ray-ft serve`: deploy the graph of a finished run and serve until SIGINT/SIGTERM, then
+    shut down gracefully: the proxy stops taking requests and each replica gets its
+    `graceful_shutdown_timeout_s` to finish the ones it holds."""
+    import signal
+    import threading
+
+    from ray import serve
+
+    from ray_ft.pipeline import init_ray
+    from ray_ft.serve.app import APP_NAME, deploy
+
+    inputs = served_inputs(cfg, job)  # fail before starting anything
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        init_ray(cfg)
+        url = deploy(cfg, **inputs)
+        models = [cfg.model.name, *inputs["adapters"]]
+        announce(f"serving {url} (models: {', '.join(models)}; {len(inputs['documents'])} documents); "
+                 "Ctrl-C stops")
+        stop.wait()
+        announce("stopping: finishing requests in flight")
+        # Delete the app first: each replica stops taking requests and drains the ones it holds
+        # (measured: serve.shutdown() alone cut a streamed answer in flight).
+        serve.delete(APP_NAME)
+        serve.shutdown()
+        announce("stopped")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

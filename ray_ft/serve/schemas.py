@@ -45,6 +45,12 @@ class ResponseFormat(BaseModel):
         return None
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = Field(False, description="Send the token usage in a last chunk.")
+
+
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
 
@@ -52,7 +58,8 @@ class ChatCompletionRequest(BaseModel):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
-    stream: bool = False
+    stream: bool = Field(False, description="Answer as server-sent events, one chunk per new text.")
+    stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
 
 

@@ -1,67 +1,34 @@
-"""The RAG graph on a local Ray cluster with real vLLM, real SmolLM2 and real MiniLM."""
+"""The RAG graph on a local Ray cluster with real vLLM, real SmolLM2 and real MiniLM (the
+package's `served` graph: auth on, two embedder replicas)."""
+
+import base64
+import json
+import time
 
 import httpx
+import numpy as np
 import pytest
 
-from ray_ft.config import parse_job
-from ray_ft.testing import make_random_lora_adapter
+from tests.serve.conftest import DOCS, QUESTION, TOKEN_ENV
 
-DOCS = [
-    {"passage_id": "everest", "text": "Mount Everest is the highest mountain on Earth, 8,849 metres tall."},
-    {"passage_id": "nile", "text": "The Nile is a major river in Africa that flows into the Mediterranean Sea."},
-    {"passage_id": "apple", "text": "Apple's total net sales were 383 billion dollars in fiscal 2023."},
-]
-QUESTION = "What is the capital of France?"
-
-
-def _peft_greedy(peft_model, tok, question, n_tokens):
-    import torch
-
-    text = tok.apply_chat_template(
-        [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": question}],
-        tokenize=False, add_generation_prompt=True)
-    ids = tok(text, return_tensors="pt", add_special_tokens=False)
-    with torch.no_grad():
-        out = peft_model.generate(**ids, max_new_tokens=n_tokens, do_sample=False)
-    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-
-
-@pytest.fixture(scope="module")
-def served(ray_cluster, smollm_dir, minilm_dir, tmp_path_factory):
-    from ray import serve
-    from transformers import AutoTokenizer
-
-    from ray_ft.serve.app import deploy
-
-    adapter = tmp_path_factory.mktemp("adapter")
-    peft_model = make_random_lora_adapter(smollm_dir, adapter, std=0.05)
-    expected = _peft_greedy(peft_model, AutoTokenizer.from_pretrained(smollm_dir), QUESTION, 8)
-    del peft_model
-    cfg = parse_job({"name": "servetest", "data": {"language": "en"},
-                     # fp32 like the transformers + peft reference, so greedy outputs can be compared
-                     "serve": {"http_port": 8765, "top_k": 2, "max_tokens": 16,
-                               "vllm": {"dtype": "float32"}}})
-    url = deploy(cfg, str(smollm_dir), str(minilm_dir), {"tuned": str(adapter)}, DOCS)
-    yield url, expected
-    serve.shutdown()
+BASE = "SmolLM2-135M-Instruct"
 
 
 @pytest.mark.slow
 def test_openai_client_chat_models_and_embeddings(served):
-    from openai import BadRequestError, NotFoundError, OpenAI
+    from openai import BadRequestError, NotFoundError
 
-    url, peft_expected = served
-    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
-    assert [m.id for m in client.models.list().data] == ["SmolLM2-135M-Instruct", "tuned"]
+    client = served.openai()
+    assert [m.id for m in client.models.list().data] == [BASE, "tuned"]
 
     msgs = [{"role": "user", "content": QUESTION}]
-    base = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=msgs, max_tokens=8)
+    base = client.chat.completions.create(model=BASE, messages=msgs, max_tokens=8)
     tuned = client.chat.completions.create(model="tuned", messages=msgs, max_tokens=8)
     assert "Paris" in base.choices[0].message.content
     assert base.usage.completion_tokens <= 8 and base.usage.prompt_tokens > 10
     assert tuned.choices[0].message.content != base.choices[0].message.content
     # The unmerged adapter served by vLLM answers as transformers + peft with the same adapter.
-    assert tuned.choices[0].message.content.strip() == peft_expected.strip()
+    assert tuned.choices[0].message.content.strip() == served.peft_answer.strip()
 
     emb = client.embeddings.create(input=["mountain", "river"], model="all-MiniLM-L6-v2")
     assert [len(d.embedding) for d in emb.data] == [384, 384]
@@ -73,13 +40,47 @@ def test_openai_client_chat_models_and_embeddings(served):
 
 
 @pytest.mark.slow
+def test_streamed_answer_equals_the_whole_greedy_answer(served):
+    from openai import BadRequestError, NotFoundError
+
+    client = served.openai()
+    long_answer = [{"role": "user", "content": "Describe Paris in three sentences."}]
+    msgs = [{"role": "user", "content": QUESTION}]
+    for model, n, chat in ((BASE, 32, long_answer), ("tuned", 8, msgs)):
+        whole = client.chat.completions.create(model=model, messages=chat, max_tokens=n)
+        t0, arrived, chunks = time.perf_counter(), [], []
+        for chunk in client.chat.completions.create(model=model, messages=chat, max_tokens=n, stream=True,
+                                                    stream_options={"include_usage": True}):
+            chunks.append(chunk)
+            arrived.append(time.perf_counter() - t0)
+        pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+        assert "".join(pieces) == whole.choices[0].message.content
+        assert len(pieces) >= whole.usage.completion_tokens // 2  # token by token, not one piece
+        first = next(t for c, t in zip(chunks, arrived) if c.choices and c.choices[0].delta.content)
+        assert first < arrived[-1] / 2  # sent as generated, not buffered until the end
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert finish == [whole.choices[0].finish_reason]
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+        if model == "tuned":
+            assert "".join(pieces).strip() == served.peft_answer.strip()
+
+    # Errors found before the first chunk are 4xx JSON, as without streaming.
+    with pytest.raises(NotFoundError, match="unknown model 'nope'"):
+        client.chat.completions.create(model="nope", messages=msgs, max_tokens=4, stream=True)
+    long_msgs = [{"role": "user", "content": "word " * 5000}]  # ~5000 tokens > max_model_len 4096
+    with pytest.raises(BadRequestError, match=r"the prompt is \d+ tokens; with max_tokens=4 it exceeds"):
+        client.chat.completions.create(model=BASE, messages=long_msgs, max_tokens=4, stream=True)
+    with pytest.raises(BadRequestError, match="exceeds the model's context of 4096 tokens"):
+        client.chat.completions.create(model=BASE, messages=long_msgs, max_tokens=4)
+
+
+@pytest.mark.slow
 def test_rag_endpoint_retrieves_then_answers_and_rejects_bad_requests(served):
-    url, _ = served
-    with httpx.Client(base_url=url, timeout=300) as http:
+    with httpx.Client(base_url=served.url, timeout=300, headers=served.headers) as http:
         out = http.post("/v1/rag", json={"query": "How tall is Mount Everest?", "max_tokens": 32}).json()
         assert [c["node_id"] for c in out["contexts"]][0] == "everest" and len(out["contexts"]) == 2
         assert out["contexts"][0]["score"] > out["contexts"][1]["score"]
-        assert out["model"] == "SmolLM2-135M-Instruct" and "8,849" in out["answer"].replace(" ", "")
+        assert out["model"] == BASE and "8,849" in out["answer"].replace(" ", "")
         assert out["completion_tokens"] <= 32 and out["generation_latency_s"] > 0
 
         gold = http.post("/v1/rag", json={"query": "Where does the Nile flow?", "model": "tuned",
@@ -89,31 +90,33 @@ def test_rag_endpoint_retrieves_then_answers_and_rejects_bad_requests(served):
 
         bad = [
             (http.post("/v1/rag", content=b"{not json", headers={"content-type": "application/json"}), 400),
+            (http.post("/v1/chat/completions", content=b"{", headers={"content-type": "application/json"}), 400),
             (http.post("/v1/rag", json={"query": ""}), 400),
             (http.post("/v1/rag", json={"query": "q", "model": "missing"}), 404),
             (http.post("/v1/rag", json={"query": "q", "max_tokens": 100000}), 400),
             (http.post("/v1/rag", json={"query": "q", "contexts": []}), 400),
             (http.post("/v1/rag", json={"query": "q", "unknown": 1}), 400),
             (http.post("/v1/embeddings", json={"input": []}), 400),
+            (http.post("/v1/embeddings", json={"input": ["x"] * 257}), 400),
         ]
         for resp, status in bad:
             assert resp.status_code == status, resp.text
             assert resp.json()["error"]["message"]
+        # The error names the problem without Ray's traceback around it.
+        missing = http.post("/v1/rag", json={"query": "q", "model": "missing"}).json()["error"]
+        assert missing == {"message": f"unknown model 'missing'; served: {BASE}, tuned", "type": "model_not_found"}
         assert http.get("/healthz").json() == {"status": "ok"}  # still serving
 
 
 @pytest.mark.slow
 def test_structured_output_and_retrieve_endpoint(served):
-    import json
+    from openai import BadRequestError
 
-    from openai import BadRequestError, OpenAI
-
-    url, _ = served
-    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    client = served.openai()
     schema = {"type": "object", "required": ["city", "sure"], "additionalProperties": False,
               "properties": {"city": {"type": "string"}, "sure": {"type": "boolean"}}}
     out = client.chat.completions.create(
-        model="SmolLM2-135M-Instruct", max_tokens=40,
+        model=BASE, max_tokens=40,
         messages=[{"role": "user", "content": f"{QUESTION} Reply in JSON."}],
         response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}})
     reply = json.loads(out.choices[0].message.content)  # decoding was constrained to the schema
@@ -122,15 +125,11 @@ def test_structured_output_and_retrieve_endpoint(served):
         client.chat.completions.create(model="tuned", messages=[{"role": "user", "content": "x"}],
                                        max_tokens=4, response_format={"type": "json_schema"})
 
-    with httpx.Client(base_url=url, timeout=300) as http:
+    with httpx.Client(base_url=served.url, timeout=300, headers=served.headers) as http:
         got = http.post("/v1/retrieve", json={"query": "Which river flows into the sea?", "top_k": 3}).json()
         assert [c["node_id"] for c in got["contexts"]][0] == "nile" and len(got["contexts"]) == 3
         assert got["latency_s"] > 0
         assert http.post("/v1/retrieve", json={"query": ""}).status_code == 400
-
-        import base64
-
-        import numpy as np
 
         floats = http.post("/v1/embeddings", json={"input": ["river", "mountain"]}).json()["data"]
         b64 = http.post("/v1/embeddings", json={"input": ["river", "mountain"],
@@ -138,3 +137,43 @@ def test_structured_output_and_retrieve_endpoint(served):
         for f, b in zip(floats, b64):
             np.testing.assert_array_equal(np.frombuffer(base64.b64decode(b["embedding"]), "<f4"),
                                           np.asarray(f["embedding"], dtype=np.float32))
+
+
+@pytest.mark.slow
+def test_bearer_token_is_required_and_never_logged(served, ray_cluster, monkeypatch):
+    from openai import AuthenticationError, OpenAI
+
+    wrong_token = "wrong-" + served.token[::-1]
+    with httpx.Client(base_url=served.url, timeout=60) as http:
+        body = {"query": "How tall is Mount Everest?", "contexts": [DOCS[0]["text"]], "max_tokens": 4}
+        none = http.post("/v1/rag", json=body)
+        wrong = http.post("/v1/rag", json=body, headers={"Authorization": f"Bearer {wrong_token}"})
+        assert (none.status_code, wrong.status_code) == (401, 401)
+        assert none.json()["error"]["type"] == wrong.json()["error"]["type"] == "authentication_error"
+        assert http.get("/healthz").status_code == 200  # probes need no token
+        assert http.post("/v1/rag", json=body, headers=served.headers).status_code == 200
+    with pytest.raises(AuthenticationError, match="invalid bearer token"):
+        OpenAI(base_url=f"{served.url}/v1", api_key=wrong_token).models.list()
+
+    # The eval stage's client takes the token from the variable the job names.
+    from ray_ft.errors import RayFTError
+    from ray_ft.eval.clients import RAGClient
+
+    with pytest.raises(RayFTError, match="401"):
+        RAGClient(served.url).models()
+    with pytest.raises(RayFTError, match=f"environment variable {TOKEN_ENV} .* is not set"):
+        RAGClient(served.url, api_key_env=TOKEN_ENV)
+    monkeypatch.setenv(TOKEN_ENV, served.token)
+    client = RAGClient(served.url, api_key_env=TOKEN_ENV)
+    assert client.models() == [BASE, "tuned"] and client.embed(["river"]).shape == (1, 384)
+    assert client.chat_model(BASE).chat([{"role": "user", "content": QUESTION}], max_tokens=4)
+
+    # Neither the token nor a wrong one appears in any log of the session (driver, controller,
+    # proxy, every replica), which do hold the ingress's own lines.
+    from pathlib import Path
+
+    time.sleep(2)  # log lines are flushed asynchronously
+    logs = Path(ray_cluster._private.worker._global_node.get_session_dir_path()) / "logs"
+    text = "\n".join(p.read_text(errors="replace") for p in logs.rglob("*") if p.is_file())
+    assert "RAGIngress" in text
+    assert served.token not in text and wrong_token not in text

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 
 from ray_ft.config import VLLMConfig
+from ray_ft.data.nodes import build_nodes
 from ray_ft.serve.engines import (
-    EmbeddingRetriever, SentenceTransformerEmbedder, VectorIndex, build_nodes, resolve_dtype,
+    EmbeddingRetriever, SentenceTransformerEmbedder, VectorIndex, resolve_dtype,
 )
 from ray_ft.serve.protocols import Embedder, Retriever
 
@@ -17,14 +18,6 @@ def test_vector_index_top_k_order_and_scores():
     assert len(VectorIndex(nodes, vecs).search(np.array([1.0, 0.0]), top_k=10)) == 4
     with pytest.raises(ValueError, match="4 nodes but 3 vectors"):
         VectorIndex(nodes, vecs[:3])
-
-
-def test_build_nodes_per_passage_and_per_line():
-    docs = [{"passage_id": "p1", "text": "line one\n\nline two"}, {"passage_id": "p2", "text": "solo"}]
-    assert [n["node_id"] for n in build_nodes(docs, "passage")] == ["p1", "p2"]
-    lines = build_nodes(docs, "line")
-    assert [(n["node_id"], n["text"]) for n in lines] == [("p1:0", "line one"), ("p1:2", "line two"), ("p2:0", "solo")]
-    assert all(n["metadata"]["passage_id"] in {"p1", "p2"} for n in lines)
 
 
 def test_dtype_auto_follows_the_device(monkeypatch):
@@ -53,3 +46,13 @@ def test_real_minilm_embeds_normalised_and_retrieves_the_right_passage(minilm_di
     assert isinstance(retriever, Retriever)
     hits = retriever.retrieve("What is the tallest mountain?", top_k=2)
     assert hits[0].node_id == "geo" and hits[0].score > hits[1].score
+
+
+@pytest.mark.slow
+def test_bfloat16_embedder_gives_float32_vectors_close_to_float32_ones(minilm_dir):
+    texts = ["a cat sits on the mat", "quarterly revenue grew 12%", "Mount Everest is 8,849 metres tall"]
+    fp32 = SentenceTransformerEmbedder(str(minilm_dir)).embed(texts)
+    bf16 = SentenceTransformerEmbedder(str(minilm_dir), dtype="bfloat16").embed(texts)
+    assert bf16.dtype == np.float32 and bf16.shape == fp32.shape
+    cos = np.sum(fp32 * bf16, axis=1) / np.linalg.norm(bf16, axis=1)
+    assert cos.min() > 0.99 and not np.array_equal(fp32, bf16)  # close, but really bf16
