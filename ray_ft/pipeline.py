@@ -17,7 +17,7 @@ from ray_ft.config import JobConfig
 from ray_ft.data.prepare import (
     PreparedData, load_eval_records, load_knowledge_base, prepare, reusable,
 )
-from ray_ft.data.squad import read_qa_source
+from ray_ft.data.readers import read_source
 from ray_ft.errors import RayFTError
 from ray_ft.io import read_jsonl
 from ray_ft.models import resolve_model
@@ -43,12 +43,23 @@ def init_ray(cfg: JobConfig) -> None:
     ray.init(num_cpus=num_cpus, include_dashboard=cfg.ray.include_dashboard)
 
 
-def stage_prepare(cfg: JobConfig) -> PreparedData:
-    """Validate the input and resolve the model first (fails fast), then run Ray Data."""
-    records = read_qa_source(cfg.data.source)
+def stage_prepare(cfg: JobConfig, force: bool = False) -> PreparedData:
+    """Reuse the prepared folder when its config, input and files are unchanged; else validate
+    the input, the model and its chat template first (fails fast), then run Ray Data."""
+    from transformers import AutoTokenizer
+
+    from ray_ft.data.tokenize import check_chat_template
+
+    prepared = PreparedData(cfg.run_dir / "data")
+    if not force and reusable(prepared, cfg):
+        log.info("reusing %s (same data config, input and files)", prepared.root)
+        return prepared
+    d = cfg.data
+    source = read_source(d.source, d.format, d.on_error, d.bad_answer)
     model_dir = resolve_model(cfg.model.name)
+    check_chat_template(AutoTokenizer.from_pretrained(model_dir))
     init_ray(cfg)
-    return prepare(cfg, cfg.run_dir / "data", records=records, model_dir=model_dir)
+    return prepare(cfg, prepared.root, source=source, model_dir=model_dir)
 
 
 def stage_train(cfg: JobConfig, prepared: PreparedData):
@@ -57,22 +68,31 @@ def stage_train(cfg: JobConfig, prepared: PreparedData):
     return run_training(cfg, prepared, resolve_model(cfg.model.name), cfg.run_dir / "train")
 
 
-def stage_serve(cfg: JobConfig, prepared: PreparedData, adapter_dir: Path | None) -> str:
+def stage_serve(cfg: JobConfig, prepared: PreparedData, adapter: str | Path | None) -> str:
     from ray_ft.serve.app import deploy
 
     init_ray(cfg)
-    adapters = {cfg.name: str(adapter_dir.resolve())} if adapter_dir else {}
-    adapters.update({label: str(Path(path).resolve()) for label, path in cfg.eval.adapters.items()})
     return deploy(cfg, str(resolve_model(cfg.model.name)), str(resolve_model(cfg.serve.embedder)),
-                  adapters, load_knowledge_base(prepared))
+                  served_adapters(cfg, adapter), load_knowledge_base(prepared))
+
+
+def served_adapters(cfg: JobConfig, trained: str | Path | None) -> dict[str, str]:
+    """{served name: location}: the trained adapter under the job's name, then `eval.adapters`.
+    Locations may be object-storage URIs; the engine fetches them where it runs."""
+    from ray_ft.serve.adapters import adapter_location
+
+    adapters = {cfg.name: adapter_location(trained)} if trained else {}
+    adapters.update({label: adapter_location(path) for label, path in cfg.eval.adapters.items()})
+    return adapters
 
 
 def stage_eval(cfg: JobConfig, prepared: PreparedData, url: str,
                loss_history: list[dict] | None = None) -> list[dict]:
     from ray_ft.eval.clients import OpenAIChat, RAGClient
     from ray_ft.eval.runner import EvalTarget, PromptSettings, run_eval
+    from ray_ft.serve.prompting import rag_prompt_of
 
-    client = RAGClient(url)
+    client = RAGClient(url, api_key_env=cfg.serve.auth_token_env)
     served = {"base": cfg.model.name, "finetuned": cfg.name}
     targets = [EvalTarget(label, served[label]) for label in cfg.eval.models]
     targets += [EvalTarget(label, label) for label in cfg.eval.adapters]
@@ -85,19 +105,20 @@ def stage_eval(cfg: JobConfig, prepared: PreparedData, url: str,
     items = load_eval_records(prepared, cfg.eval.max_samples)
     if len(items) < cfg.eval.max_samples:
         log.warning("only %d held-out questions (eval.max_samples=%d)", len(items), cfg.eval.max_samples)
-    prompt = PromptSettings(cfg.data.language, cfg.model.system_prompt, cfg.serve.max_tokens)
+    rag_prompt = rag_prompt_of(cfg)  # the ingress's prompt: external targets get the same chat
+    prompt = PromptSettings(cfg.data.language, rag_prompt.system_prompt, cfg.serve.max_tokens, rag_prompt.template)
     return run_eval(client, items, targets, cfg.eval, prompt, cfg.run_dir / "eval", judge, loss_history)
 
 
-def trained_adapter(cfg: JobConfig) -> Path | None:
-    """The adapter `ray-ft eval` serves as "finetuned": eval.adapter, else the run's own."""
+def trained_adapter(cfg: JobConfig) -> str | None:
+    """The adapter `ray-ft eval` serves as "finetuned": eval.adapter (a folder or an
+    object-storage URI), else the run's own."""
+    from ray_ft.serve.adapters import check_adapter
+
     if "finetuned" not in cfg.eval.models:
         return None
-    adapter = Path(cfg.eval.adapter) if cfg.eval.adapter else cfg.run_dir / "train" / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
-        raise RayFTError(f"{adapter}: no LoRA adapter here (adapter_config.json missing); "
-                         "run `ray-ft train JOB.yaml` first or set eval.adapter")
-    return adapter
+    adapter = cfg.eval.adapter or str(cfg.run_dir / "train" / "adapter")
+    return check_adapter(adapter, "", "; run `ray-ft train JOB.yaml` first or set eval.adapter")
 
 
 def check_servable(cfg: JobConfig) -> None:
@@ -108,10 +129,17 @@ def check_servable(cfg: JobConfig) -> None:
             "beside the base is not supported yet; use `ray-ft train`, or set eval.models: [base]")
 
 
+def require_eval_set(prepared: PreparedData) -> None:
+    if not prepared.eval_file.is_file():
+        raise RayFTError(f"{prepared.root}: the data is instruction data (alpaca/messages) with no QA eval "
+                         "set; `ray-ft run`/`eval` need a QA source (squad or qa_rows); use `ray-ft train`")
+
+
 def check_extra_adapters(cfg: JobConfig) -> None:
+    from ray_ft.serve.adapters import check_adapter
+
     for label, path in cfg.eval.adapters.items():
-        if not (Path(path) / "adapter_config.json").is_file():
-            raise RayFTError(f"eval.adapters.{label}: {path}: no LoRA adapter here (adapter_config.json missing)")
+        check_adapter(path, f"eval.adapters.{label}: ")
 
 
 def run_eval_only(cfg: JobConfig) -> list[dict]:
@@ -121,11 +149,8 @@ def run_eval_only(cfg: JobConfig) -> list[dict]:
     check_servable(cfg)
     adapter = trained_adapter(cfg)  # fail before starting anything
     check_extra_adapters(cfg)
-    prepared = PreparedData(cfg.run_dir / "data")
-    if reusable(prepared, cfg):
-        log.info("reusing %s (same data config and input)", prepared.root)
-    else:
-        prepared = stage_prepare(cfg)
+    prepared = stage_prepare(cfg)
+    require_eval_set(prepared)
     metrics = cfg.run_dir / "train" / "metrics.jsonl"
     history = read_jsonl(metrics) if adapter and not cfg.eval.adapter and metrics.is_file() else None
     url = stage_serve(cfg, prepared, adapter)
@@ -135,42 +160,35 @@ def run_eval_only(cfg: JobConfig) -> list[dict]:
         serve.shutdown()
 
 
+def stage_embed_data(cfg: JobConfig):
+    """Triplets (random or mined negatives) and the test/val splits under embed/data, reused when
+    the embedding data config and the source are unchanged."""
+    from ray_ft.data.embed_data import load_embedding_data, prepare_embedding_data
+
+    out = cfg.run_dir / "embed" / "data"
+    data = load_embedding_data(cfg, out)
+    if data is not None:
+        log.info("reusing %s (same embedding data config and input)", out)
+        return data
+    if cfg.embed.hard_negatives.enabled:
+        init_ray(cfg)  # mining runs on Ray Data
+    return prepare_embedding_data(cfg, out)
+
+
 def stage_embed(cfg: JobConfig) -> dict:
-    """Triplets from the QA CSV -> retrieval eval of the base -> contrastive training on Ray
-    Train -> retrieval eval of the result. Writes embed/{data,model,metrics.jsonl,retrieval.*}."""
-    from ray_ft.data.split import seeded_sample
-    from ray_ft.data.triplets import (
-        build_triplets, pairs_of_triplets, read_qa_csv, read_triplets_jsonl, split_pairs,
-    )
+    """Embedding data -> retrieval eval of the base -> contrastive training on Ray Train ->
+    retrieval eval of the result. Writes embed/{data,model,metrics.jsonl,retrieval.*}."""
     from ray_ft.eval.retrieval_eval import evaluate_retriever, to_markdown
-    from ray_ft.io import write_jsonl_atomic, write_text_atomic
+    from ray_ft.io import write_text_atomic
     from ray_ft.serve.engines import SentenceTransformerEmbedder
     from ray_ft.train.embed import run_embed_training
 
     e = cfg.embed
-    given = None  # triplets read from a FlagEmbedding JSONL source (its negatives kept as they are)
-    if e.source.endswith(".jsonl"):
-        given, skipped = read_triplets_jsonl(Path(e.source), e.on_error)
-        pairs = pairs_of_triplets(given)
-    else:
-        pairs, skipped = read_qa_csv(Path(e.source), e.on_error)
+    data = stage_embed_data(cfg)
+    triplets, test, held = data.triplets, data.test, data.val
     base = resolve_model(e.model)
-    train, test = split_pairs(pairs, e.test_size, e.seed)
-    train, held = split_pairs(train, e.val_size, e.seed + 1) if e.val_size else (train, [])
-    held = seeded_sample(held, lambda p: f"{p.line}", e.val_max_queries, e.seed)
     val = {"questions": [p.question for p in held], "contexts": [p.context for p in held]} if held else None
-    if given is None:
-        triplets = build_triplets(train, e.neg_num, e.seed, e.query_instruction)
-    else:
-        keep = {p.line for p in train}
-        triplets = [{k: v for k, v in t.items() if k != "line"} for t in given if t["line"] in keep]
-    # Seeded shuffle (build_triplets returns them sorted by question): the trainer reads them in
-    # this order, and a max_steps run must see a random slice, not the alphabetical first part.
-    triplets = seeded_sample(triplets, lambda t: t["query"] + "\0" + t["pos"][0], e.max_train_samples, e.seed)
     out = cfg.run_dir / "embed"
-    write_jsonl_atomic(out / "data" / "train.jsonl", triplets)
-    write_jsonl_atomic(out / "data" / "test.jsonl",
-                       [{"query": p.question, "pos": [p.context], "line": p.line} for p in test])
     questions, contexts = [p.question for p in test], [p.context for p in test]
 
     def evaluate(model_dir: Path, prefix: str) -> dict:
@@ -187,8 +205,9 @@ def stage_embed(cfg: JobConfig) -> dict:
     result = run_embed_training(cfg, triplets, base, out, val)
     train_s = time.perf_counter() - t
     after = evaluate(result.model_dir, e.query_instruction)
-    summary = {"skipped_rows": skipped, "train_pairs": len(train), "test_pairs": len(test),
-               "val_pairs": len(held), "triplets": len(triplets), "steps": len(result.history),
+    m = data.manifest
+    summary = {"skipped_rows": m["skipped_rows"], "train_pairs": m["train_pairs"], "test_pairs": len(test),
+               "val_pairs": len(held), "triplets": len(triplets), "negatives": m["negatives"], "steps": len(result.history),
                "exported_step": result.best_step, "train_s": train_s,
                "first_loss": result.history[0]["loss"], "final_loss": result.history[-1]["loss"],
                "before": before, "before_with_instruction": before_instr, "after": after,
@@ -220,9 +239,10 @@ def run_all(cfg: JobConfig, force: set[str] | frozenset[str] = frozenset()) -> d
     if log_.fresh("prepare") is not None and reusable(prepared, cfg):
         skipped.append("prepare")
     else:
-        prepared = stage_prepare(cfg)
+        prepared = stage_prepare(cfg, force="prepare" in force)
         log_.done("prepare", {}, [prepared.manifest_file])
     timings["prepare_s"] = time.perf_counter() - t
+    require_eval_set(prepared)  # before hours of training, not after
 
     t = time.perf_counter()
     rec = log_.fresh("train")

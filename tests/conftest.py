@@ -93,4 +93,29 @@ def cmrc_slice(tmp_path) -> Path:
     return out
 
 
+@pytest.fixture
+def s3(monkeypatch):
+    """A real S3 API on loopback (moto's server) and a pyarrow filesystem on it; yields
+    (filesystem, URI query string that points pyarrow's s3:// URIs at it)."""
+    import socket
+
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    try:
+        fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
+                               allow_bucket_creation=True)
+        yield fs, f"?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+    finally:
+        server.stop()
+
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

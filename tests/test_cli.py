@@ -84,3 +84,19 @@ def test_models_list_and_pull(smollm_dir):
     assert str(smollm_dir) in rows["SmolLM2-135M-Instruct"]
     code, out, _ = ray_ft("models", "pull", "SmolLM2-135M-Instruct")
     assert code == 0 and out.strip() == str(smollm_dir)
+
+
+def test_model_without_chat_template_fails_before_ray(tmp_path, smollm_dir):
+    import shutil
+
+    bare = tmp_path / "bare_model"
+    bare.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        shutil.copy(smollm_dir / name, bare / name)
+    tok_cfg = json.loads((smollm_dir / "tokenizer_config.json").read_text())
+    tok_cfg.pop("chat_template", None)  # the template lives in chat_template.jinja, not copied
+    (bare / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    data = make_squad(tmp_path / "d.json", [("ctx", [("a", "q?", "ctx")])])
+    code, _, err = ray_ft("prepare", str(_job(tmp_path, data, name=str(bare))))
+    _assert_one_line(code, err, "bare_model' has no chat template")
+    assert not (tmp_path / "runs").exists()  # nothing written

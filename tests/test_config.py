@@ -93,3 +93,35 @@ def test_every_shipped_job_file_validates():
     gpu = load_job(ROOT / "jobs" / "cmrc_lora_gpu.yaml")
     assert gpu.train.use_gpu and gpu.train.num_workers == 8 and gpu.ray.address == "auto"
     assert gpu.data.source == "hf://cmrc2018:validation"
+
+
+def test_data_stage_combinations_are_checked(tmp_path):
+    with pytest.raises(RayFTError, match=r"field 'data': prompt_template must use exactly \{context\} and "
+                                         r"\{question\}; it uses \['context', 'query'\]"):
+        parse_job({"name": "x", "data": {"prompt_template": "{context} {query}"}})
+    assert parse_job({"name": "x", "data": {"prompt_template": "Q: {question}\n{context}"}}).data.prompt_template
+    with pytest.raises(RayFTError, match="retrieval_augment needs a QA source"):
+        parse_job({"name": "x", "data": {"format": "alpaca", "retrieval_augment": {"enabled": True}}})
+    with pytest.raises(RayFTError, match=r"serve.node_group 'para' is not one of data.node_groups "
+                                         r"\['chunk', 'line', 'passage', 'sentence'\]"):
+        parse_job({"name": "x", "serve": {"node_group": "para"}})
+    cfg = parse_job({"name": "x", "data": {"node_groups": {"para": {"kind": "chunk", "chunk_size": 64}}},
+                     "serve": {"node_group": "para"}})
+    assert list(cfg.data.node_groups) == ["para"] and cfg.data.node_groups["para"].chunk_overlap == 32
+    with pytest.raises(RayFTError, match=r"field 'embed.hard_negatives': .*range_for_sampling must be 0 <= lo < hi"):
+        parse_job({"name": "x", "embed": {"hard_negatives": {"range_for_sampling": [5, 5]}}})
+    # Shards default to one per training worker; kb_sources resolve against the job file.
+    assert parse_job({"name": "x", "train": {"num_workers": 3}}).num_shards == 3
+    (tmp_path / "kb").mkdir()
+    job = tmp_path / "j.yaml"
+    job.write_text("name: x\ndata:\n  kb_sources: [kb]\n")
+    assert load_job(job).data.kb_sources == [str(tmp_path / "kb")]
+
+
+def test_every_job_file_loads():
+    for job in sorted((ROOT / "jobs").glob("*.yaml")):
+        cfg = load_job(job)
+        assert cfg.name == job.stem, job
+    radit = load_job(ROOT / "jobs" / "radit.yaml")
+    assert radit.data.retrieval_augment.enabled and radit.data.format == "qa_rows"
+    assert Path(radit.data.source).is_absolute() and radit.data.source.endswith("financial_qa_10k.csv")

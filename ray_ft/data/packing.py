@@ -74,16 +74,6 @@ def pack_table(table: pa.Table, capacity: int) -> pa.Table:
     return pa.Table.from_pydict(cols, schema=PACKED_SCHEMA)
 
 
-class PackBatch:
-    """Ray Data callable: packs each batch (a window of consecutive examples) on its own."""
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return pack_table(batch, self.capacity)
-
-
 def segment_ids(position_ids: np.ndarray) -> np.ndarray:
     """Per-token example index within each row, from position ids that restart at 0."""
     return np.cumsum(position_ids == 0, axis=-1) - 1

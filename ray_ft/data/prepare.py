@@ -1,8 +1,10 @@
-"""The prepare stage: QA corpus -> tokenized SFT shards (parquet), eval set and knowledge base.
+"""The prepare stage: a corpus -> tokenized SFT shards (parquet), dev/eval sets, knowledge base.
 
 Reading and validation happen in the driver (so a bad record fails fast with its position);
-tokenization, filtering, ordering and shard writing run on Ray Data. Every output is written to a
-temp folder and renamed into place only when complete.
+retrieval augmentation, templating, tokenization, truncation, selection, packing and shard writing
+run on Ray Data. Everything is written to a temp folder and renamed into place only when complete;
+the manifest records the config hash and the sha256 of every file, so an unchanged config and
+input reuse the folder (`reusable`).
 """
 
 from __future__ import annotations
@@ -12,30 +14,24 @@ import json
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import pyarrow as pa
-
 from ray_ft.config import JobConfig
-from ray_ft.data.packing import PackBatch
-from ray_ft.data.split import order_key, seeded_sample, split_by_group
-from ray_ft.data.squad import QARecord, read_qa_source
-from ray_ft.data.templates import build_prompt
-from ray_ft.data.tokenize import tokenize_example
+from ray_ft.data.examples import ExampleBuilder, ExampleSettings, chat_row, qa_row, rows_table
+from ray_ft.data.nodes import build_nodes, read_text_documents
+from ray_ft.data.readers import SourceData, read_source
+from ray_ft.data.records import EXPORTERS, QARecord
+from ray_ft.data.shards import TRAIN_SCHEMA, ShardPlan, dumps_manifest, write_train_set
+from ray_ft.data.sources import source_fingerprint
+from ray_ft.data.split import seeded_sample, split_by_group
+from ray_ft.errors import RayFTError
 from ray_ft.io import read_jsonl, write_jsonl_atomic, write_text_atomic
 from ray_ft.models import resolve_model
 
 log = logging.getLogger(__name__)
 
-TRAIN_SCHEMA = pa.schema([
-    ("id", pa.string()),
-    ("passage_id", pa.string()),
-    ("input_ids", pa.list_(pa.int32())),
-    ("labels", pa.list_(pa.int32())),
-    ("num_tokens", pa.int32()),
-    ("order", pa.string()),
-])
+__all__ = ["TRAIN_SCHEMA", "PreparedData", "prepare", "reusable", "data_config_hash"]
 
 
 @dataclass(frozen=True)
@@ -49,8 +45,18 @@ class PreparedData:
         return self.root / "train"
 
     @property
+    def sft_file(self) -> Path:
+        """The training examples as built, as Alpaca/messages records (data.sft_format)."""
+        return self.root / "sft_train.jsonl"
+
+    @property
     def eval_file(self) -> Path:
         return self.root / "eval.jsonl"
+
+    @property
+    def test_file(self) -> Path:
+        """Instruction data only: the held-out conversations (there is no QA eval set)."""
+        return self.root / "test.jsonl"
 
     @property
     def val_file(self) -> Path:
@@ -61,6 +67,9 @@ class PreparedData:
     def knowledge_base_file(self) -> Path:
         return self.root / "knowledge_base.jsonl"
 
+    def nodes_file(self, group: str) -> Path:
+        return self.root / "nodes" / f"{group}.jsonl"
+
     @property
     def manifest_file(self) -> Path:
         return self.root / "manifest.json"
@@ -69,106 +78,128 @@ class PreparedData:
         return json.loads(self.manifest_file.read_text())
 
 
+def _folder_fingerprint(name: str) -> bytes:
+    """A local model folder's file names, sizes and mtimes (a re-trained embedder changes it)."""
+    path = Path(name)
+    if not path.is_dir():
+        return name.encode()
+    return "".join(f"{p.relative_to(path)}:{p.stat().st_size}:{p.stat().st_mtime_ns};"
+                   for p in sorted(path.rglob("*")) if p.is_file()).encode()
+
+
 def data_config_hash(cfg: JobConfig) -> str:
-    """Fingerprint of everything the prepared data depends on: the data and model config and,
-    for a local source, the file's bytes. Equal hash -> the prepared folder can be reused."""
+    """Fingerprint of everything the prepared data depends on: the data and model config, the
+    shard count, the source's (and knowledge-base files') content and the retrieving embedder."""
     h = hashlib.sha256()
-    h.update(json.dumps({"data": cfg.data.model_dump(), "model": cfg.model.model_dump()},
-                        sort_keys=True).encode())
-    src = Path(cfg.data.source)
-    if "://" not in cfg.data.source and src.is_file():
-        with src.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+    h.update(json.dumps({"data": cfg.data.model_dump(), "model": cfg.model.model_dump(),
+                         "num_shards": cfg.num_shards}, sort_keys=True).encode())
+    for src in [cfg.data.source, *cfg.data.kb_sources]:
+        h.update(hashlib.sha256(source_fingerprint(src)).digest())
+    if cfg.data.retrieval_augment.enabled:
+        h.update(_folder_fingerprint(cfg.data.retrieval_augment.embedder))
     return h.hexdigest()[:16]
 
 
+def file_hashes(root: Path) -> dict[str, str]:
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != "manifest.json":
+            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
 def reusable(prepared: PreparedData, cfg: JobConfig) -> bool:
-    """True when `prepared` holds a complete prepare of exactly this config and input."""
+    """True when `prepared` holds a complete prepare of exactly this config and input, with
+    every file as it was written."""
     try:
-        return prepared.manifest().get("config_hash") == data_config_hash(cfg)
+        m = prepared.manifest()
     except (OSError, ValueError):
         return False
+    return m.get("config_hash") == data_config_hash(cfg) and m.get("files") == file_hashes(prepared.root)
 
 
-class TokenizeBatch:
-    """Ray Data callable: one tokenizer per actor, a pyarrow table of training rows per batch."""
-
-    def __init__(self, model_dir: str, system_prompt: str, language: str, seed: int):
-        from transformers import AutoTokenizer
-
-        self.tok = AutoTokenizer.from_pretrained(model_dir)
-        self.system_prompt, self.language, self.seed = system_prompt, language, seed
-
-    def __call__(self, batch: dict) -> pa.Table:
-        cols: dict[str, list] = {name: [] for name in TRAIN_SCHEMA.names}
-        for qid, pid, ctx, q, answers in zip(
-            batch["id"], batch["passage_id"], batch["context"], batch["question"], batch["answers"]
-        ):
-            user = build_prompt(ctx, q, self.language)
-            ex = tokenize_example(self.tok, self.system_prompt, user, str(answers[0]))
-            cols["id"].append(str(qid))
-            cols["passage_id"].append(str(pid))
-            cols["input_ids"].append(ex.input_ids)
-            cols["labels"].append(ex.labels)
-            cols["num_tokens"].append(len(ex.input_ids))
-            cols["order"].append(order_key(self.seed, str(qid)))
-        return pa.Table.from_pydict(cols, schema=TRAIN_SCHEMA)
+def example_settings(cfg: JobConfig) -> ExampleSettings:
+    d = cfg.data
+    return ExampleSettings(cfg.model.system_prompt, d.language, d.prompt_template, d.cutoff_len,
+                           d.truncation, d.sft_format, d.seed)
 
 
-def prepare(cfg: JobConfig, out_root: Path, records: list[QARecord] | None = None,
+def prepare(cfg: JobConfig, out_root: Path, source: SourceData | None = None,
             model_dir: Path | None = None) -> PreparedData:
-    """Build the SFT shards, eval set and knowledge base for `cfg` under `out_root`.
+    """Build the training shards, dev/eval sets and knowledge base for `cfg` under `out_root`.
 
-    `records` and `model_dir` may be passed in when the caller validated them already (the CLI
+    `source` and `model_dir` may be passed in when the caller validated them already (the CLI
     does, before it starts Ray, so that bad input fails in a second).
     """
-    import ray
-
-    records = records if records is not None else read_qa_source(cfg.data.source)
-    train_recs, held_recs = split_by_group(
-        records, lambda r: r.passage_id, cfg.data.val_size, cfg.data.seed
-    )
-    dev_recs: list[QARecord] = []
-    if cfg.data.dev_size:
-        train_recs, dev_recs = split_by_group(
-            train_recs, lambda r: r.passage_id, cfg.data.dev_size, cfg.data.seed + 1
-        )
-    model_dir = model_dir or resolve_model(cfg.model.name)
+    d = cfg.data
+    source = source or read_source(d.source, d.format, d.on_error, d.bad_answer)
+    model_dir = str(model_dir or resolve_model(cfg.model.name))
+    items = source.qa if source.is_qa else source.chats
+    group_of = (lambda r: r.passage_id) if source.is_qa else (lambda c: c.group)
+    train, test = split_by_group(items, group_of, d.val_size, d.seed)
+    dev = []
+    if d.dev_size:
+        train, dev = split_by_group(train, group_of, d.dev_size, d.seed + 1)
+    kb_docs = read_text_documents(d.kb_sources) if d.kb_sources else []
 
     out_root.parent.mkdir(parents=True, exist_ok=True)
-    tmp_root = Path(tempfile.mkdtemp(dir=out_root.parent, prefix=f".{out_root.name}."))
+    tmp = Path(tempfile.mkdtemp(dir=out_root.parent, prefix=f".{out_root.name}."))
     try:
-        stats = _write_train_shards(cfg, train_recs, str(model_dir), tmp_root / "train", ray)
-        if dev_recs:
-            stats["dev_questions"] = _write_val(cfg, dev_recs, str(model_dir), tmp_root / "val.parquet")
-        eval_rows = eval_order(held_recs, cfg.data.seed)
-        write_jsonl_atomic(tmp_root / "eval.jsonl", eval_rows)
-        kb = {r.passage_id: r.context for r in held_recs}
-        write_jsonl_atomic(
-            tmp_root / "knowledge_base.jsonl",
-            [{"passage_id": pid, "text": text} for pid, text in sorted(kb.items())],
-        )
+        rows, radit = _train_rows(cfg, source, train)
+        plan = ShardPlan(example_settings(cfg), model_dir, d.max_samples, d.packing, cfg.num_shards, d.num_workers)
+        stats = write_train_set(rows, plan, tmp / "train", tmp / "sft_train.jsonl", d.source)
+        if dev:
+            stats["dev_questions"] = _write_val(cfg, dev, source.is_qa, model_dir, tmp / "val.parquet")
+        if source.is_qa:
+            stats.update(_write_eval_and_kb(cfg, test, kb_docs, tmp))
+        else:
+            write_jsonl_atomic(tmp / "test.jsonl", [EXPORTERS[d.sft_format](c) for c in test])
+            stats["test_conversations"] = len(test)
         manifest = {
-            "source": cfg.data.source,
-            "config_hash": data_config_hash(cfg),
-            "model": str(model_dir),
-            "records": len(records),
-            "passages": len({r.passage_id for r in records}),
-            "train_questions": len(train_recs),
-            "heldout_questions": len(held_recs),
-            "heldout_passages": len(kb),
-            **stats,
+            "source": d.source, "format": source.format, "config_hash": data_config_hash(cfg),
+            "model": model_dir, "read": asdict(source.report), "records": len(items),
+            "groups": len({group_of(r) for r in items}), "train_groups": len({group_of(r) for r in train}),
+            "train_questions": len(train), "heldout_questions": len(test),
+            **({"retrieval_augment": radit} if radit else {}), **stats,
         }
-        write_text_atomic(tmp_root / "manifest.json", json.dumps(manifest, indent=2))
+        manifest["files"] = file_hashes(tmp)
+        write_text_atomic(tmp / "manifest.json", dumps_manifest(manifest))
         if out_root.exists():
             shutil.rmtree(out_root)
-        tmp_root.rename(out_root)
+        tmp.rename(out_root)
     except BaseException:
-        shutil.rmtree(tmp_root, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("prepared %s", json.dumps(manifest))
+    log.info("prepared %s: %d training rows from %d records", out_root, stats["train_rows"], len(items))
     return PreparedData(out_root)
+
+
+def _train_rows(cfg: JobConfig, source: SourceData, train: list) -> tuple[list[dict], dict | None]:
+    if not source.is_qa:
+        return [chat_row(c) for c in train], None
+    ra = cfg.data.retrieval_augment
+    if not ra.enabled:
+        return [qa_row(r) for r in train], None
+    from ray_ft.data.radit import augment_with_retrieval
+
+    return augment_with_retrieval(train, ra, str(resolve_model(ra.embedder)), cfg.data.num_workers)
+
+
+def _write_eval_and_kb(cfg: JobConfig, held: list[QARecord], kb_docs: list[dict], out: Path) -> dict:
+    """eval.jsonl (held-out questions, grouped by passage), knowledge_base.jsonl (their passages
+    + the plain-text documents) and one nodes/NAME.jsonl per node group."""
+    write_jsonl_atomic(out / "eval.jsonl", eval_order(held, cfg.data.seed))
+    passages = {r.passage_id: r.context for r in held}
+    docs = [{"passage_id": pid, "text": text} for pid, text in sorted(passages.items())]
+    docs += [doc for doc in kb_docs if doc["passage_id"] not in passages]
+    write_jsonl_atomic(out / "knowledge_base.jsonl", docs)
+    nodes = {}
+    for name, group in cfg.data.node_groups.items():
+        group_nodes = build_nodes(docs, group)
+        write_jsonl_atomic(out / "nodes" / f"{name}.jsonl", group_nodes)
+        nodes[name] = len(group_nodes)
+    return {"heldout_passages": len(passages), "knowledge_base_documents": len(docs),
+            "kb_source_documents": len(kb_docs), "nodes": nodes}
 
 
 def eval_order(held_recs: list[QARecord], seed: int) -> list[dict]:
@@ -184,95 +215,35 @@ def eval_order(held_recs: list[QARecord], seed: int) -> list[dict]:
     return [r.to_row() for pid in passages for r in sorted(by_passage[pid], key=lambda r: r.id)]
 
 
-def _write_train_shards(cfg: JobConfig, train_recs: list[QARecord], model_dir: str, out: Path, ray) -> dict:
-    ds = ray.data.from_items([r.to_row() for r in train_recs])
-    ds = ds.map_batches(
-        TokenizeBatch,
-        fn_constructor_kwargs=dict(
-            model_dir=model_dir, system_prompt=cfg.model.system_prompt,
-            language=cfg.data.language, seed=cfg.data.seed,
-        ),
-        batch_size=64,
-        concurrency=1,
-    ).materialize()
-    cutoff = cfg.data.cutoff_len
-    fitting = ds.filter(expr=f"num_tokens <= {cutoff}")
-    n_tokenized, n_fitting = ds.count(), fitting.count()
-    # A seeded, input-order-independent selection: sort by the per-id hash, keep max_samples.
-    selected = fitting.sort("order")
-    if cfg.data.max_samples is not None:
-        selected = selected.limit(cfg.data.max_samples)
-    selected = selected.materialize()
-    n_selected = selected.count()
-    if n_selected == 0:
-        raise ValueError(f"{cfg.data.source}: no training example fits data.cutoff_len={cutoff}")
-    lengths = selected.select_columns(["num_tokens"]).to_pandas()["num_tokens"]
-    rows = selected
-    if cfg.data.packing:
-        # Pack windows of consecutive (seeded-order) examples; preserve_order keeps it reproducible.
-        rows = selected.map_batches(PackBatch, fn_constructor_kwargs={"capacity": cutoff},
-                                    batch_size=PACK_WINDOW, batch_format="pyarrow", concurrency=1).materialize()
-    n_rows = rows.count()
-    if n_rows < cfg.data.num_shards:
-        raise ValueError(f"{cfg.data.source}: {n_rows} training rows cannot fill data.num_shards="
-                         f"{cfg.data.num_shards} shards")
-    rows.repartition(cfg.data.num_shards).write_parquet(str(out))
-    row_lengths = rows.select_columns(["num_tokens"]).to_pandas()["num_tokens"]
-    return {
-        "train_examples": int(n_selected),
-        "train_rows": int(n_rows),
-        "packing": cfg.data.packing,
-        "dropped_over_cutoff_len": int(n_tokenized - n_fitting),
-        "train_tokens": int(lengths.sum()),
-        "train_tokens_max": int(lengths.max()),
-        "train_tokens_mean": round(float(lengths.mean()), 1),
-        "token_length_histogram": length_histogram(lengths.tolist(), cutoff),
-        # Real tokens / slots when each row is padded to the longest row of a batch of 8.
-        "fill_ratio_batch8": fill_ratio(row_lengths.tolist(), 8),
-        "num_shards": cfg.data.num_shards,
-    }
-
-
-PACK_WINDOW = 512  # examples packed together; larger windows pack tighter but hold more in memory
-
-
-def length_histogram(lengths: list[int], cutoff: int, bins: int = 8) -> dict[str, int]:
-    """{"lo-hi": count} over `bins` equal-width token-length bins up to cutoff."""
-    width = max(1, -(-cutoff // bins))
-    out: dict[str, int] = {}
-    for b in range(bins):
-        lo, hi = b * width + 1, min((b + 1) * width, cutoff)
-        out[f"{lo}-{hi}"] = sum(1 for n in lengths if lo <= n <= hi)
-    return out
-
-
-def fill_ratio(lengths: list[int], batch_size: int) -> float:
-    """Real tokens / padded slots for consecutive batches padded to their longest row."""
-    slots = sum(max(lengths[i:i + batch_size]) * len(lengths[i:i + batch_size])
-                for i in range(0, len(lengths), batch_size))
-    return round(sum(lengths) / slots, 4) if slots else 0.0
-
-
-def _write_val(cfg: JobConfig, dev_recs: list[QARecord], model_dir: str, path: Path) -> int:
+def _write_val(cfg: JobConfig, dev: list, is_qa: bool, model_dir: str, path: Path) -> int:
     """Tokenized dev rows (for validation loss) with their context and answers (for generated-answer
-    metrics), in a seeded order, over-long ones dropped."""
+    metrics), in a seeded order; rows that do not fit cutoff_len are left out."""
     import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
 
-    rows = seeded_sample(dev_recs, lambda r: r.id, None, cfg.data.seed)
-    batch = {k: [getattr(r, k) if k != "answers" else list(r.answers) for r in rows]
-             for k in ("id", "passage_id", "context", "question", "answers")}
-    table = TokenizeBatch(model_dir, cfg.model.system_prompt, cfg.data.language, cfg.data.seed)(batch)
-    table = table.append_column("context", pa.array(batch["context"]))
-    table = table.append_column("answers", pa.array(batch["answers"], type=pa.list_(pa.string())))
-    keep = [i for i, n in enumerate(table.column("num_tokens").to_pylist()) if n <= cfg.data.cutoff_len]
-    pq.write_table(table.take(keep), path)
-    return len(keep)
+    builder = ExampleBuilder(AutoTokenizer.from_pretrained(model_dir), example_settings(cfg))
+    ordered = seeded_sample(dev, lambda r: r.id, None, cfg.data.seed)
+    built = [builder.build(qa_row(r) if is_qa else chat_row(r)) for r in ordered]
+    table = rows_table([b for b in built if b["num_tokens"] > 0])
+    table = table.select([*TRAIN_SCHEMA.names, "context", "answers"])
+    pq.write_table(table, path)
+    return table.num_rows
 
 
 def load_eval_records(prepared: PreparedData, n: int | None) -> list[dict]:
+    if not prepared.eval_file.is_file():
+        raise RayFTError(f"{prepared.eval_file}: no QA eval set: data.source is instruction data "
+                         "(alpaca/messages); evaluation needs a QA source (squad or qa_rows)")
     rows = read_jsonl(prepared.eval_file)
     return rows if n is None else rows[:n]
 
 
 def load_knowledge_base(prepared: PreparedData) -> list[dict]:
     return read_jsonl(prepared.knowledge_base_file)
+
+
+def load_nodes(prepared: PreparedData, group: str) -> list[dict]:
+    path = prepared.nodes_file(group)
+    if not path.is_file():
+        raise RayFTError(f"{path}: no nodes for node group '{group}'; re-run `ray-ft prepare`")
+    return read_jsonl(path)

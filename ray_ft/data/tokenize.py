@@ -1,4 +1,11 @@
-"""Chat-template tokenization with the prompt masked out of the loss."""
+"""Chat-template tokenization with everything but the trained assistant replies masked out.
+
+A conversation is tokenized turn by turn: for each assistant reply the template is rendered up to
+the reply's header (`add_generation_prompt=True`) and through the reply; the text between the two
+renderings is the reply plus the template's end-of-turn tokens, which are trained so the model
+learns to stop. The rest (system, user turns, headers, replies marked `train=False`) gets
+IGNORE_INDEX. The first prompt is tokenized exactly as the server tokenizes it.
+"""
 
 from __future__ import annotations
 
@@ -17,10 +24,15 @@ def chat_messages(system_prompt: str, user: str, assistant: str | None = None) -
     return msgs
 
 
+def check_chat_template(tokenizer) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise RayFTError(f"tokenizer of '{tokenizer.name_or_path}' has no chat template; use an "
+                         "instruct/chat model (its tokenizer_config.json must define chat_template)")
+
+
 def render_prompt(tokenizer, system_prompt: str, user: str) -> str:
     """Prompt text up to and including the assistant header (what the server feeds the engine)."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise RayFTError(f"tokenizer of '{tokenizer.name_or_path}' has no chat template")
+    check_chat_template(tokenizer)
     return tokenizer.apply_chat_template(
         chat_messages(system_prompt, user), tokenize=False, add_generation_prompt=True
     )
@@ -36,23 +48,29 @@ class TokenizedExample:
         return sum(1 for x in self.labels if x != IGNORE_INDEX)
 
 
-def tokenize_example(tokenizer, system_prompt: str, user: str, answer: str) -> TokenizedExample:
-    """Token ids of prompt + answer; labels are IGNORE_INDEX over the prompt.
+def tokenize_conversation(tokenizer, messages: list[dict], train: list[bool] | None = None) -> TokenizedExample:
+    """Token ids of a whole conversation; labels are the tokens of the assistant replies whose
+    `train` flag is set (default: all), IGNORE_INDEX elsewhere."""
+    check_chat_template(tokenizer)
+    replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    train = [True] * len(replies) if train is None else train
+    ids: list[int] = []
+    labels: list[int] = []
+    done = ""
+    for r, i in enumerate(replies):
+        prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False, add_generation_prompt=False)
+        if not prompt.startswith(done) or not full.startswith(prompt):
+            raise RayFTError(f"chat template of '{tokenizer.name_or_path}' does not render turn {r + 1} "
+                             "as an extension of the turns before it; cannot mask the prompt")
+        prompt_ids = tokenizer(prompt[len(done):], add_special_tokens=False)["input_ids"]
+        reply_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+        ids += prompt_ids + reply_ids
+        labels += [IGNORE_INDEX] * len(prompt_ids) + (reply_ids if train[r] else [IGNORE_INDEX] * len(reply_ids))
+        done = full
+    return TokenizedExample(ids, labels)
 
-    The answer's labels include the end-of-turn tokens the template appends, so the model learns
-    to stop after the answer.
-    """
-    prompt = render_prompt(tokenizer, system_prompt, user)
-    full = tokenizer.apply_chat_template(
-        chat_messages(system_prompt, user, answer), tokenize=False, add_generation_prompt=False
-    )
-    if not full.startswith(prompt):
-        raise RayFTError(f"chat template of '{tokenizer.name_or_path}' does not extend the prompt "
-                         "with the answer; cannot mask the prompt")
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    full_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
-    if full_ids[: len(prompt_ids)] != prompt_ids:
-        # A merge across the prompt/answer boundary: tokenize the answer part separately.
-        full_ids = prompt_ids + tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
-    labels = [IGNORE_INDEX] * len(prompt_ids) + full_ids[len(prompt_ids):]
-    return TokenizedExample(full_ids, labels)
+
+def tokenize_example(tokenizer, system_prompt: str, user: str, answer: str) -> TokenizedExample:
+    """One user turn and its answer (the QA case)."""
+    return tokenize_conversation(tokenizer, chat_messages(system_prompt, user, answer))

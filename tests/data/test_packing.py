@@ -3,7 +3,7 @@ import pyarrow as pa
 import pytest
 
 from ray_ft.data.packing import first_fit_decreasing, pack_table, segment_ids
-from ray_ft.data.prepare import fill_ratio, length_histogram
+from ray_ft.data.shards import fill_ratio, length_histogram
 from ray_ft.data.tokenize import IGNORE_INDEX
 from ray_ft.train.batches import pad_collate
 

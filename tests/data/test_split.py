@@ -1,5 +1,5 @@
 from ray_ft.data.split import seeded_sample, split_by_group
-from ray_ft.data.squad import read_qa_source
+from ray_ft.data.readers import read_qa_source
 from tests.conftest import CMRC
 
 

@@ -45,3 +45,36 @@ def test_templates_match_the_recipe():
     assert build_prompt("C", "Q", "en") == (
         "Please use the original text of the following paragraph to answer the question\n\n"
         "### Known paragraph: C\n\n### Question: Q\n")
+
+
+def test_multi_turn_labels_are_exactly_the_trained_replies(tok):
+    from ray_ft.data.tokenize import tokenize_conversation
+
+    msgs = [{"role": "system", "content": "S"},
+            {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "five"},
+            {"role": "user", "content": "Really?"}, {"role": "assistant", "content": "four"}]
+    ex = tokenize_conversation(tok, msgs, [False, True])
+    whole = tok(tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)["input_ids"]
+    assert ex.input_ids == whole  # turn-by-turn tokens are the whole conversation's tokens
+    trained = [t for t in ex.labels if t != IGNORE_INDEX]
+    assert tok.decode(trained).strip() == "four<|im_end|>"  # the weight-0 reply is context only
+    both = tokenize_conversation(tok, msgs)
+    assert tok.decode([t for t in both.labels if t != IGNORE_INDEX]).split() == ["five<|im_end|>", "four<|im_end|>"]
+    # Labels are positionally aligned: every unmasked label equals the input token at its place.
+    assert all(lab == tid for lab, tid in zip(both.labels, both.input_ids) if lab != IGNORE_INDEX)
+
+
+def test_template_that_rewrites_history_is_rejected(tok):
+    from copy import deepcopy
+
+    from ray_ft.data.tokenize import tokenize_conversation
+
+    odd = deepcopy(tok)
+    # A template that shows only the last user turn (as some reasoning templates drop history).
+    odd.chat_template = ("{% for m in messages %}{% if m.role != 'user' or loop.revindex <= 2 %}"
+                         "{{ m.role }}: {{ m.content }}\n{% endif %}{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
+    with pytest.raises(RayFTError, match="does not render turn 2 as an extension of the turns before it"):
+        tokenize_conversation(odd, msgs)

@@ -29,7 +29,7 @@ def test_reader_names_file_line_and_field(tmp_path):
 
     with pytest.raises(RayFTError, match=r"h.csv: header lacks column\(s\) \['context'\]"):
         read_qa_csv(_csv(tmp_path, "question,answer\nq,a\n", "h.csv"))
-    with pytest.raises(RayFTError, match=r"b.csv: not UTF-8 text"):
+    with pytest.raises(RayFTError, match=r"b.csv: line 2: not UTF-8 text \(byte 19\)"):
         read_qa_csv(_csv(tmp_path, b"question,context\nq,\xff\xfe\n", "b.csv"))
     with pytest.raises(RayFTError, match=r"n.csv: no usable rows"):
         read_qa_csv(_csv(tmp_path, "question,context\n", "n.csv"))
@@ -87,7 +87,10 @@ def test_triplet_jsonl_reader_roundtrip_and_errors(tmp_path):
         (json.dumps({"pos": ["p"], "neg": ["n"]}), r"line 2: field 'query' missing or empty"),
         (json.dumps({"query": "q", "pos": [], "neg": ["n"]}), r"line 2: field 'pos' missing or not a non-empty list"),
         (json.dumps({"query": "q", "pos": ["p"], "neg": ["n", ""]}), r"line 2: field 'neg' holds an empty"),
-        (json.dumps({"query": "q", "pos": ["p"], "neg": ["p"]}), r"line 2: field 'neg' contains the positive"),
+        (json.dumps({"query": "q", "pos": ["p"], "neg": ["p"]}), r"line 2: field 'neg' contains a positive"),
+        (json.dumps({"query": "q", "pos": ["p", "p2"], "neg": ["p2"]}), r"line 2: field 'neg' contains a positive"),
+        (json.dumps({"query": "q", "pos": ["p"], "neg": ["n"], "neg_scores": [0.1, 0.2]}),
+         r"line 2: field 'neg_scores' must be a list as long as 'neg'"),
         ("[1, 2]", r"line 2: line is not a JSON object"),
     ]
     for bad, msg in cases:
@@ -96,7 +99,9 @@ def test_triplet_jsonl_reader_roundtrip_and_errors(tmp_path):
             read_triplets_jsonl(f)
         got, skipped = read_triplets_jsonl(f, on_error="skip")
         assert len(got) == 1 and skipped == 1 and got[0]["pos_scores"] == [1.0]
-    with pytest.raises(RayFTError, match="e.jsonl: no usable triplets"):
+    with pytest.raises(RayFTError, match="e.jsonl: file is empty"):
         read_triplets_jsonl(_csv(tmp_path, "\n", "e.jsonl"))
-    with pytest.raises(RayFTError, match="u.jsonl: not UTF-8 text"):
+    with pytest.raises(RayFTError, match="n.jsonl: no usable triplets"):
+        read_triplets_jsonl(_csv(tmp_path, "[1]\n", "n.jsonl"), on_error="skip")
+    with pytest.raises(RayFTError, match="u.jsonl: line 1: not UTF-8 text"):
         read_triplets_jsonl(_csv(tmp_path, b'{"query": "\xff"}\n', "u.jsonl"))

@@ -43,6 +43,13 @@ def test_embedding_job_two_workers_saves_a_loadable_model(ray_cluster, minilm_di
     })
     summary = stage_embed(cfg)
     out = tmp_path / "runs" / "embedtest" / "embed"
+    # The data stage's outputs: triplets + splits with a manifest, reused on the next call.
+    from ray_ft.pipeline import stage_embed_data
+
+    manifest = json.loads((out / "data" / "manifest.json").read_text())
+    assert manifest["triplets"] == summary["triplets"] and manifest["negatives"] == "random"
+    stamp = (out / "data" / "train.jsonl").stat().st_mtime_ns
+    assert stage_embed_data(cfg).manifest == manifest and (out / "data" / "train.jsonl").stat().st_mtime_ns == stamp
 
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == [1, 2, 3, 4]

@@ -1,0 +1,170 @@
+"""The one typed config tree of a ray_ft job.
+
+A YAML job file mirrors `JobConfig` one to one. Unknown keys and bad values are rejected on load
+with the dotted field path in a one-line message; combinations that cannot work are checked too.
+Library code receives these objects, never raw dicts. The sections live in submodules
+(`data`, `train`, `serve`, `evaluation`); everything is importable from `ray_ft.config`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from ray_ft.config.base import _Strict
+from ray_ft.config.data import DataConfig, NodeGroupConfig, RetrievalAugmentConfig
+from ray_ft.config.evaluation import EndpointConfig, EvalConfig, JudgeConfig
+from ray_ft.config.serve import (
+    AutoscalingSettings, DeploymentSettings, EmbedderBatching, IngressDeploymentSettings,
+    RetrievalSettings, ServeConfig, ServeDeployments, VLLMConfig,
+)
+from ray_ft.config.train import (
+    DEEPSPEED_OWNED_KEYS, DeepSpeedConfig, EmbedConfig, HardNegativeConfig, TrainConfig,
+)
+from ray_ft.errors import RayFTError
+
+__all__ = [
+    "AutoscalingSettings", "DEEPSPEED_OWNED_KEYS", "DataConfig", "DeepSpeedConfig", "DeploymentSettings",
+    "EmbedConfig", "EmbedderBatching", "EndpointConfig", "EvalConfig", "HardNegativeConfig",
+    "IngressDeploymentSettings", "JobConfig", "JudgeConfig", "ModelConfig", "NodeGroupConfig", "RayConfig",
+    "RetrievalAugmentConfig", "RetrievalSettings", "ServeConfig", "ServeDeployments", "TrainConfig",
+    "VLLMConfig", "load_job", "parse_job",
+]
+
+
+class ModelConfig(_Strict):
+    name: str = Field(
+        "SmolLM2-135M-Instruct",
+        description="Packaged model name (see `ray-ft models list`), a Hugging Face id, or a local "
+        "Hugging Face folder.",
+    )
+    system_prompt: str = Field(
+        "You are a helpful assistant.",
+        description="System message that replaces the chat template's built-in one, in training "
+        "and serving alike.",
+    )
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(
+        None, description='Cluster to join ("auto" inside `ray job submit`); None starts a local one.'
+    )
+    num_cpus: int | None = Field(
+        None, ge=1, description="Logical CPUs of a local cluster (None: max(4, the machine's cores))."
+    )
+    include_dashboard: bool = Field(
+        True,
+        description="Start the dashboard with a local cluster; Ray Train's State-API checks need it "
+        "(without it they log a warning every few seconds).",
+    )
+
+
+class JobConfig(_Strict):
+    name: str = Field(..., min_length=1, description="Job name; also the run folder's name.")
+    task: Literal["sft", "embedding"] = Field(
+        "sft", description="What `ray-ft train` fine-tunes: the LLM (sft) or the embedder (embedding)."
+    )
+    output_dir: str = Field(
+        "runs", description="Parent folder of the run folder (relative to the working directory)."
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> "JobConfig":
+        if self.train.lora_rank > self.serve.vllm.max_lora_rank:
+            raise ValueError(
+                f"train.lora_rank={self.train.lora_rank} exceeds serve.vllm.max_lora_rank="
+                f"{self.serve.vllm.max_lora_rank}: the engine could not load the adapter"
+            )
+        if self.data.cutoff_len + self.serve.max_tokens > self.serve.vllm.max_model_len:
+            raise ValueError(
+                f"data.cutoff_len + serve.max_tokens ({self.data.cutoff_len}+{self.serve.max_tokens}) "
+                f"exceeds serve.vllm.max_model_len={self.serve.vllm.max_model_len}"
+            )
+        taken = {self.name, self.model.name} & set(self.eval.adapters)
+        if taken:
+            raise ValueError(f"eval.adapters label {sorted(taken)} is already the served name of the "
+                             "fine-tuned adapter (job name) or of the base model")
+        if self.data.num_shards is not None and self.data.num_shards < self.train.num_workers:
+            raise ValueError(
+                f"data.num_shards={self.data.num_shards} < train.num_workers="
+                f"{self.train.num_workers}: some workers would get no data"
+            )
+        if self.serve.node_group not in self.data.node_groups:
+            raise ValueError(f"serve.node_group '{self.serve.node_group}' is not one of data.node_groups "
+                             f"{sorted(self.data.node_groups)}")
+        return self
+
+    @property
+    def num_shards(self) -> int:
+        """Training shards: data.num_shards, else one per training worker."""
+        return self.data.num_shards or self.train.num_workers
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+def _format_validation_error(source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    path = ".".join(str(p) for p in first["loc"]) or "<root>"
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        msg = "unknown key"
+    else:
+        msg = first["msg"].removeprefix("Value error, ")
+    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{source}: field '{path}': {msg}{more}"
+
+
+def parse_job(data: object, source: str = "<job>", base_dir: Path | None = None) -> JobConfig:
+    """Validate a parsed YAML/dict into a JobConfig; relative data paths resolve against base_dir."""
+    if not isinstance(data, dict):
+        raise RayFTError(f"{source}: the job file must be a YAML mapping, got {type(data).__name__}")
+    try:
+        cfg = JobConfig.model_validate(data)
+    except ValidationError as err:
+        raise RayFTError(_format_validation_error(source, err)) from None
+    if base_dir is not None:
+        cfg = _resolve_source(cfg, base_dir)
+    return cfg
+
+
+def _resolve_path(src: str, base_dir: Path) -> str:
+    if "://" in src or Path(src).is_absolute():
+        return src
+    candidate = (base_dir / src).resolve()
+    if not candidate.exists() and Path(src).exists():
+        candidate = Path(src).resolve()
+    return str(candidate)
+
+
+def _resolve_source(cfg: JobConfig, base_dir: Path) -> JobConfig:
+    data = cfg.data.model_copy(update={
+        "source": _resolve_path(cfg.data.source, base_dir),
+        "kb_sources": [_resolve_path(p, base_dir) for p in cfg.data.kb_sources]})
+    embed = cfg.embed.model_copy(update={"source": _resolve_path(cfg.embed.source, base_dir)})
+    return cfg.model_copy(update={"data": data, "embed": embed})
+
+
+def load_job(path: str | Path) -> JobConfig:
+    """Load and validate a YAML job file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RayFTError(f"{path}: job file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise RayFTError(f"{path}:{where} invalid YAML: {getattr(err, 'problem', err)}") from None
+    return parse_job(data, source=str(path), base_dir=path.resolve().parent)
