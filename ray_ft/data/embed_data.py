@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from ray_ft.data.split import seeded_sample
 from ray_ft.data.triplets import (
     QAPair, build_triplets, pairs_of_triplets, read_qa_csv, read_triplets_jsonl, split_pairs,
 )
-from ray_ft.io import read_jsonl, write_jsonl_atomic, write_text_atomic
+from ray_ft.io import read_jsonl, staged_dir, write_jsonl_atomic, write_text_atomic
 
 
 @dataclass(frozen=True)
@@ -76,19 +74,11 @@ def prepare_embedding_data(cfg: JobConfig, out: Path) -> EmbedData:
                 "val_pairs": len(held), "triplets": len(triplets), "neg_num": e.neg_num,
                 "negatives": "given" if given is not None else "mined" if mining else "random",
                 **({"hard_negatives": mining} if mining else {})}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with staged_dir(out) as tmp:
         write_jsonl_atomic(tmp / "train.jsonl", triplets)
         write_jsonl_atomic(tmp / "test.jsonl", [{"query": p.question, "pos": [p.context], "line": p.line} for p in test])
         write_jsonl_atomic(tmp / "val.jsonl", [{"query": p.question, "pos": [p.context], "line": p.line} for p in held])
         write_text_atomic(tmp / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return EmbedData(out, triplets, test, held, manifest)
 
 

@@ -23,13 +23,16 @@ from ray_ft.data.tokenize import TokenizedExample, tokenize_conversation
 
 OK, SHORTENED, DROPPED, DROPPED_ANSWER = "ok", "shortened_context", "dropped_over_cutoff_len", "dropped_answer_too_long"
 
-BUILT_SCHEMA = pa.schema([
+# The columns of a training shard; the builder adds what the summary pass and exports need.
+TRAIN_SCHEMA = pa.schema([
     ("id", pa.string()),
     ("passage_id", pa.string()),
     ("input_ids", pa.list_(pa.int32())),
     ("labels", pa.list_(pa.int32())),
     ("num_tokens", pa.int32()),
     ("order", pa.string()),
+])
+BUILT_SCHEMA = pa.schema(list(TRAIN_SCHEMA) + [
     ("status", pa.string()),
     ("context", pa.string()),  # the context the example was built with ("" for conversations)
     ("answers", pa.list_(pa.string())),

@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,7 +24,7 @@ from ray_ft.data.shards import TRAIN_SCHEMA, ShardPlan, dumps_manifest, write_tr
 from ray_ft.data.sources import source_fingerprint
 from ray_ft.data.split import seeded_sample, split_by_group
 from ray_ft.errors import RayFTError
-from ray_ft.io import read_jsonl, write_jsonl_atomic, write_text_atomic
+from ray_ft.io import read_jsonl, staged_dir, write_jsonl_atomic, write_text_atomic
 from ray_ft.models import resolve_model
 
 log = logging.getLogger(__name__)
@@ -142,9 +140,7 @@ def prepare(cfg: JobConfig, out_root: Path, source: SourceData | None = None,
         train, dev = split_by_group(train, group_of, d.dev_size, d.seed + 1)
     kb_docs = read_text_documents(d.kb_sources) if d.kb_sources else []
 
-    out_root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_root.parent, prefix=f".{out_root.name}."))
-    try:
+    with staged_dir(out_root) as tmp:
         rows, radit = _train_rows(cfg, source, train)
         plan = ShardPlan(example_settings(cfg), model_dir, d.max_samples, d.packing, cfg.num_shards, d.num_workers)
         stats = write_train_set(rows, plan, tmp / "train", tmp / "sft_train.jsonl", d.source)
@@ -164,12 +160,6 @@ def prepare(cfg: JobConfig, out_root: Path, source: SourceData | None = None,
         }
         manifest["files"] = file_hashes(tmp)
         write_text_atomic(tmp / "manifest.json", dumps_manifest(manifest))
-        if out_root.exists():
-            shutil.rmtree(out_root)
-        tmp.rename(out_root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("prepared %s: %d training rows from %d records", out_root, stats["train_rows"], len(items))
     return PreparedData(out_root)
 

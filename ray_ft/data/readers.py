@@ -13,7 +13,8 @@ from ray_ft.data.chat import read_conversations
 from ray_ft.data.qa import AnswerChecker, csv_rows, read_qa_rows, read_squad
 from ray_ft.data.records import Conversation, QARecord
 from ray_ft.data.sources import (
-    Problems, ReadReport, decode_text, detect_format, iter_json_records, read_bytes, suffix_of,
+    Problems, ReadReport, decode_text, detect_format, format_of_record, iter_json_records, read_bytes,
+    suffix_of,
 )
 from ray_ft.errors import RayFTError
 
@@ -41,13 +42,13 @@ def read_source(source: str, fmt: str = "auto", on_error: str = "raise",
     checker = AnswerChecker(bad_answer, report)
     if source.startswith("hf://"):
         rows = load_hf_rows(source)
-        fmt = _hf_format(source, rows) if fmt == "auto" else fmt
+        if not rows:
+            raise RayFTError(f"{source}: the dataset split is empty")
+        fmt = format_of_record(source, rows[0]) if fmt == "auto" else fmt
         records = [(f"row {n}", row) for n, row in enumerate(rows)]
     else:
         text = decode_text(source, read_bytes(source))
         fmt = detect_format(source, text) if fmt == "auto" else fmt
-        if fmt == "triplets":
-            raise RayFTError(f"{source}: embedding triplets are an `embed.source`, not an SFT data.source")
         if fmt == "squad":
             report.format = fmt
             return SourceData(fmt, report, qa=read_squad(source, text, problems, checker))
@@ -56,6 +57,8 @@ def read_source(source: str, fmt: str = "auto", on_error: str = "raise",
         else:
             records = iter_json_records(source, text, problems)
     report.format = fmt
+    if fmt == "triplets":
+        raise RayFTError(f"{source}: embedding triplets are an `embed.source`, not an SFT data.source")
     if fmt == "qa_rows":
         return SourceData(fmt, report, qa=read_qa_rows(source, records, problems, checker))
     if fmt in CHAT_FORMATS:
@@ -84,16 +87,3 @@ def load_hf_rows(source: str) -> list[dict]:
         raise RayFTError(f"{source}: could not load from the Hugging Face Hub ({type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else ''})") from None
     return list(ds)
-
-
-def _hf_format(source: str, rows: list[dict]) -> str:
-    if not rows:
-        raise RayFTError(f"{source}: the dataset split is empty")
-    keys = set(rows[0])
-    if "messages" in keys:
-        return "messages"
-    if "instruction" in keys:
-        return "alpaca"
-    if {"question", "context"} <= keys:
-        return "qa_rows"
-    raise RayFTError(f"{source}: cannot tell the format of its rows (columns {sorted(keys)}); set data.format")

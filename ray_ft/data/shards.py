@@ -16,18 +16,10 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from ray_ft.data.examples import BuildBatch, ExampleSettings
+from ray_ft.data.examples import TRAIN_SCHEMA, BuildBatch, ExampleSettings
 from ray_ft.data.packing import pack_table
 from ray_ft.data.split import order_key
 
-TRAIN_SCHEMA = pa.schema([
-    ("id", pa.string()),
-    ("passage_id", pa.string()),
-    ("input_ids", pa.list_(pa.int32())),
-    ("labels", pa.list_(pa.int32())),
-    ("num_tokens", pa.int32()),
-    ("order", pa.string()),
-])
 PACK_WINDOW = 512  # examples packed together; larger windows pack tighter but hold more in memory
 BUILD_BATCH = 256  # rows per build task: fewer, larger blocks keep Ray's per-task overhead small
 

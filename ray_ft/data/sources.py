@@ -156,20 +156,21 @@ def detect_format(name: str, text: str) -> str:
             obj = json.loads(first)
         except json.JSONDecodeError as err:
             raise RayFTError(f"{name}: line 1: invalid JSON at column {err.colno}: {err.msg}") from None
-        return _format_of_record(name, obj)
+        return format_of_record(name, obj)
     if suffix == ".json":
         doc = parse_json(name, text)
         if isinstance(doc, dict) and "data" in doc:
             return "squad"
         if isinstance(doc, list) and doc:
-            return _format_of_record(name, doc[0])
+            return format_of_record(name, doc[0])
         raise RayFTError(f"{name}: cannot tell the format: expected SQuAD {{\"data\": [...]}} or a "
                          "list of Alpaca/messages records; set data.format")
     raise RayFTError(f"{name}: cannot tell the format from the extension (.json, .jsonl, .csv); "
                      "set data.format")
 
 
-def _format_of_record(name: str, obj: object) -> str:
+def format_of_record(name: str, obj: object) -> str:
+    """The format a JSON record's keys say it is in (hf:// rows and JSON/JSONL files alike)."""
     keys = set(obj) if isinstance(obj, dict) else set()
     if "messages" in keys:
         return "messages"

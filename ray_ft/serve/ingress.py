@@ -266,6 +266,14 @@ def _with_retries(response: Response, stats: dict) -> None:
         response.headers[RETRIES_HEADER] = str(stats["retries"])
 
 
+async def _answered(call, req, response: Response):
+    """Run one service call and report its upstream retries in a header."""
+    stats: dict = {}
+    body = await call(req, stats)
+    _with_retries(response, stats)
+    return body
+
+
 def build_api(service: RAGService) -> FastAPI:
     api = FastAPI(title="ray_ft RAG")
     _install_error_handlers(api)
@@ -281,34 +289,23 @@ def build_api(service: RAGService) -> FastAPI:
 
     @api.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, response: Response):
-        stats: dict = {}
         if req.stream:
+            stats: dict = {}
             events = await service.chat_stream(req, stats)
             headers = {RETRIES_HEADER: str(stats["retries"])} if stats.get("retries") else None
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-        body = await service.chat(req, stats)
-        _with_retries(response, stats)
-        return body
+        return await _answered(service.chat, req, response)
 
     @api.post("/v1/embeddings")
     async def embeddings(req: EmbeddingRequest, response: Response):
-        stats: dict = {}
-        body = await service.embeddings(req, stats)
-        _with_retries(response, stats)
-        return body
+        return await _answered(service.embeddings, req, response)
 
     @api.post("/v1/retrieve", response_model=RetrieveResponse)
     async def retrieve(req: RetrieveRequest, response: Response):
-        stats: dict = {}
-        body = await service.retrieve(req, stats)
-        _with_retries(response, stats)
-        return body
+        return await _answered(service.retrieve, req, response)
 
     @api.post("/v1/rag", response_model=RAGResponse)
     async def rag(req: RAGRequest, response: Response):
-        stats: dict = {}
-        body = await service.rag(req, stats)
-        _with_retries(response, stats)
-        return body
+        return await _answered(service.rag, req, response)
 
     return api

@@ -5,13 +5,19 @@ local Ray cluster (head + one worker node, separate raylets), submit a ray-ft tr
     python tests/cluster/multinode_job.py JOB.yaml DASHBOARD_PORT
 """
 
+import os
+
+# Ray 2.60 turns token auth on for a new cluster once ~/.ray/auth_token exists (any earlier local
+# ray.init() writes it), and this script's client would then be refused: decide it here instead.
+os.environ["RAY_AUTH_MODE"] = "disabled"
+
 import json
 import sys
-import time
 from pathlib import Path
 
 from ray.cluster_utils import Cluster
-from ray.job_submission import JobStatus, JobSubmissionClient
+from job_client import submit_when_ready, wait_until_finished
+from ray.job_submission import JobSubmissionClient
 
 
 def main(job: str, port: int) -> None:
@@ -22,14 +28,8 @@ def main(job: str, port: int) -> None:
     try:
         client = JobSubmissionClient(f"http://127.0.0.1:{port}")
         ray_ft = Path(sys.executable).with_name("ray-ft")
-        sub = client.submit_job(entrypoint=f"{ray_ft} train {job}")
-        status = JobStatus.PENDING
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            status = client.get_job_status(sub)
-            if status in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
-                break
-            time.sleep(2)
+        sub = submit_when_ready(client, f"{ray_ft} train {job}")
+        status = wait_until_finished(client, sub, 600)
         logs = client.get_job_logs(sub)
         # Ray Train's node_rank groups workers by IP, and both nodes share 127.0.0.1's IP here:
         # ask the State API on which node (raylet) each training worker actor lived.

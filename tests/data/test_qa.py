@@ -156,3 +156,25 @@ def test_hf_source_offline_gives_one_line_error(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(RayFTError, match=r"^hf://no-such-dataset-xyz:validation: could not load"):
         read_source("hf://no-such-dataset-xyz:validation")
+
+
+def test_hf_source_reads_rows_through_datasets_and_detects_their_format(tmp_path, monkeypatch):
+    # A local folder is a dataset to `datasets.load_dataset` (split from the file name): the same
+    # load + row conversion + format detection that hf://cmrc2018 takes online.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    qa_dir, chat_dir, trip_dir = (tmp_path / n for n in ("qa", "chat", "trip"))
+    for folder, row in [
+        (qa_dir, {"id": "h1", "context": "上海在中国。", "question": "上海在哪里？",
+                  "answers": {"text": ["中国"], "answer_start": [3]}}),
+        (chat_dir, {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}),
+        (trip_dir, {"query": "q", "pos": ["p"], "neg": ["n"]}),
+    ]:
+        folder.mkdir()
+        (folder / "validation.jsonl").write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    qa = read_source(f"hf://{qa_dir}:validation")
+    assert qa.format == "qa_rows" and [(r.id, r.answers, r.answer_start) for r in qa.qa] == [("h1", ("中国",), 3)]
+    chat = read_source(f"hf://{chat_dir}")  # split defaults to validation
+    assert chat.format == "messages" and [(t.user, t.assistant) for t in chat.chats[0].turns] == [("hi", "hello")]
+    with pytest.raises(RayFTError, match=r"^hf://.*trip: embedding triplets are an `embed.source`"):
+        read_source(f"hf://{trip_dir}")

@@ -79,7 +79,7 @@ def served(ray_cluster, smollm_dir, minilm_dir, tmp_path_factory):
                                    # reacts within seconds, so a test can watch it scale up
                                    "retriever": {"autoscaling": {
                                        "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
-                                       "upscale_delay_s": 0.5, "look_back_period_s": 2}}},
+                                       "upscale_delay_s": 0.5, "downscale_delay_s": 1, "look_back_period_s": 2}}},
                                "vllm": {"dtype": "float32"}}})
     os.environ[TOKEN_ENV] = TOKEN  # read where the graph is built (here, the driver)
     try:
