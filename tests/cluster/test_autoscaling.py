@@ -8,23 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.cluster.test_multinode import FACTS
-from tests.conftest import make_squad
+from tests.cluster.test_multinode import write_training_job
 
 
 @pytest.mark.slow
 def test_training_job_scales_the_cluster_up_and_back_down(tmp_path, tiny_model_dir):
-    src = make_squad(tmp_path / "qa.json", FACTS)
-    job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump({
-        "name": "autoscale", "output_dir": str(tmp_path / "runs"), "ray": {"address": "auto"},
-        "model": {"name": str(tiny_model_dir)},
-        "data": {"source": str(src), "language": "en", "val_size": 0.2, "max_samples": 8, "cutoff_len": 512,
-                 "num_shards": 2},
-        "train": {"num_workers": 2, "cpus_per_worker": 2, "max_steps": 2, "tensorboard": False},
-    }))
+    job = write_training_job(tmp_path, "autoscale", tiny_model_dir)
     work = tmp_path / "cluster"
     work.mkdir()
     out = subprocess.run([sys.executable, str(Path(__file__).with_name("autoscaling_job.py")), str(job), str(work)],
