@@ -104,17 +104,8 @@ def read_conversations(name: str, records: Iterable[tuple[str, object]], fmt: st
     out: list[Conversation] = []
     seen: set[str] = set()
     for where, obj in records:
-        try:
-            conv = parse(obj, where)
-        except RecordError as err:
-            rid = obj.get("id") if isinstance(obj, dict) else None
-            problems.bad(f"{name}: {where}{f' (id={rid})' if rid is not None else ''}: {err}")
-            continue
-        if conv.id in seen:
-            problems.bad(f"{name}: {where} (id={conv.id}): duplicate id")
-            continue
-        seen.add(conv.id)
-        out.append(conv)
+        problems.keep(out, seen, f"{name}: {where}", lambda obj=obj, where=where: parse(obj, where),
+                      record_id=obj.get("id") if isinstance(obj, dict) else None)
     problems.report.records_read = len(out)
     if not out:
         raise RayFTError(f"{name}: no usable {fmt} records found")

@@ -107,35 +107,12 @@ def read_squad(name: str, text: str, problems: Problems, checker: AnswerChecker)
                 problems.bad(f"{name}: {where}: field 'qas' missing or not a list")
                 continue
             for k, qa in enumerate(qas):
-                _add(records, seen, problems, f"{name}: {where}.qas[{k}]",
-                     lambda qa=qa, context=context: _squad_record(qa, context, checker))
+                problems.keep(records, seen, f"{name}: {where}.qas[{k}]",
+                              lambda qa=qa, context=context: _squad_record(qa, context, checker))
     problems.report.records_read = len(records)
     if not records:
         raise RayFTError(f"{name}: no usable questions found")
     return records
-
-
-def _add(records: list[QARecord], seen: set[str], problems: Problems, where: str, make) -> None:
-    """Build one record, reporting its problem (with its id when known) or a duplicate id."""
-    try:
-        rec = make()
-    except _IdentifiedError as err:
-        problems.bad(f"{where} (id={err.qid}): {err}")
-        return
-    except RecordError as err:
-        problems.bad(f"{where}: {err}")
-        return
-    if rec.id in seen:
-        problems.bad(f"{where} (id={rec.id}): duplicate id")
-        return
-    seen.add(rec.id)
-    records.append(rec)
-
-
-class _IdentifiedError(RecordError):
-    def __init__(self, qid: str, err: RecordError):
-        super().__init__(str(err))
-        self.qid = qid
 
 
 def _squad_record(qa: object, context: str, checker: AnswerChecker) -> QARecord:
@@ -158,7 +135,7 @@ def _squad_record(qa: object, context: str, checker: AnswerChecker) -> QARecord:
             pairs.append((text, start if isinstance(start, int) else None))
         texts, first = checker.check(context, pairs, extractive=True)
     except RecordError as err:
-        raise _IdentifiedError(str(qid), err) from None
+        raise RecordError(str(err), record_id=str(qid)) from None
     return QARecord(str(qid), passage_id_of(context), context, question.strip(), texts, first)
 
 
@@ -175,8 +152,8 @@ def read_qa_rows(name: str, rows: Iterable[tuple[str, dict]], problems: Problems
     records: list[QARecord] = []
     seen: set[str] = set()
     for where, row in rows:
-        _add(records, seen, problems, f"{name}: {where}",
-             lambda row=row, where=where: _row_record(row, checker, where.replace(" ", "")))
+        problems.keep(records, seen, f"{name}: {where}",
+                      lambda row=row, where=where: _row_record(row, checker, where.replace(" ", "")))
     problems.report.records_read = len(records)
     if not records:
         raise RayFTError(f"{name}: no usable questions found")
@@ -197,7 +174,7 @@ def _row_record(row: object, checker: AnswerChecker, default_id: str) -> QARecor
     except RecordError as err:
         if own is None:  # the position already names the record
             raise
-        raise _IdentifiedError(own, err) from None
+        raise RecordError(str(err), record_id=own) from None
     qid = own or default_id
     return QARecord(qid, passage_id_of(context), context, question.strip(), texts, first)
 

@@ -19,7 +19,12 @@ KEPT_EXAMPLES = 5  # skipped-record messages kept in the manifest
 
 
 class RecordError(ValueError):
-    """One record is bad; the message names the field (the caller adds file and position)."""
+    """One record is bad; the message names the field (the caller adds file and position, and
+    `record_id` when the record's own id was read before the problem)."""
+
+    def __init__(self, message: str, record_id: str | None = None):
+        super().__init__(message)
+        self.record_id = record_id
 
 
 @dataclass
@@ -41,6 +46,21 @@ class Problems:
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
         self.on_error, self.report = on_error, report
+
+    def keep(self, out: list, seen: set[str], where: str, make, record_id: str | None = None) -> None:
+        """Append `make()` to `out`; a bad record (named with its id when known) or a repeated
+        id is reported instead."""
+        try:
+            rec = make()
+        except RecordError as err:
+            rid = err.record_id if err.record_id is not None else record_id
+            self.bad(f"{where}{f' (id={rid})' if rid is not None else ''}: {err}")
+            return
+        if rec.id in seen:
+            self.bad(f"{where} (id={rec.id}): duplicate id")
+            return
+        seen.add(rec.id)
+        out.append(rec)
 
     def bad(self, message: str) -> None:
         if self.on_error == "raise":
