@@ -1,6 +1,7 @@
 """`ray-ft` command line: run a job or one of its stages, and manage packaged models.
 
-    ray-ft run JOB.yaml          prepare -> train -> serve -> evaluate, prints the table
+    ray-ft run JOB.yaml          [embed ->] prepare -> train -> serve -> evaluate, prints the tables;
+                                 unchanged finished stages are skipped (--force STAGE reruns one)
     ray-ft prepare JOB.yaml      only the data stage (reused when config and input are unchanged)
     ray-ft train JOB.yaml        prepare + train (task: embedding -> fine-tune the embedder)
     ray-ft eval JOB.yaml         serve base + the trained adapter (+ endpoints) and evaluate
@@ -19,6 +20,7 @@ import os
 import sys
 
 from ray_ft.errors import RayFTError
+from ray_ft.stages import STAGES
 
 
 def _cmd_models(args) -> int:
@@ -87,18 +89,22 @@ def _cmd_eval(args) -> int:
 
 def _cmd_run(args) -> int:
     from ray_ft.config import load_job
-    from ray_ft.eval.report import to_markdown
+    from ray_ft.eval import report, retrieval_eval
     from ray_ft.pipeline import run_all
 
     cfg = load_job(args.job)
     summary = run_all(cfg, set(args.force or ()))
-    t = summary["timings"]
     if summary["skipped"]:
         print(f"skipped (config and inputs unchanged): {', '.join(summary['skipped'])}; rerun with --force STAGE")
-    print("\n" + to_markdown(summary["eval"]))
-    print(f"train loss (mean of first/last 8 steps) {summary['first_loss']:.4f} -> "
-          f"{summary['final_loss']:.4f}; "
-          + ", ".join(f"{k}={v:.0f}" for k, v in t.items()) + f"; total={sum(t.values()):.0f}s")
+    if "embed" in summary:
+        e = summary["embed"]
+        print("\nembedder, retrieval on the held-out questions:\n" + retrieval_eval.to_markdown(e["before"], e["after"]))
+        print(f"embedder: {e['model_dir']}")
+    if "eval" in summary:
+        print("\n" + report.to_markdown(summary["eval"]))
+        print(f"train loss (mean of first/last 8 steps) {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}")
+    t = summary["timings"]
+    print(", ".join(f"{k}={v:.0f}" for k, v in t.items()) + f"; total={sum(t.values()):.0f}s")
     print(f"outputs: {cfg.run_dir}")
     return 0
 
@@ -116,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ray-ft", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     for name, fn, help_ in (
-        ("run", _cmd_run, "prepare -> train -> serve -> evaluate"),
+        ("run", _cmd_run, "[fine-tune the embedder ->] prepare -> train -> serve -> evaluate"),
         ("prepare", _cmd_prepare, "only the data stage"),
         ("train", _cmd_train, "prepare + train"),
         ("eval", _cmd_eval, "serve the trained adapter and evaluate"),
@@ -124,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("job", help="YAML job file")
         if name == "run":
-            sp.add_argument("--force", action="append", choices=["prepare", "train", "eval"],
-                            help="rerun this stage (and the ones after it) even if unchanged; repeatable")
+            sp.add_argument("--force", action="append", choices=list(STAGES),
+                            help="rerun this stage (and the ones reading its outputs) even if unchanged; repeatable")
         if name == "prepare":
             sp.add_argument("--force", action="store_true",
                             help="rebuild even when the prepared data matches the config and input")

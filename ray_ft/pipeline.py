@@ -19,7 +19,7 @@ from ray_ft.data.prepare import (
 )
 from ray_ft.data.readers import read_source
 from ray_ft.errors import RayFTError
-from ray_ft.io import read_jsonl
+from ray_ft.io import read_jsonl, write_text_atomic
 from ray_ft.models import resolve_model
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,6 @@ def stage_embed(cfg: JobConfig) -> dict:
     """Embedding data -> retrieval eval of the base -> contrastive training on Ray Train ->
     retrieval eval of the result. Writes embed/{data,model,metrics.jsonl,retrieval.*}."""
     from ray_ft.eval.retrieval_eval import evaluate_retriever, to_markdown
-    from ray_ft.io import write_text_atomic
     from ray_ft.serve.engines import SentenceTransformerEmbedder
     from ray_ft.train.embed import run_embed_training
 
@@ -217,63 +216,98 @@ def stage_embed(cfg: JobConfig) -> dict:
     return summary
 
 
-def run_all(cfg: JobConfig, force: set[str] | frozenset[str] = frozenset()) -> dict:
-    """Run every stage in order; return the timings, the skipped stages and the eval table.
+class _Timed:
+    """Times the stages of one `run_all` call and notes the skipped ones."""
 
-    Stages whose config (and upstream stages) are unchanged since they last finished are skipped
-    (`ray_ft.stages`); `force` names stages to rerun anyway (their downstream stages rerun too).
-    """
-    from ray import serve
+    def __init__(self):
+        self.timings: dict[str, float] = {}
+        self.skipped: list[str] = []
 
-    from ray_ft.stages import StageLog
-    from ray_ft.train.sft import TrainResult
+    def __call__(self, key: str, fn):
+        t = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            self.timings[key] = time.perf_counter() - t
 
-    check_servable(cfg)
-    check_extra_adapters(cfg)
-    log_ = StageLog(cfg.run_dir, cfg, force)
-    timings: dict[str, float] = {}
-    skipped: list[str] = []
 
-    t = time.perf_counter()
+def _embed_stage(cfg: JobConfig, log_, run: _Timed) -> dict:
+    """Fine-tune the embedder (stage `embed`) unless its record is fresh."""
+    if log_.fresh("embed") is not None:
+        run.skipped.append("embed")
+        return json.loads((cfg.run_dir / "embed" / "retrieval.json").read_text())
+    summary = run("embed_s", lambda: stage_embed(cfg))
+    log_.done("embed", {"model_dir": summary["model_dir"]},
+              [Path(summary["model_dir"]), cfg.run_dir / "embed" / "retrieval.json"])
+    return summary
+
+
+def _prepare_stage(cfg: JobConfig, log_, run: _Timed) -> PreparedData:
     prepared = PreparedData(cfg.run_dir / "data")
     if log_.fresh("prepare") is not None and reusable(prepared, cfg):
-        skipped.append("prepare")
-    else:
-        prepared = stage_prepare(cfg, force="prepare" in force)
-        log_.done("prepare", {}, [prepared.manifest_file])
-    timings["prepare_s"] = time.perf_counter() - t
-    require_eval_set(prepared)  # before hours of training, not after
+        run.skipped.append("prepare")
+        return prepared
+    prepared = run("prepare_s", lambda: stage_prepare(cfg, force=log_.must_run("prepare")))
+    log_.done("prepare", {}, [prepared.manifest_file])
+    return prepared
 
-    t = time.perf_counter()
+
+def _train_stage(cfg: JobConfig, log_, run: _Timed, prepared: PreparedData):
+    from ray_ft.train.sft import TrainResult
+
     rec = log_.fresh("train")
     if rec is not None:
-        skipped.append("train")
-        trained = TrainResult(Path(rec["adapter_dir"]), Path(rec["metrics_file"]),
-                              read_jsonl(Path(rec["metrics_file"])), rec["exported_step"])
-    else:
-        trained = stage_train(cfg, prepared)
-        log_.done("train", {"adapter_dir": str(trained.adapter_dir), "metrics_file": str(trained.metrics_file),
-                            "exported_step": trained.exported_step},
-                  [trained.adapter_dir, trained.metrics_file])
-    timings["train_s"] = time.perf_counter() - t
+        run.skipped.append("train")
+        return TrainResult(Path(rec["adapter_dir"]), Path(rec["metrics_file"]),
+                           read_jsonl(Path(rec["metrics_file"])), rec["exported_step"])
+    trained = run("train_s", lambda: stage_train(cfg, prepared))
+    log_.done("train", {"adapter_dir": str(trained.adapter_dir), "metrics_file": str(trained.metrics_file),
+                        "exported_step": trained.exported_step}, [trained.adapter_dir, trained.metrics_file])
+    return trained
+
+
+def _eval_stage(cfg: JobConfig, log_, run: _Timed, prepared: PreparedData, trained) -> list[dict]:
+    """Deploy the graph (the new adapter, and the fine-tuned embedder with embed.enabled), evaluate."""
+    from ray import serve
 
     summary_file = cfg.run_dir / "eval" / "summary.json"
     if log_.fresh("eval") is not None:
-        skipped.append("eval")
-        table = json.loads(summary_file.read_text())
-    else:
-        t = time.perf_counter()
-        url = stage_serve(cfg, prepared, trained.adapter_dir)
-        timings["serve_start_s"] = time.perf_counter() - t
-        try:
-            t = time.perf_counter()
-            table = stage_eval(cfg, prepared, url, trained.history)
-            timings["eval_s"] = time.perf_counter() - t
-        finally:
-            serve.shutdown()
-        log_.done("eval", {}, [summary_file])
-    summary = {"job": cfg.name, "timings": timings, "skipped": skipped, "first_loss": trained.first_loss,
-               "final_loss": trained.final_loss, "exported_step": trained.exported_step,
-               "manifest": prepared.manifest(), "eval": table}
-    (cfg.run_dir / "run_summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+        run.skipped.append("eval")
+        return json.loads(summary_file.read_text())
+    url = run("serve_start_s", lambda: stage_serve(cfg, prepared, trained.adapter_dir))
+    try:
+        table = run("eval_s", lambda: stage_eval(cfg, prepared, url, trained.history))
+    finally:
+        serve.shutdown()
+    log_.done("eval", {}, [summary_file])
+    return table
+
+
+def run_all(cfg: JobConfig, force: set[str] | frozenset[str] = frozenset()) -> dict:
+    """Run every stage of the job in order; return the timings, the skipped stages, the embedder's
+    retrieval before/after (with an embed stage) and the eval table.
+
+    task sft: [embed ->] prepare -> train -> serve + evaluate; task embedding: embed alone.
+    Stages whose config and inputs are unchanged since they last finished are skipped
+    (`ray_ft.stages`); `force` names stages to rerun anyway (the stages reading them rerun too).
+    """
+    from ray_ft.stages import StageLog
+
+    if cfg.task == "sft":
+        check_servable(cfg)
+        check_extra_adapters(cfg)
+    log_ = StageLog(cfg.run_dir, cfg, force)
+    run = _Timed()
+    summary: dict = {"job": cfg.name, "task": cfg.task}
+    if cfg.task == "embedding" or cfg.embed.enabled:
+        summary["embed"] = _embed_stage(cfg, log_, run)
+    if cfg.task == "sft":
+        prepared = _prepare_stage(cfg, log_, run)
+        require_eval_set(prepared)  # before hours of training, not after
+        trained = _train_stage(cfg, log_, run, prepared)
+        table = _eval_stage(cfg, log_, run, prepared, trained)
+        summary.update({"first_loss": trained.first_loss, "final_loss": trained.final_loss,
+                        "exported_step": trained.exported_step, "manifest": prepared.manifest(), "eval": table})
+    summary.update({"timings": run.timings, "skipped": run.skipped})
+    write_text_atomic(cfg.run_dir / "run_summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
     return summary

@@ -1,10 +1,15 @@
 """Which stages of `ray-ft run` can be skipped: a record per stage of the config hash it ran with.
 
 `run_dir/stages.json` holds, per finished stage, the hash of everything that stage depends on (its
-config sections and the hash of the stage before it) and its outputs. A stage is skipped when its
-hash is unchanged, its outputs still exist, it is not forced, and no stage before it ran again in
-this invocation. A stage's record is written only after it completed, so an interrupted run
-resumes at the stage that did not finish.
+config sections and the hashes of the stages it reads from) and its outputs. A stage is skipped
+when its hash is unchanged, its outputs still exist, it is not forced, and no stage it reads from
+ran again in this invocation. A stage's record is written only after it completed, so an
+interrupted run resumes at the stage that did not finish.
+
+The stages and what each reads (`stage_inputs`): embed (optional) -> prepare (only when its
+retrieval-augmented examples use the fine-tuned embedder) -> train -> eval (serves the adapter and
+the embedder). Hashes are computed when asked, after the stages before have run: prepare's hash
+covers the fine-tuned embedder's files, which the embed stage may just have rewritten.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from pathlib import Path
 from ray_ft.config import JobConfig
 from ray_ft.io import write_text_atomic
 
-STAGES = ("prepare", "train", "eval")
+STAGES = ("embed", "prepare", "train", "eval")
 STATE_FILE = "stages.json"
 
 
@@ -24,14 +29,30 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def stage_hashes(cfg: JobConfig) -> dict[str, str]:
-    """Each stage's hash chains the one before it, so a change upstream changes everything after."""
+def stage_inputs(cfg: JobConfig) -> dict[str, tuple[str, ...]]:
+    """The stages each stage of this job reads from (embed only when it is part of the job)."""
+    embed = ("embed",) if cfg.embed.enabled else ()
+    return {"embed": (), "prepare": embed if cfg.data.retrieval_augment.enabled else (),
+            "train": ("prepare",), "eval": ("train", *embed)}
+
+
+def stage_hash(cfg: JobConfig, stage: str) -> str:
+    """The stage's own config (and input files) chained with the hashes of the stages it reads."""
+    from ray_ft.data.embed_data import embed_config_hash
     from ray_ft.data.prepare import data_config_hash
 
-    prepare = data_config_hash(cfg)  # data + model config and the source file's bytes
-    train = _digest({"prepare": prepare, "train": cfg.train.model_dump()})
-    evaluate = _digest({"train": train, "serve": cfg.serve.model_dump(), "eval": cfg.eval.model_dump()})
-    return {"prepare": prepare, "train": train, "eval": evaluate}
+    upstream = {s: stage_hash(cfg, s) for s in stage_inputs(cfg)[stage]}
+    own = {
+        "embed": lambda: {"embed": cfg.embed.model_dump(), "data": embed_config_hash(cfg)},
+        "prepare": lambda: data_config_hash(cfg),  # data + model config, source bytes, embedder files
+        "train": lambda: cfg.train.model_dump(),
+        "eval": lambda: {"serve": cfg.serve.model_dump(), "eval": cfg.eval.model_dump()},
+    }[stage]()
+    return _digest({"own": own, **upstream})
+
+
+def stage_hashes(cfg: JobConfig) -> dict[str, str]:
+    return {s: stage_hash(cfg, s) for s in STAGES}
 
 
 class StageLog:
@@ -42,7 +63,8 @@ class StageLog:
         if unknown:
             raise ValueError(f"--force: unknown stage(s) {sorted(unknown)}; stages are {list(STAGES)}")
         self.path = run_dir / STATE_FILE
-        self.hashes = stage_hashes(cfg)
+        self.cfg = cfg
+        self.inputs = stage_inputs(cfg)
         self.force = set(force)
         self.ran: list[str] = []
         try:
@@ -50,10 +72,14 @@ class StageLog:
         except (OSError, ValueError):
             self.records = {}
 
+    def must_run(self, stage: str) -> bool:
+        """Forced, or a stage it reads from ran in this invocation (its inputs are new)."""
+        return stage in self.force or any(s in self.ran for s in self.inputs[stage])
+
     def fresh(self, stage: str) -> dict | None:
         """The recorded outputs when `stage` can be skipped, else None."""
         rec = self.records.get(stage)
-        if stage in self.force or self.ran or not rec or rec.get("hash") != self.hashes[stage]:
+        if self.must_run(stage) or not rec or rec.get("hash") != stage_hash(self.cfg, stage):
             return None
         if not all(Path(p).exists() for p in rec.get("paths", [])):
             return None
@@ -61,6 +87,7 @@ class StageLog:
 
     def done(self, stage: str, outputs: dict, paths: list[Path]) -> None:
         self.ran.append(stage)
-        self.records[stage] = {"hash": self.hashes[stage], "outputs": outputs, "paths": [str(p) for p in paths]}
+        self.records[stage] = {"hash": stage_hash(self.cfg, stage), "outputs": outputs,
+                               "paths": [str(p) for p in paths]}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.path, json.dumps(self.records, indent=2, ensure_ascii=False))

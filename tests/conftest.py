@@ -72,6 +72,21 @@ def tiny_model_dir(tmp_path_factory, smollm_dir) -> Path:
     return out
 
 
+def finqa_slice(path: Path, n: int) -> Path:
+    """The first n rows of Financial-QA-10k as a CSV of their own."""
+    import csv
+
+    with FINQA.open(encoding="utf-8", newline="") as src, path.open("w", encoding="utf-8", newline="") as dst:
+        reader = csv.DictReader(src)
+        writer = csv.DictWriter(dst, fieldnames=reader.fieldnames)
+        writer.writeheader()
+        for i, row in enumerate(reader):
+            if i == n:
+                break
+            writer.writerow(row)
+    return path
+
+
 def make_squad(path: Path, paragraphs: list[tuple[str, list[tuple[str, str, str]]]]) -> Path:
     """Write a SQuAD-style file: paragraphs = [(context, [(id, question, answer), ...]), ...]."""
     data = [{"title": f"t{i}", "paragraphs": [{

@@ -109,17 +109,52 @@ def test_data_stage_combinations_are_checked(tmp_path):
 
 def test_every_job_file_loads():
     jobs = sorted((ROOT / "jobs").glob("*.yaml"))
-    assert {j.stem for j in jobs} >= {"cmrc_lora_smoke", "cmrc_lora_gpu", "financial_embed", "radit", "rag_eval"}
+    assert {j.stem for j in jobs} >= {"cmrc_lora_smoke", "cmrc_lora", "financial_embed", "radit", "rag_eval"}
     for job in jobs:
         cfg = load_job(job)
         assert cfg.name == job.stem, job
-    gpu = load_job(ROOT / "jobs" / "cmrc_lora_gpu.yaml")
+    gpu = load_job(ROOT / "jobs" / "cmrc_lora.yaml")
     assert gpu.train.use_gpu and gpu.train.num_workers == 8 and gpu.ray.address == "auto"
     assert gpu.data.source == "hf://cmrc2018:validation"
     # rag_eval scores the smoke run's adapter: the same data config, so the same held-out questions.
     rag, smoke = load_job(ROOT / "jobs" / "rag_eval.yaml"), load_job(ROOT / "jobs" / "cmrc_lora_smoke.yaml")
     assert rag.data == smoke.data and rag.model == smoke.model and rag.num_shards == smoke.num_shards
     assert rag.eval.adapter == "runs/cmrc_lora_smoke/train/adapter" and rag.eval.judge.enabled
+    # radit: one job fine-tunes the embedder, then builds its SFT data and serves with it.
     radit = load_job(ROOT / "jobs" / "radit.yaml")
-    assert radit.data.retrieval_augment.enabled and radit.data.format == "qa_rows"
+    assert radit.data.retrieval_augment.enabled and radit.data.format == "qa_rows" and radit.embed.enabled
     assert Path(radit.data.source).is_absolute() and radit.data.source.endswith("financial_qa_10k.csv")
+    assert radit.data.retrieval_augment.embedder == radit.serve.embedder == "runs/radit/embed/model"
+    assert radit.serve.retrieval.query_instruction == radit.embed.query_instruction != ""
+    # financial_embed's embedder recipe is the one radit runs as its first stage.
+    fin = load_job(ROOT / "jobs" / "financial_embed.yaml").embed
+    keys = {"model", "source", "seed", "test_size", "neg_num", "query_instruction", "learning_rate", "max_steps"}
+    assert {k: getattr(radit.embed, k) for k in keys} == {k: getattr(fin, k) for k in keys}
+
+
+def test_embed_enabled_wires_the_fine_tuned_embedder_into_serving_and_retrieval_data():
+    cfg = parse_job({"name": "x", "output_dir": "out", "embed": {"enabled": True, "query_instruction": "Q: "},
+                     "data": {"retrieval_augment": {"enabled": True}}})
+    own = str(Path("out") / "x" / "embed" / "model")
+    assert cfg.finetuned_embedder_dir == own
+    assert cfg.serve.embedder == own and cfg.data.retrieval_augment.embedder == own
+    assert cfg.serve.retrieval.query_instruction == "Q: " and cfg.data.retrieval_augment.query_instruction == "Q: "
+    # An instruction given where it is used wins; the worker's re-validation of the dump agrees.
+    given = parse_job({"name": "x", "output_dir": "out", "embed": {"enabled": True},
+                       "serve": {"retrieval": {"query_instruction": ""}}})
+    assert given.serve.retrieval.query_instruction == "" and given.serve.embedder == own
+    assert JobConfig.model_validate(given.model_dump()) == given
+    # Without embed.enabled nothing moves.
+    plain = parse_job({"name": "x"})
+    assert plain.serve.embedder == "all-MiniLM-L6-v2" and plain.serve.retrieval.query_instruction == ""
+
+
+@pytest.mark.parametrize("job, message", [
+    ({"serve": {"embedder": "all-MiniLM-L6-v2"}}, r"serve.embedder=all-MiniLM-L6-v2: with embed.enabled the job uses "
+                                                  r"the embedder it fine-tunes \(out/x/embed/model\); remove serve.embedder"),
+    ({"data": {"retrieval_augment": {"enabled": True, "embedder": "m"}}}, r"remove data.retrieval_augment.embedder"),
+    ({"task": "embedding"}, r"embed.enabled is for task: sft"),
+])
+def test_embed_enabled_refuses_a_second_embedder(job, message):
+    with pytest.raises(RayFTError, match=message):
+        parse_job({"name": "x", "output_dir": "out", "embed": {"enabled": True}, **job})

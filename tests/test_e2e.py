@@ -6,6 +6,7 @@ import pytest
 
 from ray_ft.config import parse_job
 from ray_ft.pipeline import run_all
+from tests.conftest import FINQA, finqa_slice
 
 
 @pytest.mark.slow
@@ -69,3 +70,61 @@ def test_run_all_on_a_cmrc_slice(ray_cluster, cmrc_slice, tmp_path, smollm_dir, 
     assert third["skipped"] == ["prepare", "train"]
     assert {t["n"] for t in third["eval"]} == {2}
     assert json.loads((run / "stages.json").read_text())["train"]["outputs"]["exported_step"] == summary["exported_step"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FINQA.is_file(), reason="needs ../shared/datasets/financial-qa-10k")
+def test_run_with_an_embed_stage_serves_and_retrieves_with_the_fine_tuned_embedder(
+        ray_cluster, tmp_path, smollm_dir, minilm_dir):
+    """embed -> prepare (retrieval-augmented with that embedder) -> train -> serve it -> evaluate,
+    on one Financial-QA slice; the embedder never trains on the passages the eval retrieves from."""
+    import numpy as np
+
+    from ray_ft.serve.engines import SentenceTransformerEmbedder
+
+    src = finqa_slice(tmp_path / "qa.csv", 48)
+    instruction = "Represent this sentence for searching relevant passages: "
+    cfg = parse_job({
+        "name": "e2e_embed", "output_dir": str(tmp_path / "runs"),
+        "embed": {"enabled": True, "source": str(src), "test_size": 0.2, "neg_num": 2, "train_group_size": 2,
+                  "per_device_batch_size": 4, "max_steps": 2, "val_size": 0.0, "learning_rate": 5e-4,
+                  "passage_max_len": 128, "query_instruction": instruction},
+        "data": {"source": str(src), "format": "qa_rows", "language": "en", "val_size": 0.25, "max_samples": 4,
+                 "cutoff_len": 512, "retrieval_augment": {"enabled": True, "top_k": 2, "separate_context": False}},
+        "train": {"max_steps": 2, "tensorboard": False},
+        "serve": {"http_port": 8767, "max_tokens": 8},
+        "eval": {"max_samples": 3, "concurrency": 3, "modes": ["retrieved"], "plots": False},
+    })
+    summary = run_all(cfg)
+    run = tmp_path / "runs" / "e2e_embed"
+    assert summary["skipped"] == [] and summary["embed"]["steps"] == 2
+    assert summary["embed"]["model_dir"] == cfg.finetuned_embedder_dir == cfg.serve.embedder
+
+    # The eval's passages are not among the embedder's training passages (excluded, and counted).
+    heldout = {json.loads(x)["context"].strip() for x in (run / "data" / "eval.jsonl").read_text().splitlines()}
+    trained_on = {json.loads(x)["pos"][0].strip() for x in (run / "embed" / "data" / "train.jsonl").read_text().splitlines()}
+    assert heldout and not heldout & trained_on
+    assert json.loads((run / "embed" / "data" / "manifest.json").read_text())["excluded_sft_heldout_pairs"] > 0
+    # The training examples were retrieved with the fine-tuned embedder.
+    ra = summary["manifest"]["retrieval_augment"]
+    assert (ra["embedder"], ra["query_instruction"]) == (cfg.finetuned_embedder_dir, instruction)
+
+    # The served retriever embeds queries with the fine-tuned model and the instruction: its
+    # scores are the cosines computed here with both, not the base model's.
+    rows = [json.loads(x) for x in (run / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all(r["retrieved_scores"][0] is not None for r in rows)
+
+    def cosines(model_dir, prefix):
+        emb = SentenceTransformerEmbedder(str(model_dir))
+        q = emb.embed([prefix + r["question"] for r in rows])
+        p = emb.embed([r["retrieved_texts"][0] for r in rows])
+        return np.sum(q * p, axis=1)
+
+    served = np.array([r["retrieved_scores"][0] for r in rows])
+    np.testing.assert_allclose(served, cosines(cfg.finetuned_embedder_dir, instruction), atol=1e-4)
+    assert not np.allclose(served, cosines(minilm_dir, instruction), atol=1e-3)
+    assert not np.allclose(served, cosines(cfg.finetuned_embedder_dir, ""), atol=1e-3)
+
+    # Finished: every stage is skipped; an eval-only change reruns eval alone, not the embedder.
+    again = run_all(cfg)
+    assert again["skipped"] == ["embed", "prepare", "train", "eval"] and again["embed"] == summary["embed"]

@@ -17,12 +17,15 @@ def _cfg(tmp_path, **over):
 
 def test_a_change_reruns_its_stage_and_everything_after_it(tmp_path):
     base = stage_hashes(_cfg(tmp_path))
+    # Without embed.enabled the embedder's settings change nothing downstream.
+    emb = stage_hashes(_cfg(tmp_path, embed={"temperature": 0.05}))
+    assert emb["embed"] != base["embed"] and all(emb[s] == base[s] for s in ("prepare", "train", "eval"))
     lr = stage_hashes(_cfg(tmp_path, train={"learning_rate": 1e-4}))
     assert lr["prepare"] == base["prepare"] and lr["train"] != base["train"] and lr["eval"] != base["eval"]
     ev = stage_hashes(_cfg(tmp_path, eval={"max_samples": 7}))
     assert (ev["prepare"], ev["train"]) == (base["prepare"], base["train"]) and ev["eval"] != base["eval"]
     data = stage_hashes(_cfg(tmp_path, data={"seed": 1}))
-    assert all(data[s] != base[s] for s in base)
+    assert all(data[s] != base[s] for s in ("prepare", "train", "eval")) and data["embed"] == base["embed"]
     # The source file's bytes count too.
     (tmp_path / "qa.json").write_text((tmp_path / "qa.json").read_text().replace("France.", "France!"))
     assert stage_hashes(_cfg(tmp_path))["prepare"] != base["prepare"]
@@ -51,3 +54,43 @@ def test_stage_log_skips_only_finished_unchanged_stages(tmp_path):
     assert StageLog(cfg.run_dir, cfg).fresh("train") is None  # its output is gone
     with pytest.raises(ValueError, match="unknown stage"):
         StageLog(cfg.run_dir, cfg, force={"serve"})
+
+
+def _embedder_folder(cfg, content: str) -> None:
+    model = cfg.run_dir / "embed" / "model"
+    model.mkdir(parents=True, exist_ok=True)
+    (model / "model.safetensors").write_text(content)
+
+
+def test_an_embed_stage_reruns_only_the_stages_that_read_the_embedder(tmp_path):
+    served_only = _cfg(tmp_path, embed={"enabled": True})  # serves it; the training data does not use it
+    ra = _cfg(tmp_path, embed={"enabled": True}, data={"retrieval_augment": {"enabled": True}})
+    for cfg in (served_only, ra):
+        _embedder_folder(cfg, "v1")
+        base = stage_hashes(cfg)
+        changed = stage_hashes(cfg.model_copy(update={"embed": cfg.embed.model_copy(update={"temperature": 0.05})}))
+        assert changed["embed"] != base["embed"] and changed["eval"] != base["eval"]
+        # Retrieval-augmented examples are built with the fine-tuned embedder: data and training
+        # follow it; otherwise only serving + eval do.
+        reads = cfg.data.retrieval_augment.enabled
+        assert (changed["prepare"] != base["prepare"], changed["train"] != base["train"]) == (reads, reads)
+
+    out = tmp_path / "out.txt"
+    out.write_text("x")
+    for cfg, rerun in ((served_only, ["eval"]), (ra, ["prepare", "train", "eval"])):
+        log = StageLog(cfg.run_dir, cfg)
+        for stage in ("embed", "prepare", "train", "eval"):
+            log.done(stage, {}, [out])
+        again = StageLog(cfg.run_dir, cfg, force={"embed"})
+        assert again.fresh("embed") is None
+        _embedder_folder(cfg, "v2")  # the embed stage re-exported the model
+        again.done("embed", {}, [out])
+        assert [s for s in ("prepare", "train", "eval") if again.fresh(s) is None] == rerun
+
+
+def test_prepare_hash_follows_the_fine_tuned_embedder_files(tmp_path):
+    cfg = _cfg(tmp_path, embed={"enabled": True}, data={"retrieval_augment": {"enabled": True}})
+    _embedder_folder(cfg, "v1")
+    before = stage_hashes(cfg)["prepare"]
+    _embedder_folder(cfg, "v2-longer")  # computed when asked: after the embed stage wrote it
+    assert stage_hashes(cfg)["prepare"] != before

@@ -99,10 +99,28 @@ class JobConfig(_Strict):
                 f"data.num_shards={self.data.num_shards} < train.num_workers="
                 f"{self.train.num_workers}: some workers would get no data"
             )
+        if self.embed.enabled:
+            self._check_finetuned_embedder_use()
         if self.serve.node_group not in self.data.node_groups:
             raise ValueError(f"serve.node_group '{self.serve.node_group}' is not one of data.node_groups "
                              f"{sorted(self.data.node_groups)}")
         return self
+
+    def _check_finetuned_embedder_use(self) -> None:
+        if self.task == "embedding":
+            raise ValueError("embed.enabled is for task: sft (`ray-ft run` fine-tunes the embedder, then "
+                             "the LLM); a task: embedding job fine-tunes the embedder already")
+        own = self.finetuned_embedder_dir
+        for name, section in (("serve.embedder", self.serve), ("data.retrieval_augment.embedder",
+                                                                self.data.retrieval_augment)):
+            if "embedder" in section.model_fields_set and section.embedder != own:
+                raise ValueError(f"{name}={section.embedder}: with embed.enabled the job uses the embedder "
+                                 f"it fine-tunes ({own}); remove {name}")
+
+    @property
+    def finetuned_embedder_dir(self) -> str:
+        """Where the embed stage exports the fine-tuned embedder."""
+        return str(self.run_dir / "embed" / "model")
 
     @property
     def num_shards(self) -> int:
@@ -136,7 +154,25 @@ def parse_job(data: object, source: str = "<job>", base_dir: Path | None = None)
         raise RayFTError(_format_validation_error(source, err)) from None
     if base_dir is not None:
         cfg = _resolve_source(cfg, base_dir)
-    return cfg
+    return _wire_finetuned_embedder(cfg)
+
+
+def _wire_finetuned_embedder(cfg: JobConfig) -> JobConfig:
+    """embed.enabled: serving and retrieval-augmented data use the embedder the job fine-tunes,
+    with its query instruction unless one is given there."""
+    if not cfg.embed.enabled:
+        return cfg
+    own, instruction = cfg.finetuned_embedder_dir, cfg.embed.query_instruction
+
+    def wired(section, **fields):
+        given = section.model_fields_set
+        return section.model_copy(update={k: v for k, v in fields.items() if k == "embedder" or k not in given})
+
+    ra = wired(cfg.data.retrieval_augment, embedder=own, query_instruction=instruction)
+    retrieval = wired(cfg.serve.retrieval, query_instruction=instruction)
+    return cfg.model_copy(update={
+        "data": cfg.data.model_copy(update={"retrieval_augment": ra}),
+        "serve": cfg.serve.model_copy(update={"embedder": own, "retrieval": retrieval})})
 
 
 def _resolve_path(src: str, base_dir: Path) -> str:

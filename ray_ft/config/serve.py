@@ -145,6 +145,10 @@ class RetrievalSettings(_Strict):
     rrf_k: int = Field(60, ge=1, description="hybrid: k of reciprocal-rank fusion, score = sum 1 / (k + rank).")
     bm25_k1: float = Field(1.5, ge=0.0, description="BM25 term-frequency saturation.")
     bm25_b: float = Field(0.75, ge=0.0, le=1.0, description="BM25 length normalisation.")
+    query_instruction: str = Field(
+        "", description="Prefix of each query when it is embedded (the instruction the embedder was "
+        "fine-tuned with; embed.enabled sets it unless given). BM25 sees the bare query.",
+    )
     persist_index: bool = Field(
         False, description="Save the dense index under the run folder (serve_index/NODE_GROUP) and "
         "reload it while the nodes and the embedder are unchanged, instead of re-embedding.",
@@ -177,6 +181,11 @@ class ServeConfig(_Strict):
     http_host: str = Field(
         "127.0.0.1", description="Address the HTTP proxy binds (0.0.0.0: every interface; then set "
         "auth_token_env).",
+    )
+    proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
+        "EveryNode", description="Where Serve runs HTTP proxies: on every node (Ray's default; a "
+        "load balancer in front spreads clients) or on the head only (clients reach the head; "
+        "autoscaled GPU nodes carry no proxy).",
     )
     embedder_dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="Precision of the served embedder. bfloat16 encodes a batch ~1.7x "

@@ -136,8 +136,14 @@ class HardNegativeConfig(_Strict):
 
 
 class EmbedConfig(_Strict):
-    """Contrastive fine-tuning of the embedder (`task: embedding`), FlagEmbedding's recipe."""
+    """Contrastive fine-tuning of the embedder (`task: embedding`, or the `embed` stage of
+    `ray-ft run` with `enabled`), FlagEmbedding's recipe."""
 
+    enabled: bool = Field(
+        False, description="task sft: `ray-ft run` fine-tunes this embedder first (stage `embed`, "
+        "to runs/NAME/embed/model), then serves it, retrieves with it for data.retrieval_augment, "
+        "and prefixes queries with query_instruction there.",
+    )
     model: str = Field("all-MiniLM-L6-v2", description="Sentence-transformers model to fine-tune.")
     source: str = Field(
         "../../shared/datasets/financial-qa-10k/financial_qa_10k.csv",

@@ -37,7 +37,16 @@ def embed_config_hash(cfg: JobConfig) -> str:
             "max_train_samples", "val_size", "val_max_queries", "model")
     h = hashlib.sha256(json.dumps({k: e.model_dump()[k] for k in keys}, sort_keys=True).encode())
     h.update(hashlib.sha256(source_fingerprint(e.source)).digest())
+    if excludes_sft_heldout(cfg):
+        from ray_ft.data.prepare import heldout_split_fingerprint
+
+        h.update(heldout_split_fingerprint(cfg).encode())
     return h.hexdigest()[:16]
+
+
+def excludes_sft_heldout(cfg: JobConfig) -> bool:
+    """The embed stage of an sft job (embed.enabled) leaves out the SFT eval passages."""
+    return cfg.task == "sft" and cfg.embed.enabled
 
 
 def prepare_embedding_data(cfg: JobConfig, out: Path) -> EmbedData:
@@ -49,6 +58,13 @@ def prepare_embedding_data(cfg: JobConfig, out: Path) -> EmbedData:
     else:
         pairs, skipped = read_qa_csv(e.source, e.on_error)
     train, test = split_pairs(pairs, e.test_size, e.seed)
+    excluded = 0
+    if excludes_sft_heldout(cfg):
+        from ray_ft.data.prepare import heldout_contexts
+
+        heldout = heldout_contexts(cfg)
+        kept = [p for p in train if p.context.strip() not in heldout]
+        train, excluded = kept, len(train) - len(kept)
     train, held = split_pairs(train, e.val_size, e.seed + 1) if e.val_size else (train, [])
     held = seeded_sample(held, lambda p: f"{p.line}", e.val_max_queries, e.seed)
     mining = None
@@ -70,7 +86,7 @@ def prepare_embedding_data(cfg: JobConfig, out: Path) -> EmbedData:
     # this order, and a max_steps run must see a random slice, not the alphabetical first part.
     triplets = seeded_sample(triplets, lambda t: t["query"] + "\0" + t["pos"][0], e.max_train_samples, e.seed)
     manifest = {"source": e.source, "config_hash": embed_config_hash(cfg), "skipped_rows": skipped,
-                "pairs": len(pairs), "train_pairs": len(train), "test_pairs": len(test),
+                "pairs": len(pairs), "excluded_sft_heldout_pairs": excluded, "train_pairs": len(train), "test_pairs": len(test),
                 "val_pairs": len(held), "triplets": len(triplets), "neg_num": e.neg_num,
                 "negatives": "given" if given is not None else "mined" if mining else "random",
                 **({"hard_negatives": mining} if mining else {})}

@@ -98,6 +98,25 @@ def data_config_hash(cfg: JobConfig) -> str:
     return h.hexdigest()[:16]
 
 
+def heldout_contexts(cfg: JobConfig) -> set[str]:
+    """The passages `prepare` holds out for evaluation (the same read and seeded split), so that
+    an embedder fine-tuned in the same job never trains on what the eval retrieves from."""
+    d = cfg.data
+    source = read_source(d.source, d.format, d.on_error, d.bad_answer)
+    if not source.is_qa:
+        return set()
+    _, held = split_by_group(source.qa, lambda r: r.passage_id, d.val_size, d.seed)
+    return {r.context.strip() for r in held}
+
+
+def heldout_split_fingerprint(cfg: JobConfig) -> str:
+    """Everything `heldout_contexts` depends on."""
+    d = cfg.data
+    keys = {"format": d.format, "on_error": d.on_error, "bad_answer": d.bad_answer, "val_size": d.val_size,
+            "seed": d.seed, "source": hashlib.sha256(source_fingerprint(d.source)).hexdigest()}
+    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def file_hashes(root: Path) -> dict[str, str]:
     out = {}
     for p in sorted(root.rglob("*")):

@@ -39,6 +39,7 @@ def augment_with_retrieval(records: list[QARecord], rcfg: RetrievalAugmentConfig
             answer_in += rec.answers[0] in joined
     n = max(len(records), 1)
     stats = {"questions": len(records), "corpus_passages": len(pids), "examples": len(rows),
+             "embedder": rcfg.embedder, "query_instruction": rcfg.query_instruction,
              "top_k": rcfg.top_k, "separate_context": rcfg.separate_context,
              "gold_at_1": round(gold_top1 / n, 4), "gold_in_top_k": round(gold_topk / n, 4),
              "examples_with_answer_in_context": round(answer_in / max(len(rows), 1), 4)}

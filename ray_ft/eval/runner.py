@@ -78,7 +78,8 @@ def predict(client: RAGClient, items: list[dict], target: EvalTarget, mode: str,
             "gold_passage_id": it["passage_id"],
             "retrieved_ids": [c["node_id"] for c in out["contexts"] if c["node_id"]],
             "latency_s": out["latency_s"], "completion_tokens": out["completion_tokens"],
-            **({"retrieved_texts": [c["text"] for c in out["contexts"]], "gold_context": it["context"]}
+            **({"retrieved_texts": [c["text"] for c in out["contexts"]],
+                "retrieved_scores": [c["score"] for c in out["contexts"]], "gold_context": it["context"]}
                if mode == "retrieved" else {}),
         }
 

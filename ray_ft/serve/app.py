@@ -150,7 +150,7 @@ class RetrieverDeployment:
         await self.ready()
         if self.r.mode == "bm25":
             return self.bm25.search(query, top_k)
-        qvec = (await self._embed([query], self.timeout_s))[0]
+        qvec = (await self._embed([self.r.query_instruction + query], self.timeout_s))[0]
         if self.r.mode == "dense":
             return self.index.search(qvec, top_k)
         n = max(top_k, self.r.candidates)
@@ -225,7 +225,8 @@ def deploy(cfg: JobConfig, model_dir: str, embedder_dir: str, adapters: dict[str
            documents: list[dict]) -> str:
     """Start Serve on `serve.http_host:http_port`, deploy the graph, build the index; return the
     URL to reach it from this machine."""
-    serve.start(http_options={"host": cfg.serve.http_host, "port": cfg.serve.http_port})
+    serve.start(proxy_location=cfg.serve.proxy_location,
+                http_options={"host": cfg.serve.http_host, "port": cfg.serve.http_port})
     serve.run(build_rag_app(cfg, model_dir, embedder_dir, adapters, documents),
               name=APP_NAME, route_prefix="/", blocking=False,
               logging_config=LoggingConfig(enable_access_log=False))  # one line per call is noise

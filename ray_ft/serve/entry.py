@@ -1,6 +1,6 @@
 """Serve application builder for `serve run`, `serve deploy` and KubeRay's RayService.
 
-    serve run ray_ft.serve.entry:app_builder job=jobs/cmrc_lora_gpu.yaml
+    serve run ray_ft.serve.entry:app_builder job=jobs/cmrc_lora.yaml
 
 (or `ray-ft serve JOB.yaml`, which also starts a local Ray cluster when the job names none)
 builds the same RAG graph `ray-ft run` deploys, from a job whose data stage (knowledge base) and,

@@ -1,26 +1,13 @@
 """Contrastive embedder training on Ray Train (2 workers, cross-device negatives), real MiniLM and
 real Financial-QA rows; the saved folder loads in sentence-transformers with the same vectors."""
 
-import csv
 import json
 
 import numpy as np
 import pytest
 
 from ray_ft.config import parse_job
-from tests.conftest import FINQA
-
-
-def _slice(path, n):
-    with FINQA.open(encoding="utf-8", newline="") as src, path.open("w", encoding="utf-8", newline="") as dst:
-        reader = csv.DictReader(src)
-        writer = csv.DictWriter(dst, fieldnames=reader.fieldnames)
-        writer.writeheader()
-        for i, row in enumerate(reader):
-            if i == n:
-                break
-            writer.writerow(row)
-    return path
+from tests.conftest import FINQA, finqa_slice
 
 
 @pytest.mark.slow
@@ -35,7 +22,7 @@ def test_embedding_job_two_workers_saves_a_loadable_model(ray_cluster, minilm_di
 
     cfg = parse_job({
         "name": "embedtest", "task": "embedding", "output_dir": str(tmp_path / "runs"),
-        "embed": {"source": str(_slice(tmp_path / "qa.csv", 240)), "test_size": 0.2, "neg_num": 3,
+        "embed": {"source": str(finqa_slice(tmp_path / "qa.csv", 240)), "test_size": 0.2, "neg_num": 3,
                   "train_group_size": 2, "per_device_batch_size": 8, "max_steps": 4,
                   "learning_rate": 5e-5, "warmup_ratio": 0.0, "num_workers": 2, "cpus_per_worker": 1,
                   "grad_cache_chunk_size": 6, "passage_max_len": 128, "val_size": 0.1,
@@ -97,7 +84,7 @@ def test_worker_failure_resumes_from_the_checkpoint_with_the_same_losses(ray_clu
     from ray_ft.data.triplets import build_triplets, read_qa_csv
     from ray_ft.train.embed import run_embed_training
 
-    pairs, _ = read_qa_csv(_slice(tmp_path / "qa.csv", 96))
+    pairs, _ = read_qa_csv(finqa_slice(tmp_path / "qa.csv", 96))
     triplets = build_triplets(pairs, neg_num=3, seed=1)
     cfg = parse_job({
         "name": "resume", "task": "embedding", "output_dir": str(tmp_path / "runs"),
