@@ -63,11 +63,11 @@ def _cmd_train(args) -> int:
         from ray_ft.eval.retrieval_eval import to_markdown
         from ray_ft.pipeline import stage_embed
 
-        summary = stage_embed(cfg)
+        summary = stage_embed(cfg, resume=not args.force)
         print("\n" + to_markdown(summary["before"], summary["after"]))
         print(f"model: {summary['model_dir']}\nloss: {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}")
         return 0
-    result = stage_train(cfg, stage_prepare(cfg))
+    result = stage_train(cfg, stage_prepare(cfg), resume=not args.force)
     kind = "adapter" if cfg.train.finetuning_type == "lora" else "model"
     print(f"{kind}: {result.adapter_dir} (step {result.exported_step})\n"
           f"loss: {result.first_loss:.4f} -> {result.final_loss:.4f}")
@@ -135,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "prepare":
             sp.add_argument("--force", action="store_true",
                             help="rebuild even when the prepared data matches the config and input")
+        if name == "train":
+            sp.add_argument("--force", action="store_true",
+                            help="train from step 0; by default a stopped (or finished) run of the same "
+                            "config and data continues from its latest checkpoint")
         sp.set_defaults(fn=fn)
     models = sub.add_parser("models", help="packaged models")
     msub = models.add_subparsers(dest="models_cmd", required=True)

@@ -62,28 +62,38 @@ def stage_prepare(cfg: JobConfig, force: bool = False) -> PreparedData:
     return prepare(cfg, prepared.root, source=source, model_dir=model_dir)
 
 
-def stage_train(cfg: JobConfig, prepared: PreparedData):
+def stage_train(cfg: JobConfig, prepared: PreparedData, resume: bool = True):
+    """LoRA/freeze/full SFT; a stopped run of the same config and data continues from its latest
+    checkpoint (`resume=False`: from step 0)."""
     from ray_ft.train.sft import run_training
 
-    return run_training(cfg, prepared, resolve_model(cfg.model.name), cfg.run_dir / "train")
+    return run_training(cfg, prepared, resolve_model(cfg.model.name), cfg.run_dir / "train", resume=resume)
 
 
-def stage_serve(cfg: JobConfig, prepared: PreparedData, adapter: str | Path | None) -> str:
+def stage_serve(cfg: JobConfig, prepared: PreparedData, trained: str | Path | None) -> str:
     from ray_ft.serve.app import deploy
 
     init_ray(cfg)
+    adapters, whole = served_models(cfg, trained)
     return deploy(cfg, str(resolve_model(cfg.model.name)), str(resolve_model(cfg.serve.embedder)),
-                  served_adapters(cfg, adapter), load_knowledge_base(prepared))
+                  adapters, load_knowledge_base(prepared), whole)
 
 
-def served_adapters(cfg: JobConfig, trained: str | Path | None) -> dict[str, str]:
-    """{served name: location}: the trained adapter under the job's name, then `eval.adapters`.
-    Locations may be object-storage URIs; the engine fetches them where it runs."""
+def served_models(cfg: JobConfig, trained: str | Path | None) -> tuple[dict[str, str], dict[str, str]]:
+    """({served name: adapter location}, {served name: whole-model folder}). The trained model,
+    under the job's name, is an adapter of the base engine (lora) or a whole model on an engine of
+    its own (freeze/full); then `eval.adapters` and `serve.models`. Adapter locations may be
+    object-storage URIs; the engine fetches them where it runs."""
     from ray_ft.serve.adapters import adapter_location
 
-    adapters = {cfg.name: adapter_location(trained)} if trained else {}
+    adapters, whole = {}, {}
+    if trained and cfg.train.finetuning_type == "lora":
+        adapters[cfg.name] = adapter_location(trained)
+    elif trained:
+        whole[cfg.name] = str(Path(trained).resolve())
     adapters.update({label: adapter_location(path) for label, path in cfg.eval.adapters.items()})
-    return adapters
+    whole.update({label: str(resolve_model(path)) for label, path in cfg.serve.models.items()})
+    return adapters, whole
 
 
 def stage_eval(cfg: JobConfig, prepared: PreparedData, url: str,
@@ -95,7 +105,7 @@ def stage_eval(cfg: JobConfig, prepared: PreparedData, url: str,
     client = RAGClient(url, api_key_env=cfg.serve.auth_token_env)
     served = {"base": cfg.model.name, "finetuned": cfg.name}
     targets = [EvalTarget(label, served[label]) for label in cfg.eval.models]
-    targets += [EvalTarget(label, label) for label in cfg.eval.adapters]
+    targets += [EvalTarget(label, label) for label in [*cfg.eval.adapters, *cfg.serve.models]]
     targets += [EvalTarget(e.label, e.model, OpenAIChat(e.base_url, e.model, e.api_key_env))
                 for e in cfg.eval.endpoints]
     judge = None
@@ -110,23 +120,20 @@ def stage_eval(cfg: JobConfig, prepared: PreparedData, url: str,
     return run_eval(client, items, targets, cfg.eval, prompt, cfg.run_dir / "eval", judge, loss_history)
 
 
-def trained_adapter(cfg: JobConfig) -> str | None:
-    """The adapter `ray-ft eval` serves as "finetuned": eval.adapter (a folder or an
-    object-storage URI), else the run's own."""
+def trained_model(cfg: JobConfig) -> str | None:
+    """What `ray-ft eval`/`serve` serve as "finetuned": eval.adapter (a folder or an
+    object-storage URI), else the run's own adapter (lora) or whole model (freeze/full)."""
     from ray_ft.serve.adapters import check_adapter
 
     if "finetuned" not in cfg.eval.models:
         return None
-    adapter = cfg.eval.adapter or str(cfg.run_dir / "train" / "adapter")
-    return check_adapter(adapter, "", "; run `ray-ft train JOB.yaml` first or set eval.adapter")
-
-
-def check_servable(cfg: JobConfig) -> None:
-    """The RAG graph serves the fine-tuned model as a LoRA adapter on the base engine."""
-    if cfg.train.finetuning_type != "lora" and "finetuned" in cfg.eval.models:
-        raise RayFTError(
-            f"train.finetuning_type={cfg.train.finetuning_type}: serving a whole fine-tuned model "
-            "beside the base is not supported yet; use `ray-ft train`, or set eval.models: [base]")
+    hint = "; run `ray-ft train JOB.yaml` first or set eval.adapter"
+    if cfg.eval.adapter or cfg.train.finetuning_type == "lora":
+        return check_adapter(cfg.eval.adapter or str(cfg.run_dir / "train" / "adapter"), "", hint)
+    model = cfg.run_dir / "train" / "model"
+    if not (model / "config.json").is_file():
+        raise RayFTError(f"{model}: no fine-tuned model here (config.json missing){hint}")
+    return str(model)
 
 
 def require_eval_set(prepared: PreparedData) -> None:
@@ -135,25 +142,31 @@ def require_eval_set(prepared: PreparedData) -> None:
                          "set; `ray-ft run`/`eval` need a QA source (squad or qa_rows); use `ray-ft train`")
 
 
-def check_extra_adapters(cfg: JobConfig) -> None:
+def check_extra_models(cfg: JobConfig) -> None:
+    """eval.adapters and serve.models exist (before hours of training, not after)."""
     from ray_ft.serve.adapters import check_adapter
 
     for label, path in cfg.eval.adapters.items():
         check_adapter(path, f"eval.adapters.{label}: ")
+    for label, name in cfg.serve.models.items():
+        try:
+            resolve_model(name)
+        except RayFTError as err:
+            raise RayFTError(f"serve.models.{label}: {err}") from None
 
 
 def run_eval_only(cfg: JobConfig) -> list[dict]:
-    """Serve base + an existing adapter and evaluate; reuse the prepared data when unchanged."""
+    """Serve base + the trained (or an existing) model and evaluate; reuse the prepared data when
+    unchanged."""
     from ray import serve
 
-    check_servable(cfg)
-    adapter = trained_adapter(cfg)  # fail before starting anything
-    check_extra_adapters(cfg)
+    trained = trained_model(cfg)  # fail before starting anything
+    check_extra_models(cfg)
     prepared = stage_prepare(cfg)
     require_eval_set(prepared)
     metrics = cfg.run_dir / "train" / "metrics.jsonl"
-    history = read_jsonl(metrics) if adapter and not cfg.eval.adapter and metrics.is_file() else None
-    url = stage_serve(cfg, prepared, adapter)
+    history = read_jsonl(metrics) if trained and not cfg.eval.adapter and metrics.is_file() else None
+    url = stage_serve(cfg, prepared, trained)
     try:
         return stage_eval(cfg, prepared, url, history)
     finally:
@@ -175,7 +188,7 @@ def stage_embed_data(cfg: JobConfig):
     return prepare_embedding_data(cfg, out)
 
 
-def stage_embed(cfg: JobConfig) -> dict:
+def stage_embed(cfg: JobConfig, resume: bool = True) -> dict:
     """Embedding data -> retrieval eval of the base -> contrastive training on Ray Train ->
     retrieval eval of the result. Writes embed/{data,model,metrics.jsonl,retrieval.*}."""
     from ray_ft.eval.retrieval_eval import evaluate_retriever, to_markdown
@@ -201,7 +214,7 @@ def stage_embed(cfg: JobConfig) -> dict:
     before_instr = evaluate(base, e.query_instruction) if e.query_instruction else before
     init_ray(cfg)
     t = time.perf_counter()
-    result = run_embed_training(cfg, triplets, base, out, val)
+    result = run_embed_training(cfg, triplets, base, out, val, resume=resume)
     train_s = time.perf_counter() - t
     after = evaluate(result.model_dir, e.query_instruction)
     m = data.manifest
@@ -236,7 +249,7 @@ def _embed_stage(cfg: JobConfig, log_, run: _Timed) -> dict:
     if log_.fresh("embed") is not None:
         run.skipped.append("embed")
         return json.loads((cfg.run_dir / "embed" / "retrieval.json").read_text())
-    summary = run("embed_s", lambda: stage_embed(cfg))
+    summary = run("embed_s", lambda: stage_embed(cfg, resume="embed" not in log_.force))
     log_.done("embed", {"model_dir": summary["model_dir"]},
               [Path(summary["model_dir"]), cfg.run_dir / "embed" / "retrieval.json"])
     return summary
@@ -260,7 +273,7 @@ def _train_stage(cfg: JobConfig, log_, run: _Timed, prepared: PreparedData):
         run.skipped.append("train")
         return TrainResult(Path(rec["adapter_dir"]), Path(rec["metrics_file"]),
                            read_jsonl(Path(rec["metrics_file"])), rec["exported_step"])
-    trained = run("train_s", lambda: stage_train(cfg, prepared))
+    trained = run("train_s", lambda: stage_train(cfg, prepared, resume="train" not in log_.force))
     log_.done("train", {"adapter_dir": str(trained.adapter_dir), "metrics_file": str(trained.metrics_file),
                         "exported_step": trained.exported_step}, [trained.adapter_dir, trained.metrics_file])
     return trained
@@ -294,8 +307,7 @@ def run_all(cfg: JobConfig, force: set[str] | frozenset[str] = frozenset()) -> d
     from ray_ft.stages import StageLog
 
     if cfg.task == "sft":
-        check_servable(cfg)
-        check_extra_adapters(cfg)
+        check_extra_models(cfg)
     log_ = StageLog(cfg.run_dir, cfg, force)
     run = _Timed()
     summary: dict = {"job": cfg.name, "task": cfg.task}

@@ -158,3 +158,11 @@ def test_embed_enabled_wires_the_fine_tuned_embedder_into_serving_and_retrieval_
 def test_embed_enabled_refuses_a_second_embedder(job, message):
     with pytest.raises(RayFTError, match=message):
         parse_job({"name": "x", "output_dir": "out", "embed": {"enabled": True}, **job})
+
+
+def test_serve_models_names_must_be_free():
+    with pytest.raises(RayFTError, match=r"serve.models name \['x'\] is already the served name"):
+        parse_job({"name": "x", "serve": {"models": {"x": "some/folder"}}})
+    with pytest.raises(RayFTError, match=r"serve.models name \['SmolLM2-135M-Instruct'\]"):
+        parse_job({"name": "x", "serve": {"models": {"SmolLM2-135M-Instruct": "f"}}})
+    assert parse_job({"name": "x", "serve": {"models": {"merged": "f"}}}).serve.models == {"merged": "f"}

@@ -94,6 +94,10 @@ class JobConfig(_Strict):
         if taken:
             raise ValueError(f"eval.adapters label {sorted(taken)} is already the served name of the "
                              "fine-tuned adapter (job name) or of the base model")
+        taken = {self.name, self.model.name, *self.eval.adapters} & set(self.serve.models)
+        if taken:
+            raise ValueError(f"serve.models name {sorted(taken)} is already the served name of the base "
+                             "model, the fine-tuned model (job name) or an eval.adapters label")
         if self.data.num_shards is not None and self.data.num_shards < self.train.num_workers:
             raise ValueError(
                 f"data.num_shards={self.data.num_shards} < train.num_workers="

@@ -168,6 +168,12 @@ class ServeConfig(_Strict):
         "sentence, chunk by default).",
     )
     top_k: int = Field(1, ge=1, le=20, description="Passages retrieved per question.")
+    models: dict[str, str] = Field(
+        default_factory=dict, description="Whole models served beside the base, each on a vLLM "
+        "engine of its own: served name -> local folder (a merged export such as "
+        "runs/NAME/train/merged, a full fine-tune), packaged name or HF id. Evaluated with the others "
+        "by `ray-ft run`/`eval`. A freeze/full job's own trained model is added under the job's name.",
+    )
     max_tokens: int = Field(48, ge=1, description="Default completion length.")
     http_port: int = Field(8000, ge=1, le=65535, description="Ray Serve HTTP port.")
     generator_cpus: float = Field(1.0, ge=0, description="Logical CPUs reserved for the generator.")

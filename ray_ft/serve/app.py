@@ -3,15 +3,19 @@
 
 Logical CPUs are planned so the whole graph fits on a 2-core machine: the generator reserves
 `serve.generator_cpus`, the embedder `serve.embedder_cpus`, retriever and ingress 0.1 each (they
-only wait on the others); Serve's proxy and controller reserve none. Replicas, autoscaling,
-health checks and graceful shutdown come from `serve.deployments.*`.
+only wait on the others); Serve's proxy and controller reserve none. A whole model served beside
+the base (`serve.models`, a freeze/full fine-tune) runs on an engine of its own that reserves
+`serve.generator_cpus` too. Replicas, autoscaling, health checks and graceful shutdown come from
+`serve.deployments.*`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -162,8 +166,9 @@ class RetrieverDeployment:
 @serve.ingress()
 class RAGIngress:
     def __init__(self, generator: DeploymentHandle, retriever: DeploymentHandle,
-                 embedder: DeploymentHandle, settings: IngressSettings):
-        self.service = RAGService(generator, retriever, embedder, settings)
+                 embedder: DeploymentHandle, settings: IngressSettings,
+                 engines: dict[str, DeploymentHandle] | None = None):
+        self.service = RAGService(generator, retriever, embedder, settings, engines)
 
     def __serve_build_asgi_app__(self):
         # Built in the replica, around this replica's service (and its handles).
@@ -198,11 +203,23 @@ def ingress_settings(cfg: JobConfig) -> IngressSettings:
     )
 
 
+def engine_deployment_name(served_name: str) -> str:
+    """The Serve deployment of a whole model's own engine (deployment names allow fewer characters)."""
+    return "GeneratorDeployment_" + re.sub(r"[^A-Za-z0-9_.-]", "_", served_name)
+
+
 def build_rag_app(cfg: JobConfig, model_dir: str, embedder_dir: str, adapters: dict[str, str],
-                  documents: list[dict]):
-    """The bound Serve application for `cfg` (deploy it with `serve.run`)."""
+                  documents: list[dict], whole_models: dict[str, str] | None = None):
+    """The bound Serve application for `cfg` (deploy it with `serve.run`): the base engine with
+    `adapters` {served name: location}, and one more engine per entry of `whole_models`
+    {served name: model folder}."""
     s, d = cfg.serve, cfg.serve.deployments
-    settings = ingress_settings(cfg)  # first: a missing auth token fails before anything starts
+    whole_models = whole_models or {}
+    names = [engine_deployment_name(n) for n in whole_models]
+    if len(set(names)) < len(names):
+        raise RayFTError(f"serve.models: names {sorted(whole_models)} collide as deployment names {names}")
+    # First: a missing auth token fails before anything starts.
+    settings = replace(ingress_settings(cfg), model_names=(cfg.model.name, *adapters, *whole_models))
     embedder = EmbedderDeployment.options(
         ray_actor_options={"num_cpus": s.embedder_cpus}, user_config=s.embedder_batching.model_dump(),
         **d.embedder.serve_options(),
@@ -212,22 +229,30 @@ def build_rag_app(cfg: JobConfig, model_dir: str, embedder_dir: str, adapters: d
     ).bind(documents, cfg.data.node_groups[s.node_group], embedder, s.request_timeout_s, s.retries, s.retrieval.model_dump(),
            str((cfg.run_dir / "serve_index" / s.node_group).resolve()) if s.retrieval.persist_index else None,
            embedder_identity(embedder_dir, s.embedder_dtype))
-    generator = GeneratorDeployment.options(
-        ray_actor_options={"num_cpus": s.generator_cpus, "num_gpus": 1 if cfg.train.use_gpu else 0},
-        **d.generator.serve_options(),
-    ).bind(model_dir=model_dir, base_name=cfg.model.name, adapters=adapters, vcfg=s.vllm,
-           system_prompt=s.system_prompt or cfg.model.system_prompt, use_gpu=cfg.train.use_gpu)
+
+    def engine(name: str | None, folder: str, served: str, engine_adapters: dict[str, str]):
+        # Each engine holds its own weights and KV cache: one GPU each with train.use_gpu.
+        return GeneratorDeployment.options(
+            **({"name": name} if name else {}),
+            ray_actor_options={"num_cpus": s.generator_cpus, "num_gpus": 1 if cfg.train.use_gpu else 0},
+            **d.generator.serve_options(),
+        ).bind(model_dir=folder, base_name=served, adapters=engine_adapters, vcfg=s.vllm,
+               system_prompt=s.system_prompt or cfg.model.system_prompt, use_gpu=cfg.train.use_gpu)
+
+    generator = engine(None, model_dir, cfg.model.name, adapters)
+    engines = {served: engine(name, folder, served, {})
+               for name, (served, folder) in zip(names, whole_models.items())}
     ingress = RAGIngress.options(ray_actor_options={"num_cpus": 0.1}, **d.ingress.serve_options())
-    return ingress.bind(generator, retriever, embedder, settings)
+    return ingress.bind(generator, retriever, embedder, settings, engines)
 
 
 def deploy(cfg: JobConfig, model_dir: str, embedder_dir: str, adapters: dict[str, str],
-           documents: list[dict]) -> str:
+           documents: list[dict], whole_models: dict[str, str] | None = None) -> str:
     """Start Serve on `serve.http_host:http_port`, deploy the graph, build the index; return the
     URL to reach it from this machine."""
     serve.start(proxy_location=cfg.serve.proxy_location,
                 http_options={"host": cfg.serve.http_host, "port": cfg.serve.http_port})
-    serve.run(build_rag_app(cfg, model_dir, embedder_dir, adapters, documents),
+    serve.run(build_rag_app(cfg, model_dir, embedder_dir, adapters, documents, whole_models),
               name=APP_NAME, route_prefix="/", blocking=False,
               logging_config=LoggingConfig(enable_access_log=False))  # one line per call is noise
     # Embed the knowledge base now, so the first request does not pay for it.

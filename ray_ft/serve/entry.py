@@ -4,7 +4,7 @@
 
 (or `ray-ft serve JOB.yaml`, which also starts a local Ray cluster when the job names none)
 builds the same RAG graph `ray-ft run` deploys, from a job whose data stage (knowledge base) and,
-when "finetuned" is among `eval.models`, train stage (adapter) have already run: the run folder
+when "finetuned" is among `eval.models`, train stage (adapter, or whole model) have already run: the run folder
 (`output_dir/name`) must be readable by the Serve replicas (shared storage on a cluster).
 """
 
@@ -20,16 +20,15 @@ def served_inputs(cfg, job: str) -> dict:
     """What the graph of a finished run serves: model and embedder folders, adapters by served
     name, knowledge-base documents (the keyword arguments of `build_rag_app` / `deploy`). Fails
     with a message naming the missing piece and the command that makes it."""
-    from ray_ft.pipeline import check_extra_adapters, check_servable, served_adapters, trained_adapter
+    from ray_ft.pipeline import check_extra_models, served_models, trained_model
 
-    check_servable(cfg)
-    check_extra_adapters(cfg)
+    check_extra_models(cfg)
     prepared = PreparedData(cfg.run_dir / "data")
     if not prepared.knowledge_base_file.is_file():
         raise RayFTError(f"{prepared.knowledge_base_file}: no knowledge base; run `ray-ft prepare {job}` first")
-    adapters = served_adapters(cfg, trained_adapter(cfg))
+    adapters, whole = served_models(cfg, trained_model(cfg))
     return {"model_dir": str(resolve_model(cfg.model.name)), "embedder_dir": str(resolve_model(cfg.serve.embedder)),
-            "adapters": adapters, "documents": load_knowledge_base(prepared)}
+            "adapters": adapters, "documents": load_knowledge_base(prepared), "whole_models": whole}
 
 
 def app_builder(args: dict):
@@ -60,7 +59,7 @@ def serve_until_stopped(cfg, job: str, announce=print) -> None:
     try:
         init_ray(cfg)
         url = deploy(cfg, **inputs)
-        models = [cfg.model.name, *inputs["adapters"]]
+        models = [cfg.model.name, *inputs["adapters"], *inputs["whole_models"]]
         announce(f"serving {url} (models: {', '.join(models)}; {len(inputs['documents'])} documents); "
                  "Ctrl-C stops")
         stop.wait()

@@ -54,6 +54,9 @@ class IngressSettings:
     max_embed_inputs: int = 256
     max_request_bytes: int = 4_000_000
     auth_token: SecretStr | None = None  # SecretStr: repr and str show asterisks, never the token
+    # Every served name (base, adapters, whole models), so an unknown one is a 404 before any
+    # engine is called; empty: the generator decides.
+    model_names: tuple[str, ...] = ()
 
 
 class RequestError(RayFTError):
@@ -72,9 +75,21 @@ def cause_message(exc: BaseException) -> str:
 class RAGService:
     """The endpoints' work, apart from HTTP."""
 
-    def __init__(self, generator: Any, retriever: Any, embedder: Any, settings: IngressSettings):
+    def __init__(self, generator: Any, retriever: Any, embedder: Any, settings: IngressSettings,
+                 engines: dict[str, Any] | None = None):
+        """`generator` serves the base model and its adapters; `engines` the whole models that
+        run on engines of their own (merged or fully fine-tuned), by served name."""
         self.generator, self.retriever, self.embedder = generator, retriever, embedder
+        self.engines = engines or {}
         self.s = settings
+
+    def _engine(self, model: str) -> Any:
+        if model in self.engines:
+            return self.engines[model]
+        if self.s.model_names and model not in self.s.model_names:
+            raise RequestError(404, f"unknown model '{model}'; served: {', '.join(self.s.model_names)}",
+                               "model_not_found")
+        return self.generator
 
     # -- checks ---------------------------------------------------------------------------------
     def _max_tokens(self, requested: int | None) -> int:
@@ -94,6 +109,7 @@ class RAGService:
     async def models(self) -> dict:
         names = await self._call(lambda: self.generator.model_names.remote(), "generator",
                                  Deadline(self.s.request_timeout_s), {})
+        names = [*names, *self.engines]
         return {"object": "list",
                 "data": [{"id": n, "object": "model", "owned_by": "ray_ft"} for n in names]}
 
@@ -104,8 +120,8 @@ class RAGService:
         return [m.model_dump() for m in req.messages], req.model, max_tokens, req.temperature, structured
 
     async def chat(self, req: ChatCompletionRequest, stats: dict) -> dict:
-        args = self._chat_args(req)
-        out = await self._call(lambda: self.generator.generate.remote(*args), "generator",
+        args, engine = self._chat_args(req), self._engine(req.model)
+        out = await self._call(lambda: engine.generate.remote(*args), "generator",
                                Deadline(self.s.request_timeout_s), stats)
         return completion_body(out)
 
@@ -115,7 +131,7 @@ class RAGService:
         server-sent events of the whole answer."""
         args = self._chat_args(req)
         deadline = Deadline(self.s.request_timeout_s)
-        streaming = self.generator.options(stream=True)
+        streaming = self._engine(req.model).options(stream=True)
         first, stream = await open_stream_with_retries(
             lambda: streaming.stream.remote(*args), "generator", deadline, self.s.retries, stats)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -187,8 +203,9 @@ class RAGService:
         t1 = time.perf_counter()
         messages = self.s.prompt.messages([c.text for c in contexts], req.query)
         model = req.model or self.s.base_name
+        engine = self._engine(model)
         out = await self._call(
-            lambda: self.generator.generate.remote(messages, model, max_tokens, req.temperature),
+            lambda: engine.generate.remote(messages, model, max_tokens, req.temperature),
             "generator", deadline, stats)
         return RAGResponse(
             answer=out.text, model=out.model, contexts=contexts,

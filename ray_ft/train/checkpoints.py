@@ -7,6 +7,7 @@ history travels inside the final checkpoint as `ray_ft_history.jsonl`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -27,6 +28,28 @@ def ordered_ingest():
     options = DataConfig.default_ingest_options()
     options.preserve_order = True
     return DataConfig(execution_options=options)
+
+
+def resumable_run_name(prefix: str, identity: dict, storage_path: str, fresh: bool = False) -> str:
+    """A Ray Train run name fixed by what the run computes (`identity`: config, data, model).
+
+    A run stopped before it finished (Ctrl-C, a dead driver, `max_failures` used up) and started
+    again with the same identity finds its run folder under `storage_path`; Ray Train reloads the
+    run's checkpoint snapshot and the training loop continues from the latest checkpoint. A
+    finished run started again ends at once with the same export. `fresh` deletes that run's
+    folder first, so training starts from step 0.
+    """
+    import pyarrow.fs as pafs
+
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    name = f"{prefix}_{key}"
+    if fresh:
+        fs, root = pafs.FileSystem.from_uri(storage_path) if "://" in storage_path else \
+            (pafs.LocalFileSystem(), storage_path)
+        run = f"{root.rstrip('/')}/{name}"
+        if fs.get_file_info(run).type != pafs.FileType.NotFound:
+            fs.delete_dir(run)
+    return name
 
 
 def report_checkpoint(history: list[dict], rank: int, save: Callable[[Path], None],

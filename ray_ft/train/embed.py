@@ -10,6 +10,7 @@ folder's modules with the trained weights), loadable by sentence-transformers an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -21,7 +22,9 @@ from pathlib import Path
 
 from ray_ft.config import EmbedConfig, JobConfig
 from ray_ft.train import metrics as tm
-from ray_ft.train.checkpoints import HISTORY_FILE, fit_and_export, ordered_ingest, report_checkpoint
+from ray_ft.train.checkpoints import (
+    HISTORY_FILE, fit_and_export, ordered_ingest, report_checkpoint, resumable_run_name,
+)
 from ray_ft.train.steppers import TRAINER_STATE
 
 log = logging.getLogger(__name__)
@@ -281,11 +284,14 @@ def _write_triplets(triplets: list[dict], out_dir: Path) -> Path:
 
 
 def run_embed_training(cfg: JobConfig, triplets: list[dict], model_dir: Path, out_dir: Path,
-                       val: dict | None = None, fail_at_step: int | None = None) -> EmbedTrainResult:
+                       val: dict | None = None, fail_at_step: int | None = None,
+                       resume: bool = True) -> EmbedTrainResult:
     """Fit on Ray Train; the best (by validation MRR, else the last) sentence-transformers folder
     lands in `out_dir/model`. `val` = {"questions", "contexts"} scored every
     `embed.eval_every_n_steps` and at the end. `fail_at_step` is for failure tests: the first
-    attempt's rank 0 raises after that step and Ray Train restarts from the latest checkpoint."""
+    attempt's rank 0 raises after that step and Ray Train restarts from the latest checkpoint.
+    A run of the same config, data and model that stopped before the end continues from its
+    latest checkpoint (`resume=False`: from step 0)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -297,6 +303,10 @@ def run_embed_training(cfg: JobConfig, triplets: list[dict], model_dir: Path, ou
                          f"on each of {ecfg.num_workers} workers")
     out_dir.mkdir(parents=True, exist_ok=True)
     score = f"val_mrr_at_{ecfg.eval_top_k}" if val else None
+    storage = str((out_dir / "ray").resolve())
+    triplets_key = hashlib.sha256(json.dumps(triplets, sort_keys=True).encode()).hexdigest()
+    run_name = resumable_run_name("embed", {"embed": ecfg.model_dump(), "triplets": triplets_key, "val": val,
+                                            "model": str(model_dir)}, storage, fresh=not resume)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": cfg.model_dump(), "model_dir": str(model_dir),
@@ -306,7 +316,7 @@ def run_embed_training(cfg: JobConfig, triplets: list[dict], model_dir: Path, ou
             num_workers=ecfg.num_workers, use_gpu=ecfg.use_gpu,
             resources_per_worker={"CPU": ecfg.cpus_per_worker} if not ecfg.use_gpu else None),
         run_config=RunConfig(
-            name=f"embed_{time.strftime('%Y%m%d_%H%M%S')}", storage_path=str((out_dir / "ray").resolve()),
+            name=run_name, storage_path=storage,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=ecfg.keep_checkpoints, checkpoint_score_attribute=score,
                 checkpoint_score_order="max"),

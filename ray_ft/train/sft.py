@@ -23,7 +23,9 @@ from ray_ft.config import JobConfig, TrainConfig
 from ray_ft.data.prepare import PreparedData
 from ray_ft.train import metrics as tm
 from ray_ft.train.batches import PadCollate, model_inputs
-from ray_ft.train.checkpoints import HISTORY_FILE, fit_and_export, ordered_ingest, report_checkpoint
+from ray_ft.train.checkpoints import (
+    HISTORY_FILE, fit_and_export, ordered_ingest, report_checkpoint, resumable_run_name,
+)
 from ray_ft.train.methods import build_model, load_trained_weights, merge_adapter, save_export
 from ray_ft.train.steppers import make_stepper, resolved_precision
 
@@ -104,7 +106,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model, num_params = build_model(model_dir, tcfg, dtype)
     rows_per_worker = loop_config["rows_per_worker"]
     n_steps, per_epoch = total_steps(rows_per_worker, tcfg), steps_per_epoch(rows_per_worker, tcfg)
-    step, history, best, since_best = 0, [], None, 0
+    step, history, best, since_best, stop = 0, [], None, 0, False
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:  # a restart after a failure: weights first, before any wrapping
         with ckpt.as_directory() as d:
@@ -118,6 +120,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             history = [json.loads(line) for line in Path(d, HISTORY_FILE).read_text().splitlines()]
         step, best, since_best = state["step"], state["best"], state["since_best"]
         resumed_from = step
+        stop = bool(tcfg.early_stopping_patience and since_best >= tcfg.early_stopping_patience)
         if rank == 0:
             log.info("[train] resumed from %s at step %d", ckpt.path, step)
     device = ray.train.torch.get_device()
@@ -139,7 +142,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     stepper.train(True)
-    stop = False
     t0, tokens, slots, loss_sum, waited = time.perf_counter(), 0, 0, 0.0, 0.0
     while step < n_steps and not stop:
         skip = (step % per_epoch) * tcfg.gradient_accumulation_steps  # micro-batches a resumed run did
@@ -257,9 +259,11 @@ def load_val_rows(prepared: PreparedData) -> list[dict]:
 
 
 def run_training(cfg: JobConfig, prepared: PreparedData, model_dir: Path, out_dir: Path,
-                 kill_at_step: int | None = None, kill_rank: int = 0) -> TrainResult:
+                 kill_at_step: int | None = None, kill_rank: int = 0, resume: bool = True) -> TrainResult:
     """Fit on Ray Train; export the best (or last) checkpoint to `out_dir/adapter` (lora) or
-    `out_dir/model` (freeze/full), the step history to metrics.jsonl and a loss plot.
+    `out_dir/model` (freeze/full), the step history to metrics.jsonl and a loss plot. A run of
+    the same config, data and model that stopped before the end continues from its latest
+    checkpoint (`resume=False`: from step 0).
     `kill_at_step`/`kill_rank` are for failure tests (that worker is SIGKILLed once)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -277,6 +281,10 @@ def run_training(cfg: JobConfig, prepared: PreparedData, model_dir: Path, out_di
     out_dir.mkdir(parents=True, exist_ok=True)
     score = tcfg.metric_for_best if val_rows else None
     storage = tcfg.storage_path or str((out_dir / "ray").resolve())
+    # Same config, data and model -> same run: an interrupted run continues from its checkpoints.
+    run_name = resumable_run_name(
+        f"sft_{cfg.name}", {"train": tcfg.model_dump(), "data": manifest.get("config_hash"), "model": str(model_dir)},
+        storage, fresh=not resume)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -289,7 +297,7 @@ def run_training(cfg: JobConfig, prepared: PreparedData, model_dir: Path, out_di
             resources_per_worker={"CPU": tcfg.cpus_per_worker} if not tcfg.use_gpu else None,
         ),
         run_config=RunConfig(
-            name=f"sft_{cfg.name}_{time.strftime('%Y%m%d_%H%M%S')}", storage_path=storage,
+            name=run_name, storage_path=storage,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=tcfg.keep_checkpoints, checkpoint_score_attribute=score,
                 checkpoint_score_order="min" if score == "val_loss" else "max"),

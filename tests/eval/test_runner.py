@@ -32,9 +32,11 @@ def cfg():
     return parse_job({
         "name": "evaltest", "model": {"system_prompt": "You are a helpful assistant."},
         "data": {"language": "en"},
-        "serve": {"http_port": 8767, "max_tokens": 24, "top_k": 1},
+        # fp32: bf16 greedy answers on vLLM CPU depend on which requests share a batch, and the
+        # test compares the same model reached two ways, under concurrency.
+        "serve": {"http_port": 8769, "max_tokens": 24, "top_k": 1, "vllm": {"dtype": "float32"}},
         "eval": {"models": ["base"], "modes": ["gold", "retrieved"], "concurrency": 3,
-                 "endpoints": [{"label": "base-by-url", "base_url": "http://127.0.0.1:8767/v1",
+                 "endpoints": [{"label": "base-by-url", "base_url": "http://127.0.0.1:8769/v1",
                                 "model": BASE}],
                  "judge": {"enabled": True, "model": "base", "max_samples": 2, "n_questions": 2}},
     })

@@ -1,5 +1,6 @@
 """One RAG graph for all of tests/serve (package scope: a vLLM deployment costs ~30 s): real
-vLLM + SmolLM2 with a random LoRA adapter "tuned", real MiniLM on two embedder replicas (the
+vLLM + SmolLM2 with a random LoRA adapter "tuned", the same adapter merged into a whole model
+"tuned-merged" on a second vLLM engine, real MiniLM on two embedder replicas (the
 failure test kills one), an autoscaling retriever (1-2 replicas), bearer-token auth on, on a free
 port."""
 
@@ -66,13 +67,18 @@ def served(ray_cluster, smollm_dir, minilm_dir, tmp_path_factory):
 
     from ray_ft.serve.app import deploy
 
-    adapter = tmp_path_factory.mktemp("adapter")
+    adapter, merged = tmp_path_factory.mktemp("adapter"), tmp_path_factory.mktemp("merged")
     peft_model = make_random_lora_adapter(smollm_dir, adapter, std=0.05)
-    expected = _peft_greedy(peft_model, AutoTokenizer.from_pretrained(smollm_dir), QUESTION, 8)
+    tok = AutoTokenizer.from_pretrained(smollm_dir)
+    expected = _peft_greedy(peft_model, tok, QUESTION, 8)
+    # The same adapter merged into the base: a whole model, served on an engine of its own.
+    peft_model.merge_and_unload().save_pretrained(merged)
+    tok.save_pretrained(merged)
     del peft_model
     cfg = parse_job({"name": "servetest", "data": {"language": "en"},
                      # fp32 like the transformers + peft reference, so greedy outputs can be compared
                      "serve": {"http_port": free_port(), "top_k": 2, "max_tokens": 16,
+                               "models": {"tuned-merged": str(merged)},
                                "auth_token_env": TOKEN_ENV,
                                "deployments": {
                                    "embedder": {"num_replicas": 2},
@@ -83,7 +89,8 @@ def served(ray_cluster, smollm_dir, minilm_dir, tmp_path_factory):
                                "vllm": {"dtype": "float32"}}})
     os.environ[TOKEN_ENV] = TOKEN  # read where the graph is built (here, the driver)
     try:
-        url = deploy(cfg, str(smollm_dir), str(minilm_dir), {"tuned": str(adapter)}, DOCS)
+        url = deploy(cfg, str(smollm_dir), str(minilm_dir), {"tuned": str(adapter)}, DOCS,
+                     {"tuned-merged": str(merged)})
     finally:
         del os.environ[TOKEN_ENV]
     yield Served(url, TOKEN, expected, cfg)

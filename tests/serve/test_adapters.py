@@ -42,11 +42,18 @@ def test_remote_adapter_is_checked_fetched_once_and_refetched_when_it_changes(s3
         fetch_adapter(f"s3://models/run2{query}", tmp_path / "cache")
 
 
-def test_served_adapters_keep_uris_and_resolve_folders(tmp_path, monkeypatch):
-    from ray_ft.pipeline import served_adapters
+def test_served_models_keep_uris_resolve_folders_and_give_whole_models_an_engine(tmp_path, monkeypatch):
+    from ray_ft.pipeline import served_models
 
     monkeypatch.chdir(tmp_path)
-    cfg = parse_job({"name": "job", "eval": {"adapters": {"remote": "s3://b/a", "local": "rel/ad"}}})
-    assert served_adapters(cfg, "trained") == {"job": str(tmp_path / "trained"), "remote": "s3://b/a",
-                                               "local": str(tmp_path / "rel" / "ad")}
-    assert served_adapters(cfg, None) == {"remote": "s3://b/a", "local": str(tmp_path / "rel" / "ad")}
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "config.json").write_text("{}")  # a model folder
+    cfg = parse_job({"name": "job", "eval": {"adapters": {"remote": "s3://b/a", "local": "rel/ad"}},
+                     "serve": {"models": {"merged": "merged"}}})
+    extra = {"remote": "s3://b/a", "local": str(tmp_path / "rel" / "ad")}
+    whole = {"merged": str(tmp_path / "merged")}
+    assert served_models(cfg, "trained") == ({"job": str(tmp_path / "trained"), **extra}, whole)
+    assert served_models(cfg, None) == (extra, whole)
+    # A freeze/full fine-tune is a whole model: served on an engine of its own, under the job's name.
+    full = cfg.model_copy(update={"train": cfg.train.model_copy(update={"finetuning_type": "full"})})
+    assert served_models(full, "runs/job/train/model") == (extra, {"job": str(tmp_path / "runs/job/train/model"), **whole})

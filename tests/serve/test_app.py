@@ -19,7 +19,7 @@ def test_openai_client_chat_models_and_embeddings(served):
     from openai import BadRequestError, NotFoundError
 
     client = served.openai()
-    assert [m.id for m in client.models.list().data] == [BASE, "tuned"]
+    assert [m.id for m in client.models.list().data] == [BASE, "tuned", "tuned-merged"]
 
     msgs = [{"role": "user", "content": QUESTION}]
     base = client.chat.completions.create(model=BASE, messages=msgs, max_tokens=8)
@@ -27,8 +27,11 @@ def test_openai_client_chat_models_and_embeddings(served):
     assert "Paris" in base.choices[0].message.content
     assert base.usage.completion_tokens <= 8 and base.usage.prompt_tokens > 10
     assert tuned.choices[0].message.content != base.choices[0].message.content
-    # The unmerged adapter served by vLLM answers as transformers + peft with the same adapter.
+    # The unmerged adapter served by vLLM answers as transformers + peft with the same adapter,
+    # and so does the merged model on its own engine.
     assert tuned.choices[0].message.content.strip() == served.peft_answer.strip()
+    merged = client.chat.completions.create(model="tuned-merged", messages=msgs, max_tokens=8)
+    assert merged.model == "tuned-merged" and merged.choices[0].message.content.strip() == served.peft_answer.strip()
 
     emb = client.embeddings.create(input=["mountain", "river"], model="all-MiniLM-L6-v2")
     assert [len(d.embedding) for d in emb.data] == [384, 384]
@@ -104,7 +107,8 @@ def test_rag_endpoint_retrieves_then_answers_and_rejects_bad_requests(served):
             assert resp.json()["error"]["message"]
         # The error names the problem without Ray's traceback around it.
         missing = http.post("/v1/rag", json={"query": "q", "model": "missing"}).json()["error"]
-        assert missing == {"message": f"unknown model 'missing'; served: {BASE}, tuned", "type": "model_not_found"}
+        assert missing == {"message": f"unknown model 'missing'; served: {BASE}, tuned, tuned-merged",
+                           "type": "model_not_found"}
         assert http.get("/healthz").json() == {"status": "ok"}  # still serving
 
 
@@ -165,7 +169,7 @@ def test_bearer_token_is_required_and_never_logged(served, ray_cluster, monkeypa
         RAGClient(served.url, api_key_env=TOKEN_ENV)
     monkeypatch.setenv(TOKEN_ENV, served.token)
     client = RAGClient(served.url, api_key_env=TOKEN_ENV)
-    assert client.models() == [BASE, "tuned"] and client.embed(["river"]).shape == (1, 384)
+    assert client.models() == [BASE, "tuned", "tuned-merged"] and client.embed(["river"]).shape == (1, 384)
     assert client.chat_model(BASE).chat([{"role": "user", "content": QUESTION}], max_tokens=4)
 
     # Neither the token nor a wrong one appears in any log of the session (driver, controller,

@@ -21,16 +21,16 @@ PIECES = ["Par", "is", " is", " the capital."]
 
 
 class FakeGenerator:
-    def __init__(self, delay_s: float = 0.0, fail_after: int | None = None):
-        self.delay_s, self.fail_after = delay_s, fail_after
+    def __init__(self, delay_s: float = 0.0, fail_after: int | None = None, names=(BASE, "tuned")):
+        self.delay_s, self.fail_after, self.names = delay_s, fail_after, list(names)
         self.seen: list[list[dict]] = []
 
     def model_names(self):
-        return [BASE, "tuned"]
+        return self.names
 
     def _check(self, model, messages):
         if model not in self.model_names():
-            raise UnknownModelError(f"unknown model '{model}'; served: {BASE}, tuned")
+            raise UnknownModelError(f"unknown model '{model}'; served: {', '.join(self.names)}")
         if sum(len(m["content"]) for m in messages) > 500:
             raise PromptTooLong("the prompt is 900 tokens; with max_tokens=8 it exceeds the model's context")
 
@@ -67,13 +67,33 @@ class FakeRetriever:
         return [Hit(f"n{i}", f"passage {i}", 1.0 - i / 10) for i in range(top_k)]
 
 
-def _client(generator=None, embedder=None, **overrides) -> TestClient:
+def _client(generator=None, embedder=None, engines=None, **overrides) -> TestClient:
     settings = IngressSettings(**{
         "base_name": BASE, "prompt": RAGPrompt("en", "sys"), "top_k": 2, "max_tokens": 8,
         "max_tokens_limit": 64, **overrides})
     service = RAGService(FakeHandle(generator or FakeGenerator()), FakeHandle(FakeRetriever()),
-                         FakeHandle(embedder or FlakyEmbedder()), settings)
+                         FakeHandle(embedder or FlakyEmbedder()), settings,
+                         {name: FakeHandle(g) for name, g in (engines or {}).items()})
     return TestClient(build_api(service))
+
+
+def test_whole_models_are_routed_to_their_own_engine():
+    base, merged = FakeGenerator(), FakeGenerator(names=["merged"])
+    http = _client(base, engines={"merged": merged}, model_names=(BASE, "tuned", "merged"))
+    assert [m["id"] for m in http.get("/v1/models").json()["data"]] == [BASE, "tuned", "merged"]
+    msgs = [{"role": "user", "content": "capital?"}]
+    for model, engine in (("merged", merged), ("tuned", base), (BASE, base)):
+        for body in ({"model": model, "messages": msgs}, {"model": model, "messages": msgs, "stream": True}):
+            resp = http.post("/v1/chat/completions", json=body)
+            assert resp.status_code == 200, resp.text
+        rag = http.post("/v1/rag", json={"query": "capital?", "model": model})
+        assert rag.status_code == 200 and rag.json()["model"] == model
+    assert len(merged.seen) == 2 and len(base.seen) == 4  # streams record nothing in `seen`
+    # A name no engine serves: 404 naming every served model, before any engine is asked.
+    resp = http.post("/v1/chat/completions", json={"model": "nope", "messages": msgs})
+    assert resp.status_code == 404 and resp.json()["error"]["message"] == \
+        f"unknown model 'nope'; served: {BASE}, tuned, merged"
+    assert (len(base.seen), len(merged.seen)) == (4, 2)
 
 
 def _events(resp) -> list:

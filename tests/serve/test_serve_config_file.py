@@ -17,8 +17,9 @@ def _deployment_names(app) -> set[str]:
     while todo:
         node = todo.pop()
         names.add(node._bound_deployment.name)
-        todo += [a for a in (*node._bound_deployment.init_args, *node._bound_deployment.init_kwargs.values())
-                 if hasattr(a, "_bound_deployment")]
+        args = [*node._bound_deployment.init_args, *node._bound_deployment.init_kwargs.values()]
+        args += [v for a in args if isinstance(a, dict) for v in a.values()]  # the whole-model engines
+        todo += [a for a in args if hasattr(a, "_bound_deployment")]
     return names
 
 
@@ -38,3 +39,6 @@ def test_serve_config_file_validates_and_names_real_deployments():
     assert set(overridden) <= _deployment_names(graph)
     # The embedder's user_config is what its reconfigure() validates.
     EmbedderBatching.model_validate(overridden["EmbedderDeployment"].user_config)
+    # A whole model's engine is a deployment of its own, named after it (overridable by name).
+    graph = build_rag_app(parse_job({"name": "x"}), "model", "embedder", {}, [], {"merged/v1": "folder"})
+    assert "GeneratorDeployment_merged_v1" in _deployment_names(graph)

@@ -17,7 +17,7 @@ def test_embedding_job_two_workers_saves_a_loadable_model(ray_cluster, minilm_di
     from sentence_transformers import SentenceTransformer
     from transformers import AutoTokenizer
 
-    from ray_ft.pipeline import stage_embed
+    from ray_ft.pipeline import run_all
     from ray_ft.train.embed import SentenceEncoder
 
     cfg = parse_job({
@@ -28,7 +28,9 @@ def test_embedding_job_two_workers_saves_a_loadable_model(ray_cluster, minilm_di
                   "grad_cache_chunk_size": 6, "passage_max_len": 128, "val_size": 0.1,
                   "eval_every_n_steps": 2, "keep_checkpoints": 1},
     })
-    summary = stage_embed(cfg)
+    run = run_all(cfg)  # `ray-ft run` of a task: embedding job is its embed stage
+    summary = run["embed"]
+    assert run["skipped"] == [] and "eval" not in run
     out = tmp_path / "runs" / "embedtest" / "embed"
     # The data stage's outputs: triplets + splits with a manifest, reused on the next call.
     from ray_ft.pipeline import stage_embed_data
@@ -52,6 +54,9 @@ def test_embedding_job_two_workers_saves_a_loadable_model(ray_cluster, minilm_di
         assert r["n_queries"] == summary["test_pairs"] and 0 <= r["mrr_at_10"] <= 1
         assert r["recall_at_1"] <= r["recall_at_5"]
     assert "| recall_at_5 |" in (out / "retrieval.md").read_text()
+    again = run_all(cfg)  # finished and unchanged: skipped, the recorded summary returned
+    assert again["skipped"] == ["embed"] and again["timings"] == {}
+    assert again["embed"]["after"] == summary["after"] and again["embed"]["exported_step"] == summary["exported_step"]
 
     trained = SentenceTransformer(str(out / "model"), device="cpu")
     texts = ["What was Apple's revenue?", "Operating expenses rose in 2023."]

@@ -178,3 +178,34 @@ def test_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, tiny_model_
     a = load_file(str(clean.adapter_dir / "adapter_model.safetensors"))
     b = load_file(str(killed.adapter_dir / "adapter_model.safetensors"))
     assert all(np.allclose(a[k].numpy(), b[k].numpy(), atol=1e-5) for k in a)
+
+
+@pytest.mark.slow
+def test_a_stopped_run_started_again_continues_from_its_last_checkpoint(ray_cluster, tiny_model_dir, tmp_path):
+    """No restarts left (max_failures 0): the kill after step 5 ends the run with an error, as a
+    Ctrl-C or a dead driver would. Started again with the same config and data (what `ray-ft run`
+    does next), it continues from the step-4 checkpoint; started once more after it finished, it
+    retrains nothing; resume=False (`--force train`) starts from step 0."""
+    prepared = write_prepared(tmp_path / "data", tiny_model_dir, repeats=4)
+    cfg = _job(tmp_path, tiny_model_dir, num_workers=2, learning_rate=3e-2, max_steps=6, max_failures=0,
+               per_device_train_batch_size=2, eval_every_n_steps=2, lr_scheduler_type="cosine")
+    out = tmp_path / "stopped"
+    with pytest.raises(Exception):
+        run_training(cfg, prepared, tiny_model_dir, out, kill_at_step=5, kill_rank=1)
+    assert "killed rank 1 after step 5" in (out / ".killed_once").read_text()
+    assert not (out / "adapter").exists()
+
+    again = run_training(cfg, prepared, tiny_model_dir, out)
+    assert [(h["step"], h["resumed_from_step"]) for h in again.history if "resumed_from_step" in h] == [(5, 4)]
+    assert [h["step"] for h in again.history] == list(range(1, 7))
+    clean = run_training(cfg, prepared, tiny_model_dir, tmp_path / "clean")
+    assert [h["loss"] for h in again.history] == pytest.approx([h["loss"] for h in clean.history], rel=1e-4)
+
+    finished = load_file(str(again.adapter_dir / "adapter_model.safetensors"))
+    once_more = run_training(cfg, prepared, tiny_model_dir, out)
+    assert once_more.history == again.history  # no step was trained again
+    assert all(np.array_equal(finished[k].numpy(), v.numpy())
+               for k, v in load_file(str(once_more.adapter_dir / "adapter_model.safetensors")).items())
+    fresh = run_training(cfg, prepared, tiny_model_dir, out, resume=False)
+    assert [h["step"] for h in fresh.history] == list(range(1, 7))
+    assert not any("resumed_from_step" in h for h in fresh.history)

@@ -2,7 +2,7 @@ import pytest
 
 from ray_ft.config import TrainConfig, parse_job
 from ray_ft.errors import RayFTError
-from ray_ft.pipeline import check_servable
+from ray_ft.pipeline import trained_model
 from ray_ft.train.validation import prompt_part, rank_slice
 
 
@@ -31,10 +31,15 @@ def test_training_combinations_are_checked_on_load():
         parse_job({"name": "x", "train": {"deepspeed": {"stage": 1}}})
 
 
-def test_a_whole_fine_tuned_model_is_not_served_as_an_adapter():
-    with pytest.raises(RayFTError, match="finetuning_type=full: serving a whole fine-tuned model"):
-        check_servable(parse_job({"name": "x", "train": {"finetuning_type": "full"}}))
-    check_servable(parse_job({"name": "x", "train": {"finetuning_type": "full"}, "eval": {"models": ["base"]}}))
+def test_a_whole_fine_tuned_model_is_served_from_its_model_folder(tmp_path):
+    cfg = parse_job({"name": "x", "output_dir": str(tmp_path), "train": {"finetuning_type": "full"}})
+    with pytest.raises(RayFTError, match=r"x/train/model: no fine-tuned model here \(config.json missing\); "
+                                         r"run `ray-ft train JOB.yaml` first"):
+        trained_model(cfg)
+    (tmp_path / "x" / "train" / "model").mkdir(parents=True)
+    (tmp_path / "x" / "train" / "model" / "config.json").write_text("{}")
+    assert trained_model(cfg) == str(tmp_path / "x" / "train" / "model")
+    assert trained_model(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"models": ["base"]})})) is None
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
