@@ -81,13 +81,13 @@ def stage_serve(cfg: JobConfig, prepared: PreparedData, trained: str | Path | No
 
 def served_models(cfg: JobConfig, trained: str | Path | None) -> tuple[dict[str, str], dict[str, str]]:
     """({served name: adapter location}, {served name: whole-model folder}). The trained model,
-    under the job's name, is an adapter of the base engine (lora) or a whole model on an engine of
-    its own (freeze/full); then `eval.adapters` and `serve.models`. Adapter locations may be
-    object-storage URIs; the engine fetches them where it runs."""
-    from ray_ft.serve.adapters import adapter_location
+    under the job's name, is an adapter of the base engine (a LoRA adapter folder or prefix) or a
+    whole model on an engine of its own (freeze/full); then `eval.adapters` and `serve.models`.
+    Adapter locations may be object-storage URIs; the engine fetches them where it runs."""
+    from ray_ft.serve.adapters import adapter_location, has_adapter
 
     adapters, whole = {}, {}
-    if trained and cfg.train.finetuning_type == "lora":
+    if trained and has_adapter(trained):
         adapters[cfg.name] = adapter_location(trained)
     elif trained:
         whole[cfg.name] = str(Path(trained).resolve())

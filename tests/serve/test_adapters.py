@@ -46,8 +46,9 @@ def test_served_models_keep_uris_resolve_folders_and_give_whole_models_an_engine
     from ray_ft.pipeline import served_models
 
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "merged").mkdir()
-    (tmp_path / "merged" / "config.json").write_text("{}")  # a model folder
+    for folder, marker in (("merged", "config.json"), ("trained", "adapter_config.json")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / marker).write_text("{}")  # a model folder, an adapter folder
     cfg = parse_job({"name": "job", "eval": {"adapters": {"remote": "s3://b/a", "local": "rel/ad"}},
                      "serve": {"models": {"merged": "merged"}}})
     extra = {"remote": "s3://b/a", "local": str(tmp_path / "rel" / "ad")}
@@ -55,5 +56,4 @@ def test_served_models_keep_uris_resolve_folders_and_give_whole_models_an_engine
     assert served_models(cfg, "trained") == ({"job": str(tmp_path / "trained"), **extra}, whole)
     assert served_models(cfg, None) == (extra, whole)
     # A freeze/full fine-tune is a whole model: served on an engine of its own, under the job's name.
-    full = cfg.model_copy(update={"train": cfg.train.model_copy(update={"finetuning_type": "full"})})
-    assert served_models(full, "runs/job/train/model") == (extra, {"job": str(tmp_path / "runs/job/train/model"), **whole})
+    assert served_models(cfg, "merged") == (extra, {"job": str(tmp_path / "merged"), **whole})
