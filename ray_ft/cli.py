@@ -104,7 +104,7 @@ def _cmd_run(args) -> int:
         print("\n" + report.to_markdown(summary["eval"]))
         print(f"train loss (mean of first/last 8 steps) {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}")
     t = summary["timings"]
-    print(", ".join(f"{k}={v:.0f}" for k, v in t.items()) + f"; total={sum(t.values()):.0f}s")
+    print(", ".join([*(f"{k}={v:.0f}" for k, v in t.items()), f"total={sum(t.values()):.0f}s"]))
     print(f"outputs: {cfg.run_dir}")
     return 0
 
