@@ -12,6 +12,7 @@ first passages of CMRC2018 dev, prepared by ray_ft's own prepare stage (Ray Data
 
     .venv/bin/python bench/train_sft.py [--model SmolLM2-135M-Instruct] [--samples 48] [--batch 4]
                                         [--steps 6] [--warmup 2] [--cutoff 2048] [--threads 2]
+                                        [--packed-batch 1] [--gradient-checkpointing] [--skip-hf]
 """
 
 from __future__ import annotations
@@ -119,6 +120,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--cutoff", type=int, default=2048)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--packed-batch", type=int, default=1, help="packed rows per step")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="both ray_ft runs (memory of larger batches)")
+    p.add_argument("--skip-hf", action="store_true", help="only packing vs padding (no HF Trainer baseline)")
     p.add_argument("--hf-baseline", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--shards", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -143,8 +147,8 @@ def main() -> None:
             "model": {"name": str(model_dir)},
             "data": {"source": str(CMRC), "max_samples": args.samples, "cutoff_len": args.cutoff,
                      "packing": packing, "num_shards": 1},
-            "train": {"max_steps": args.steps, "per_device_train_batch_size": 1 if packing else args.batch,
-                      "learning_rate": 3e-4, "lr_scheduler_type": "constant", "cpus_per_worker": args.threads,
+            "train": {"max_steps": args.steps, "per_device_train_batch_size": args.packed_batch if packing else args.batch,
+                      "gradient_checkpointing": args.gradient_checkpointing, "learning_rate": 3e-4, "lr_scheduler_type": "constant", "cpus_per_worker": args.threads,
                       "tensorboard": False},
         })
         prepared = prepare(cfg, work / cfg.name / "data")
@@ -152,28 +156,32 @@ def main() -> None:
                                                                 args.warmup)
         if not packing:
             shards = prepared.train_dir
-    # The baseline twice: beside the (idle) local Ray cluster, then alone. On a 2-core machine
-    # Ray's own processes take CPU from a 2-thread torch step; the first number isolates that
-    # effect from ray_ft's trainer.
-    results["hf_trainer_ray_up"] = hf_subprocess(args, shards, model_dir)
-    ray.shutdown()
-    results["hf_trainer"] = hf_subprocess(args, shards, model_dir)
+    if not args.skip_hf:
+        # The baseline twice: beside the (idle) local Ray cluster, then alone. On a 2-core machine
+        # Ray's own processes take CPU from a 2-thread torch step; the first number isolates that
+        # effect from ray_ft's trainer.
+        results["hf_trainer_ray_up"] = hf_subprocess(args, shards, model_dir)
+        ray.shutdown()
+        results["hf_trainer"] = hf_subprocess(args, shards, model_dir)
 
-    ours, base, packed = results["padded"], results["hf_trainer"], results["packed"]
+    ours, packed = results["padded"], results["packed"]
     print(f"\nmodel {args.model}, {args.samples} CMRC2018 examples, LoRA r8 all-linear, fp32, {args.threads} threads, "
-          f"steps {args.warmup + 1}..{args.steps}")
-    ray_up = results["hf_trainer_ray_up"]
+          f"gradient checkpointing {args.gradient_checkpointing}, steps {args.warmup + 1}..{args.steps}")
     print("| run | real tokens/s | padding ratio | data wait s/step | peak RSS MB |")
     print("|---|---|---|---|---|")
-    print(f"| HF Trainer + peft, padded batch {args.batch} (alone) | {base['tokens_per_s']:.1f} | | | {base['peak_mem_mb']:.0f} |")
-    print(f"| HF Trainer + peft, padded batch {args.batch} (idle Ray cluster up) | {ray_up['tokens_per_s']:.1f} | | "
-          f"| {ray_up['peak_mem_mb']:.0f} |")
-    for name, r in ((f"ray_ft, padded batch {args.batch}", ours), (f"ray_ft, packed rows of <= {args.cutoff}", packed)):
+    if not args.skip_hf:
+        base, ray_up = results["hf_trainer"], results["hf_trainer_ray_up"]
+        print(f"| HF Trainer + peft, padded batch {args.batch} (alone) | {base['tokens_per_s']:.1f} | | | {base['peak_mem_mb']:.0f} |")
+        print(f"| HF Trainer + peft, padded batch {args.batch} (idle Ray cluster up) | {ray_up['tokens_per_s']:.1f} | | "
+              f"| {ray_up['peak_mem_mb']:.0f} |")
+    for name, r in ((f"ray_ft, padded batch {args.batch}", ours),
+                    (f"ray_ft, packed rows of <= {args.cutoff}, batch {args.packed_batch}", packed)):
         print(f"| {name} | {r['tokens_per_s']:.1f} | {r['padding_ratio']:.3f} | {r['data_wait_s']:.3f} "
               f"| {r['peak_mem_mb']:.0f} |")
-    print(f"\nray_ft / HF Trainer alone (same batches): {ours['tokens_per_s'] / base['tokens_per_s']:.3f}x "
-          f"(overhead {100 * (1 - ours['tokens_per_s'] / base['tokens_per_s']):+.1f}%)")
-    print(f"ray_ft / HF Trainer beside Ray: {ours['tokens_per_s'] / ray_up['tokens_per_s']:.3f}x")
+    if not args.skip_hf:
+        print(f"\nray_ft / HF Trainer alone (same batches): {ours['tokens_per_s'] / base['tokens_per_s']:.3f}x "
+              f"(overhead {100 * (1 - ours['tokens_per_s'] / base['tokens_per_s']):+.1f}%)")
+        print(f"ray_ft / HF Trainer beside Ray: {ours['tokens_per_s'] / ray_up['tokens_per_s']:.3f}x")
     print(f"packing / padding (real tokens/s): {packed['tokens_per_s'] / ours['tokens_per_s']:.2f}x")
     (work / "bench_train_sft.json").write_text(json.dumps(results, indent=2))
     print(f"details: {work / 'bench_train_sft.json'}")

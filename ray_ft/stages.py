@@ -36,23 +36,30 @@ def stage_inputs(cfg: JobConfig) -> dict[str, tuple[str, ...]]:
             "train": ("prepare",), "eval": ("train", *embed)}
 
 
-def stage_hash(cfg: JobConfig, stage: str) -> str:
-    """The stage's own config (and input files) chained with the hashes of the stages it reads."""
+def stage_hash(cfg: JobConfig, stage: str, memo: dict[str, str] | None = None) -> str:
+    """The stage's own config (and input files) chained with the hashes of the stages it reads.
+    `memo` keeps hashes already computed (each reads the data source's bytes or a model's file
+    list), so a stage read by several others is hashed once."""
     from ray_ft.data.embed_data import embed_config_hash
     from ray_ft.data.prepare import data_config_hash
 
-    upstream = {s: stage_hash(cfg, s) for s in stage_inputs(cfg)[stage]}
+    memo = {} if memo is None else memo
+    if stage in memo:
+        return memo[stage]
+    upstream = {s: stage_hash(cfg, s, memo) for s in stage_inputs(cfg)[stage]}
     own = {
         "embed": lambda: {"embed": cfg.embed.model_dump(), "data": embed_config_hash(cfg)},
         "prepare": lambda: data_config_hash(cfg),  # data + model config, source bytes, embedder files
         "train": lambda: cfg.train.model_dump(),
         "eval": lambda: {"serve": cfg.serve.model_dump(), "eval": cfg.eval.model_dump()},
     }[stage]()
-    return _digest({"own": own, **upstream})
+    memo[stage] = _digest({"own": own, **upstream})
+    return memo[stage]
 
 
 def stage_hashes(cfg: JobConfig) -> dict[str, str]:
-    return {s: stage_hash(cfg, s) for s in STAGES}
+    memo: dict[str, str] = {}
+    return {s: stage_hash(cfg, s, memo) for s in STAGES}
 
 
 class StageLog:
@@ -67,6 +74,9 @@ class StageLog:
         self.inputs = stage_inputs(cfg)
         self.force = set(force)
         self.ran: list[str] = []
+        # Hashes computed in this invocation; cleared whenever a stage finishes, as its outputs
+        # (e.g. a re-exported embedder) may be what a later stage's hash covers.
+        self._hashes: dict[str, str] = {}
         try:
             self.records: dict = json.loads(self.path.read_text())
         except (OSError, ValueError):
@@ -79,7 +89,7 @@ class StageLog:
     def fresh(self, stage: str) -> dict | None:
         """The recorded outputs when `stage` can be skipped, else None."""
         rec = self.records.get(stage)
-        if self.must_run(stage) or not rec or rec.get("hash") != stage_hash(self.cfg, stage):
+        if self.must_run(stage) or not rec or rec.get("hash") != stage_hash(self.cfg, stage, self._hashes):
             return None
         if not all(Path(p).exists() for p in rec.get("paths", [])):
             return None
@@ -87,7 +97,8 @@ class StageLog:
 
     def done(self, stage: str, outputs: dict, paths: list[Path]) -> None:
         self.ran.append(stage)
-        self.records[stage] = {"hash": stage_hash(self.cfg, stage), "outputs": outputs,
+        self.records[stage] = {"hash": stage_hash(self.cfg, stage, self._hashes), "outputs": outputs,
                                "paths": [str(p) for p in paths]}
+        self._hashes.clear()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.path, json.dumps(self.records, indent=2, ensure_ascii=False))

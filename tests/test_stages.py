@@ -94,3 +94,22 @@ def test_prepare_hash_follows_the_fine_tuned_embedder_files(tmp_path):
     before = stage_hashes(cfg)["prepare"]
     _embedder_folder(cfg, "v2-longer")  # computed when asked: after the embed stage wrote it
     assert stage_hashes(cfg)["prepare"] != before
+
+
+def test_one_invocation_hashes_the_data_once_until_a_stage_finishes(tmp_path, monkeypatch):
+    import ray_ft.data.prepare as prepare
+
+    cfg = _cfg(tmp_path)
+    out = tmp_path / "out.txt"
+    out.write_text("x")
+    first = StageLog(cfg.run_dir, cfg)
+    for stage in ("prepare", "train", "eval"):
+        first.done(stage, {}, [out])
+    calls = []
+    real = prepare.data_config_hash
+    monkeypatch.setattr(prepare, "data_config_hash", lambda c: calls.append(1) or real(c))
+    assert len(set(stage_hashes(cfg).values())) == 4 and len(calls) == 1  # read by train and eval too
+    log = StageLog(cfg.run_dir, cfg)
+    assert all(log.fresh(s) == {} for s in ("prepare", "train", "eval")) and len(calls) == 2
+    log.done("eval", {}, [out])
+    assert log.fresh("train") == {} and len(calls) == 3  # a stage finished: its outputs may feed a hash

@@ -71,6 +71,12 @@ class TrainConfig(_Strict):
         "(DeepSpeed: bf16 mixed precision with fp32 master weights).",
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass.")
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2"] = Field(
+        "auto", description='"auto": with data.packing, ray_ft\'s packed attention (causal SDPA per '
+        "packed example, no work on masked pairs; ray_ft/train/attention.py), else transformers' "
+        'sdpa. "sdpa": transformers\' sdpa always (a packed row is one call with a block-diagonal '
+        'mask). "flash_attention_2": the flash-attn package\'s kernels (GPU; varlen for packed rows).',
+    )
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel ranks).")
     use_gpu: bool = Field(False, description="One GPU per worker; CPU (gloo) otherwise.")
@@ -110,6 +116,8 @@ class TrainConfig(_Strict):
             raise ValueError("early_stopping_patience needs eval_every_n_steps")
         if self.metric_for_best != "val_loss" and self.val_generate_samples == 0:
             raise ValueError(f"metric_for_best={self.metric_for_best} needs val_generate_samples > 0")
+        if self.attn_implementation == "flash_attention_2" and not self.use_gpu:
+            raise ValueError("attn_implementation=flash_attention_2 needs use_gpu (flash-attn runs on CUDA only)")
         if self.export_merged and self.finetuning_type != "lora":
             raise ValueError("export_merged applies to lora only (freeze/full export a whole model)")
         return self

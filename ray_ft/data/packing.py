@@ -1,9 +1,10 @@
 """Sequence packing: several tokenized examples in one training row, attention kept apart.
 
 A packed row is the concatenation of its examples' tokens with `position_ids` restarting at 0 for
-each example. Given `position_ids` and no attention mask, transformers' causal-mask builder turns
-the restarts into a block-diagonal mask (`find_packed_sequence_indices`), so no token attends to
-another example; the collate function in `ray_ft.train.batches` relies on exactly that. The first
+each example. Given `position_ids` and no attention mask, the trainer's attention
+(`ray_ft.train.attention`) cuts the row at the restarts and runs causal attention per example, so
+no token attends to another example (transformers' own "sdpa" would build the equivalent
+block-diagonal mask, `find_packed_sequence_indices`, and compute the masked pairs too). The first
 label of every example is masked as well, so no example is trained to predict the start of the
 next one from the end of the previous one.
 """

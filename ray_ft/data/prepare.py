@@ -42,6 +42,13 @@ class PreparedData:
     def train_dir(self) -> Path:
         return self.root / "train"
 
+    def packed(self) -> bool:
+        """The training rows are packed (they carry restarting `position_ids`)."""
+        import pyarrow.parquet as pq
+
+        shard = next(iter(sorted(self.train_dir.glob("*.parquet"))), None)
+        return shard is not None and "position_ids" in pq.read_schema(shard).names
+
     @property
     def sft_file(self) -> Path:
         """The training examples as built, as Alpaca/messages records (data.sft_format)."""

@@ -1,9 +1,10 @@
 """Training batches from the prepared shards: padded examples or packed rows.
 
 Padded rows carry an attention mask (right padding). Packed rows carry `position_ids` that restart
-per example and no attention mask: transformers then builds a block-diagonal causal mask from the
-position ids (see `ray_ft.data.packing`). The padding a batch of packed rows still needs is a
-segment of its own (positions 0, 1, ...), so it never joins a real example's attention block.
+per example and no attention mask: the model, loaded with `ray_ft.train.attention`'s attention,
+cuts each row where the position ids restart and attends within each example only (see
+`ray_ft.data.packing`). The padding a batch of packed rows still needs is a segment of its own
+(positions 0, 1, ...), so it never joins a real example's attention.
 """
 
 from __future__ import annotations

@@ -42,13 +42,25 @@ def freeze_all_but_top_layers(model, n_trainable: int) -> list[str]:
     return trained
 
 
-def build_model(model_dir: str, tcfg: TrainConfig, dtype):
-    """(model ready for training, number of base parameters) for `tcfg.finetuning_type`."""
+def attention_for(tcfg: TrainConfig, packed: bool) -> str | None:
+    """The transformers `attn_implementation` to load with (`train.attn_implementation`; None:
+    transformers' own choice, sdpa where the model has it)."""
+    from ray_ft.train.attention import register_packed_sdpa
+
+    if tcfg.attn_implementation == "auto":
+        return register_packed_sdpa() if packed else None
+    return tcfg.attn_implementation
+
+
+def build_model(model_dir: str, tcfg: TrainConfig, dtype, packed: bool = False):
+    """(model ready for training, number of base parameters) for `tcfg.finetuning_type`; `packed`:
+    the training rows are packed (see `attention_for`)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(tcfg.seed)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype,
+                                                 attn_implementation=attention_for(tcfg, packed))
     num_params = sum(p.numel() for p in model.parameters())
     if tcfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

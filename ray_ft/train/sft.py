@@ -103,7 +103,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    model, num_params = build_model(model_dir, tcfg, dtype)
+    model, num_params = build_model(model_dir, tcfg, dtype, packed=loop_config["packed"])
+    if rank == 0:
+        log.info("[train] %s rows, attention: %s", "packed" if loop_config["packed"] else "padded",
+                 model.config._attn_implementation)
     rows_per_worker = loop_config["rows_per_worker"]
     n_steps, per_epoch = total_steps(rows_per_worker, tcfg), steps_per_epoch(rows_per_worker, tcfg)
     step, history, best, since_best, stop = 0, [], None, 0, False
@@ -289,6 +292,7 @@ def run_training(cfg: JobConfig, prepared: PreparedData, model_dir: Path, out_di
         train_loop_per_worker,
         train_loop_config={
             "job": cfg.model_dump(), "model_dir": str(model_dir), "rows_per_worker": rows_per_worker,
+            "packed": prepared.packed(),
             "val_rows": val_rows, "tensorboard_dir": str((out_dir / "tensorboard").resolve()) if tcfg.tensorboard else None,
             "kill_at_step": kill_at_step, "kill_rank": kill_rank, "kill_marker": str(out_dir / ".killed_once"),
         },

@@ -59,12 +59,17 @@ def test_pad_collate_pads_right_and_masks():
     assert int(out["num_real_tokens"]) == 4 and "position_ids" not in out
 
 
-def test_packed_row_gives_each_example_the_logits_it_has_alone(tiny_model_dir):
-    """The claim packing rests on: attention does not cross examples in a packed row."""
+@pytest.mark.parametrize("attn", ["sdpa", "packed"])
+def test_packed_row_gives_each_example_the_logits_it_has_alone(tiny_model_dir, attn):
+    """The claim packing rests on: attention does not cross examples in a packed row (with
+    transformers' sdpa and with the per-example attention the trainer loads for packed data)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    from ray_ft.train.attention import register_packed_sdpa
+
+    impl = register_packed_sdpa() if attn == "packed" else attn
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=impl).eval()
     torch.manual_seed(0)
     examples = [torch.randint(5, 1000, (n,)).tolist() for n in (7, 12, 5)]
     table = _table([(e, e) for e in examples])
