@@ -4,8 +4,13 @@ row with the block-diagonal mask it builds from the position ids) vs ray_ft's pa
 alternate so drift hits both. Prints seconds per step, their ratio, and the loss / gradient
 difference between the two (they compute the same function).
 
+With `--rows R` (R > 1) it compares instead what a batch of R packed rows costs under ray_ft's
+packed attention padded to the longest row (each pad its own segment) vs flattened into one row
+(`ray_ft/train/batches.py`); row r holds `--examples` examples and is `--row-fill` shorter per
+row (the padding a batch of packed rows needs).
+
     .venv/bin/python bench/packed_attention.py [--model SmolLM2-135M-Instruct] [--examples 2]
-        [--example-len 1024] [--repeats 3] [--threads 2]
+        [--example-len 1024] [--repeats 3] [--threads 2] [--rows 1] [--row-fill 0.06]
 """
 
 from __future__ import annotations
@@ -24,7 +29,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed steps per implementation and round")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rows", type=int, default=1, help="> 1: padded batch of packed rows vs flattened")
+    ap.add_argument("--row-fill", type=float, default=0.06, help="each next row is this much shorter")
     args = ap.parse_args()
+    if args.rows > 1:
+        return compare_flattening(args)
 
     import torch
     from transformers import AutoModelForCausalLM
@@ -64,6 +73,57 @@ def main() -> None:
         "speedup": round(sdpa_s / packed_s, 2),
         "loss_abs_diff": abs(checks["sdpa"][0] - checks[packed][0]),
         "grad_max_abs_diff": float((checks["sdpa"][1] - checks[packed][1]).abs().max()),
+    }))
+
+
+def compare_flattening(args) -> None:
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ray_ft.models import resolve_model
+    from ray_ft.train.attention import register_packed_sdpa
+    from ray_ft.train.batches import pad_collate
+
+    torch.set_num_threads(args.threads)
+    model = AutoModelForCausalLM.from_pretrained(str(resolve_model(args.model)), dtype=torch.float32,
+                                                 attn_implementation=register_packed_sdpa())
+    model.train()
+    g = np.random.default_rng(0)
+    batch = {"input_ids": [], "labels": [], "position_ids": []}
+    for r in range(args.rows):
+        n = int(args.example_len * (1 - args.row_fill * r))  # later rows are shorter
+        ids = g.integers(100, model.config.vocab_size, args.examples * n).tolist()
+        pos = list(range(n)) * args.examples
+        batch["input_ids"].append(ids)
+        batch["labels"].append([-100 if p == 0 else t for t, p in zip(ids, pos)])  # as pack_table does
+        batch["position_ids"].append(pos)
+    batch = {k: np.array(v, dtype=object) for k, v in batch.items()}
+    inputs = {"padded": pad_collate(batch, pad_id=0), "flattened": pad_collate(batch, pad_id=0, flatten=True)}
+
+    def step(name: str) -> float:
+        model.zero_grad()
+        x = inputs[name]
+        out = model(input_ids=x["input_ids"], position_ids=x["position_ids"], labels=x["labels"], use_cache=False)
+        out.loss.backward()
+        return out.loss.item()
+
+    times: dict[str, list[float]] = {name: [] for name in inputs}
+    losses = {}
+    for _ in range(args.rounds):
+        for name in times:
+            losses[name] = step(name)
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                step(name)
+                times[name].append(time.perf_counter() - t0)
+    real = int(inputs["flattened"]["num_real_tokens"])
+    padded_s, flat_s = statistics.median(times["padded"]), statistics.median(times["flattened"])
+    print(json.dumps({
+        "model": args.model, "rows": args.rows, "real_tokens": real, "threads": args.threads,
+        "padded_slots": inputs["padded"]["input_ids"].numel(),
+        "padded_rows_s_per_step": round(padded_s, 3), "flattened_s_per_step": round(flat_s, 3),
+        "speedup": round(padded_s / flat_s, 2), "loss_abs_diff": abs(losses["padded"] - losses["flattened"]),
     }))
 
 

@@ -72,10 +72,12 @@ class TrainConfig(_Strict):
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass.")
     attn_implementation: Literal["auto", "sdpa", "flash_attention_2"] = Field(
-        "auto", description='"auto": with data.packing, ray_ft\'s packed attention (causal SDPA per '
-        "packed example, no work on masked pairs; ray_ft/train/attention.py), else transformers' "
-        'sdpa. "sdpa": transformers\' sdpa always (a packed row is one call with a block-diagonal '
-        'mask). "flash_attention_2": the flash-attn package\'s kernels (GPU; varlen for packed rows).',
+        "auto", description='"auto": for packed shards (rows with position ids), ray_ft\'s packed '
+        "attention (causal SDPA per packed example, no work on masked pairs; ray_ft/train/attention.py) "
+        "and a batch of packed rows flattened into one row (no padding), else transformers' sdpa. "
+        '"sdpa": transformers\' sdpa always (a packed row is one call with a block-diagonal mask; '
+        'batches of packed rows are padded). "flash_attention_2": the flash-attn package\'s kernels '
+        '(GPU; varlen for packed rows, flattened like "auto").',
     )
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel ranks).")

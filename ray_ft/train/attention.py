@@ -20,11 +20,26 @@ PACKED_SDPA = "ray_ft_packed_sdpa"
 
 def example_bounds(position_ids, batch: int, length: int) -> list[list[int]]:
     """Per row, the start of every example and the row's end: a new example starts where the
-    position id does not follow the one before (the same rule transformers uses for packing)."""
+    position id does not follow the one before (the same rule transformers uses for packing).
+
+    Every layer gets the same `position_ids` tensor, so the answer is kept on that tensor object
+    (keyed by shape and its in-place version counter): one device sync per forward, not per layer,
+    and none when gradient checkpointing recomputes a layer.
+    """
+    key = (batch, length, position_ids._version)
+    memo = getattr(position_ids, "_ray_ft_bounds", None)
+    if memo is not None and memo[0] == key:
+        return memo[1]
+    bounds = _cut_rows(position_ids, batch, length)
+    position_ids._ray_ft_bounds = (key, bounds)
+    return bounds
+
+
+def _cut_rows(position_ids, batch: int, length: int) -> list[list[int]]:
     import torch
 
     pos = position_ids.expand(batch, length)
-    starts = (torch.diff(pos, dim=-1) != 1).nonzero().tolist()  # one device sync per layer
+    starts = (torch.diff(pos, dim=-1) != 1).nonzero().tolist()  # the device sync
     bounds = [[0] for _ in range(batch)]
     for row, t in starts:
         bounds[row].append(t + 1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -50,6 +51,24 @@ def resumable_run_name(prefix: str, identity: dict, storage_path: str, fresh: bo
         if fs.get_file_info(run).type != pafs.FileType.NotFound:
             fs.delete_dir(run)
     return name
+
+
+def prune_superseded_runs(storage_path: Path, prefix: str, keep: str) -> list[str]:
+    """Delete the Ray Train run folders `{prefix}_<key>` under `storage_path` other than `keep`.
+
+    Called after a run finished and was exported, on the run folder's own storage
+    (`<run>/<stage>/ray`): the others are runs of earlier configs of the same stage, whose
+    checkpoints (a whole model and optimizer state each, for full fine-tunes) could only resume a
+    run that the finished one replaced. An explicit `train.storage_path` may be shared by other
+    run folders, so it is never pruned. Returns the deleted names.
+    """
+    pattern = re.compile(rf"{re.escape(prefix)}_[0-9a-f]{{12}}")
+    gone = []
+    for run in sorted(storage_path.iterdir()) if storage_path.is_dir() else []:
+        if run.is_dir() and run.name != keep and pattern.fullmatch(run.name):
+            shutil.rmtree(run)
+            gone.append(run.name)
+    return gone
 
 
 def report_checkpoint(history: list[dict], rank: int, save: Callable[[Path], None],

@@ -23,7 +23,8 @@ from pathlib import Path
 from ray_ft.config import EmbedConfig, JobConfig
 from ray_ft.train import metrics as tm
 from ray_ft.train.checkpoints import (
-    HISTORY_FILE, fit_and_export, ordered_ingest, report_checkpoint, resumable_run_name,
+    HISTORY_FILE, fit_and_export, ordered_ingest, prune_superseded_runs, report_checkpoint,
+    resumable_run_name,
 )
 from ray_ft.train.steppers import TRAINER_STATE
 
@@ -325,4 +326,7 @@ def run_embed_training(cfg: JobConfig, triplets: list[dict], model_dir: Path, ou
         dataset_config=ordered_ingest(),
     )
     final, history, chosen = fit_and_export(trainer, out_dir, "model", best_by=score, drop=(TRAINER_STATE,))
+    gone = prune_superseded_runs(Path(storage), "embed", run_name)
+    if gone:
+        log.info("[embed] deleted the checkpoints of %d superseded run(s): %s", len(gone), ", ".join(gone))
     return EmbedTrainResult(final, history, chosen.get("step"))

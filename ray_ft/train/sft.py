@@ -22,9 +22,10 @@ from pathlib import Path
 from ray_ft.config import JobConfig, TrainConfig
 from ray_ft.data.prepare import PreparedData
 from ray_ft.train import metrics as tm
-from ray_ft.train.batches import PadCollate, model_inputs
+from ray_ft.train.batches import PadCollate, flattens, model_inputs
 from ray_ft.train.checkpoints import (
-    HISTORY_FILE, fit_and_export, ordered_ingest, report_checkpoint, resumable_run_name,
+    HISTORY_FILE, fit_and_export, ordered_ingest, prune_superseded_runs, report_checkpoint,
+    resumable_run_name,
 )
 from ray_ft.train.methods import build_model, load_trained_weights, merge_adapter, save_export
 from ray_ft.train.steppers import make_stepper, resolved_precision
@@ -104,9 +105,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     tok = AutoTokenizer.from_pretrained(model_dir)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     model, num_params = build_model(model_dir, tcfg, dtype, packed=loop_config["packed"])
+    attention = model.config._attn_implementation
+    flatten = loop_config["packed"] and flattens(attention)
     if rank == 0:
-        log.info("[train] %s rows, attention: %s", "packed" if loop_config["packed"] else "padded",
-                 model.config._attn_implementation)
+        log.info("[train] %s rows, attention: %s", "packed" if loop_config["packed"] else "padded", attention
+                 + (" (a batch of packed rows is flattened into one row)" if flatten else ""))
     rows_per_worker = loop_config["rows_per_worker"]
     n_steps, per_epoch = total_steps(rows_per_worker, tcfg), steps_per_epoch(rows_per_worker, tcfg)
     step, history, best, since_best, stop = 0, [], None, 0, False
@@ -150,7 +153,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         skip = (step % per_epoch) * tcfg.gradient_accumulation_steps  # micro-batches a resumed run did
         seen, t_ask = 0, time.perf_counter()
         for micro, batch in enumerate(shard.iter_torch_batches(
-                batch_size=tcfg.per_device_train_batch_size, collate_fn=PadCollate(pad_id),
+                batch_size=tcfg.per_device_train_batch_size, collate_fn=PadCollate(pad_id, flatten),
                 local_shuffle_buffer_size=None)):
             waited += time.perf_counter() - t_ask  # time blocked on the data pipeline
             seen += 1
@@ -313,9 +316,16 @@ def run_training(cfg: JobConfig, prepared: PreparedData, model_dir: Path, out_di
     final, history, chosen = fit_and_export(
         trainer, out_dir, name, best_by=score, best_mode="min" if score == "val_loss" else "max",
         subdir="export")
+    if not tcfg.storage_path:  # only the run folder's own storage; a given one may be shared
+        _log_pruned(prune_superseded_runs(Path(storage), f"sft_{cfg.name}", run_name))
     merged = merge_adapter(model_dir, final, out_dir / "merged") if tcfg.export_merged else None
     if history:
         from ray_ft.eval.report import plot_loss
 
         plot_loss(history, out_dir / "loss.png")
     return TrainResult(final, out_dir / "metrics.jsonl", history, chosen.get("step"), merged)
+
+
+def _log_pruned(names: list[str]) -> None:
+    if names:
+        log.info("[train] deleted the checkpoints of %d superseded run(s): %s", len(names), ", ".join(names))

@@ -40,13 +40,17 @@ def test_example_bounds_cut_rows_where_positions_restart():
     _, pos, _, _ = _packed_batch()
     assert example_bounds(pos, 2, 18) == [[0, 5, 12, 15, 18], [0, 9, 18]]
     assert example_bounds(torch.arange(6).unsqueeze(0), 3, 6) == [[0, 6]] * 3  # broadcast, no packing
+    pos[1, 4] = 0  # kept on the tensor, but an in-place change is seen
+    assert example_bounds(pos, 2, 18) == [[0, 5, 12, 15, 18], [0, 4, 5, 9, 18]]
 
 
 def test_packed_rows_give_the_loss_and_gradients_of_the_block_diagonal_mask(monkeypatch):
     import ray_ft.train.attention as attention
 
-    cuts = []
+    cuts, syncs = [], []
     monkeypatch.setattr(attention, "example_bounds", lambda *a: cuts.append(1) or example_bounds(*a))
+    cut_rows = attention._cut_rows
+    monkeypatch.setattr(attention, "_cut_rows", lambda *a: syncs.append(1) or cut_rows(*a))
     ids, pos, labels, lens = _packed_batch()
     model, _ = _tiny(PACKED_SDPA)
     results = {}
@@ -56,7 +60,7 @@ def test_packed_rows_give_the_loss_and_gradients_of_the_block_diagonal_mask(monk
         out.loss.backward()
         results[attn] = (out.loss.item(), out.logits.detach(),
                          {n: p.grad.clone() for n, p in model.named_parameters()})
-    assert len(cuts) == 2  # the rows were cut into examples, once per layer
+    assert len(cuts) == 2 and len(syncs) == 1  # each layer cuts the rows; computed once per forward
     (loss_a, logits_a, grads_a), (loss_b, logits_b, grads_b) = results["sdpa"], results[PACKED_SDPA]
     assert loss_b == pytest.approx(loss_a, abs=1e-12) and loss_a > 4.0  # ~ln(97) for a random model
     assert torch.allclose(logits_a, logits_b, atol=1e-10)
@@ -116,3 +120,42 @@ def test_the_trainer_loads_packed_attention_for_packed_rows_unless_told_otherwis
         (tmp_path / name / "train").mkdir(parents=True)
         pq.write_table(pa.table(cols), tmp_path / name / "train" / "part-00000.parquet")
     assert PreparedData(tmp_path / "packed").packed() and not PreparedData(tmp_path / "padded").packed()
+
+
+def test_a_flattened_batch_of_packed_rows_trains_like_the_padded_batch():
+    """Padding-free batches: rows end to end in one row give the padded batch's loss and gradients,
+    with no padding token in the forward pass."""
+    import numpy as np
+
+    from ray_ft.train.batches import flattens, pad_collate
+
+    g = torch.Generator().manual_seed(3)
+    rows = [[6, 4], [9], [3, 5, 2]]  # example lengths of three packed rows (10, 9, 10 tokens)
+    batch = {"input_ids": [], "labels": [], "position_ids": []}
+    for lens in rows:
+        ids = torch.randint(3, 97, (sum(lens),), generator=g).tolist()
+        pos = [p for n in lens for p in range(n)]
+        batch["input_ids"].append(ids)
+        batch["labels"].append([-100 if p == 0 else t for t, p in zip(ids, pos)])  # as pack_table masks
+        batch["position_ids"].append(pos)
+    batch = {k: np.array(v, dtype=object) for k, v in batch.items()}
+    padded, flat = pad_collate(batch, pad_id=0), pad_collate(batch, pad_id=0, flatten=True)
+    assert padded["input_ids"].shape == (3, 10) and flat["input_ids"].shape == (1, 29)
+    assert int(flat["num_real_tokens"]) == int(padded["num_real_tokens"]) == 29
+    assert flat["position_ids"][0].tolist() == [p for r in batch["position_ids"] for p in r]
+    assert "attention_mask" not in flat
+
+    model, _ = _tiny(PACKED_SDPA)
+    results = []
+    for inputs in (padded, flat):
+        model.zero_grad()
+        out = model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"],
+                    labels=inputs["labels"], use_cache=False)
+        out.loss.backward()
+        results.append((out.loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_p, grads_p), (loss_f, grads_f) = results
+    assert loss_f == pytest.approx(loss_p, abs=1e-12) and loss_p > 4.0
+    assert all(torch.allclose(grads_p[n], grads_f[n], atol=1e-10) for n in grads_p)
+    # Only attentions that cut rows per example flatten; sdpa would mask the whole flattened row.
+    assert flattens(PACKED_SDPA) and flattens("flash_attention_2")
+    assert not flattens("sdpa") and not flattens("eager") and not flattens(None)

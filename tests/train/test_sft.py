@@ -202,7 +202,13 @@ def test_a_stopped_run_started_again_continues_from_its_last_checkpoint(ray_clus
     assert [h["loss"] for h in again.history] == pytest.approx([h["loss"] for h in clean.history], rel=1e-4)
 
     finished = load_file(str(again.adapter_dir / "adapter_model.safetensors"))
+    # A finished run deletes its stage's superseded runs (earlier configs), not other jobs' runs.
+    (run,) = (out / "ray").glob(f"sft_{cfg.name}_*")
+    superseded, other_job = out / "ray" / f"sft_{cfg.name}_0123456789ab", out / "ray" / f"sft_{cfg.name}_b_0123456789ab"
+    for folder in (superseded, other_job):
+        (folder / "checkpoint_0").mkdir(parents=True)
     once_more = run_training(cfg, prepared, tiny_model_dir, out)
+    assert not superseded.exists() and other_job.exists() and run.is_dir()
     assert once_more.history == again.history  # no step was trained again
     assert all(np.array_equal(finished[k].numpy(), v.numpy())
                for k, v in load_file(str(once_more.adapter_dir / "adapter_model.safetensors")).items())
