@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import shutil
 import tempfile
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 HISTORY_FILE = "ray_ft_history.jsonl"
+log = logging.getLogger(__name__)
 
 
 def ordered_ingest():
@@ -68,6 +70,8 @@ def prune_superseded_runs(storage_path: Path, prefix: str, keep: str) -> list[st
         if run.is_dir() and run.name != keep and pattern.fullmatch(run.name):
             shutil.rmtree(run)
             gone.append(run.name)
+    if gone:
+        log.info("deleted the checkpoints of %d superseded run(s): %s", len(gone), ", ".join(gone))
     return gone
 
 

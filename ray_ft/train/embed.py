@@ -326,7 +326,5 @@ def run_embed_training(cfg: JobConfig, triplets: list[dict], model_dir: Path, ou
         dataset_config=ordered_ingest(),
     )
     final, history, chosen = fit_and_export(trainer, out_dir, "model", best_by=score, drop=(TRAINER_STATE,))
-    gone = prune_superseded_runs(Path(storage), "embed", run_name)
-    if gone:
-        log.info("[embed] deleted the checkpoints of %d superseded run(s): %s", len(gone), ", ".join(gone))
+    prune_superseded_runs(Path(storage), "embed", run_name)
     return EmbedTrainResult(final, history, chosen.get("step"))

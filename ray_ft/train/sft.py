@@ -317,15 +317,10 @@ def run_training(cfg: JobConfig, prepared: PreparedData, model_dir: Path, out_di
         trainer, out_dir, name, best_by=score, best_mode="min" if score == "val_loss" else "max",
         subdir="export")
     if not tcfg.storage_path:  # only the run folder's own storage; a given one may be shared
-        _log_pruned(prune_superseded_runs(Path(storage), f"sft_{cfg.name}", run_name))
+        prune_superseded_runs(Path(storage), f"sft_{cfg.name}", run_name)
     merged = merge_adapter(model_dir, final, out_dir / "merged") if tcfg.export_merged else None
     if history:
         from ray_ft.eval.report import plot_loss
 
         plot_loss(history, out_dir / "loss.png")
     return TrainResult(final, out_dir / "metrics.jsonl", history, chosen.get("step"), merged)
-
-
-def _log_pruned(names: list[str]) -> None:
-    if names:
-        log.info("[train] deleted the checkpoints of %d superseded run(s): %s", len(names), ", ".join(names))
