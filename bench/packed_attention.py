@@ -21,6 +21,34 @@ import statistics
 import time
 
 
+def load_model(name: str, threads: int, attn: str | None = None):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ray_ft.models import resolve_model
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(str(resolve_model(name)), dtype=torch.float32,
+                                                 attn_implementation=attn)
+    return model.train()
+
+
+def time_alternating(steps: dict, rounds: int, repeats: int) -> tuple[dict, dict]:
+    """Run each `steps[name]()` once untimed (warm-up; its result is kept) then `repeats` timed
+    times, name after name, for `rounds` rounds, so that drift hits all. Returns (median seconds
+    per step, the last warm-up result) by name."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    results = {}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            results[name] = step()
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}, results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="SmolLM2-135M-Instruct")
@@ -36,37 +64,27 @@ def main() -> None:
         return compare_flattening(args)
 
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from ray_ft.models import resolve_model
     from ray_ft.train.attention import register_packed_sdpa
 
-    torch.set_num_threads(args.threads)
     packed = register_packed_sdpa()
-    model = AutoModelForCausalLM.from_pretrained(str(resolve_model(args.model)), dtype=torch.float32)
-    model.train()
+    model = load_model(args.model, args.threads)
     g = torch.Generator().manual_seed(0)
     n = args.examples * args.example_len
     ids = torch.randint(100, model.config.vocab_size, (1, n), generator=g)
     pos = torch.arange(args.example_len).repeat(args.examples).unsqueeze(0)
 
-    def step() -> tuple[float, torch.Tensor]:
-        model.zero_grad()
-        out = model(input_ids=ids, position_ids=pos, labels=ids, use_cache=False)
-        out.loss.backward()
-        return out.loss.item(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()
-
-    times: dict[str, list[float]] = {"sdpa": [], packed: []}
-    checks = {}
-    for _ in range(args.rounds):
-        for impl in times:
+    def step_with(impl: str):
+        def step() -> tuple[float, torch.Tensor]:
             model.config._attn_implementation = impl
-            checks[impl] = step()  # warm-up, and the loss / gradient to compare
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                step()
-                times[impl].append(time.perf_counter() - t0)
-    sdpa_s, packed_s = statistics.median(times["sdpa"]), statistics.median(times[packed])
+            model.zero_grad()
+            out = model(input_ids=ids, position_ids=pos, labels=ids, use_cache=False)
+            out.loss.backward()
+            return out.loss.item(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+        return step
+
+    secs, checks = time_alternating({impl: step_with(impl) for impl in ("sdpa", packed)}, args.rounds, args.repeats)
+    sdpa_s, packed_s = secs["sdpa"], secs[packed]
     print(json.dumps({
         "model": args.model, "row_tokens": n, "examples": args.examples, "threads": args.threads,
         "sdpa_block_mask_s_per_step": round(sdpa_s, 3), "packed_sdpa_s_per_step": round(packed_s, 3),
@@ -78,17 +96,11 @@ def main() -> None:
 
 def compare_flattening(args) -> None:
     import numpy as np
-    import torch
-    from transformers import AutoModelForCausalLM
 
-    from ray_ft.models import resolve_model
     from ray_ft.train.attention import register_packed_sdpa
     from ray_ft.train.batches import pad_collate
 
-    torch.set_num_threads(args.threads)
-    model = AutoModelForCausalLM.from_pretrained(str(resolve_model(args.model)), dtype=torch.float32,
-                                                 attn_implementation=register_packed_sdpa())
-    model.train()
+    model = load_model(args.model, args.threads, register_packed_sdpa())
     g = np.random.default_rng(0)
     batch = {"input_ids": [], "labels": [], "position_ids": []}
     for r in range(args.rows):
@@ -101,27 +113,19 @@ def compare_flattening(args) -> None:
     batch = {k: np.array(v, dtype=object) for k, v in batch.items()}
     inputs = {"padded": pad_collate(batch, pad_id=0), "flattened": pad_collate(batch, pad_id=0, flatten=True)}
 
-    def step(name: str) -> float:
-        model.zero_grad()
-        x = inputs[name]
-        out = model(input_ids=x["input_ids"], position_ids=x["position_ids"], labels=x["labels"], use_cache=False)
-        out.loss.backward()
-        return out.loss.item()
+    def step_with(x: dict):
+        def step() -> float:
+            model.zero_grad()
+            out = model(input_ids=x["input_ids"], position_ids=x["position_ids"], labels=x["labels"], use_cache=False)
+            out.loss.backward()
+            return out.loss.item()
+        return step
 
-    times: dict[str, list[float]] = {name: [] for name in inputs}
-    losses = {}
-    for _ in range(args.rounds):
-        for name in times:
-            losses[name] = step(name)
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                step(name)
-                times[name].append(time.perf_counter() - t0)
-    real = int(inputs["flattened"]["num_real_tokens"])
-    padded_s, flat_s = statistics.median(times["padded"]), statistics.median(times["flattened"])
+    secs, losses = time_alternating({name: step_with(x) for name, x in inputs.items()}, args.rounds, args.repeats)
+    padded_s, flat_s = secs["padded"], secs["flattened"]
     print(json.dumps({
-        "model": args.model, "rows": args.rows, "real_tokens": real, "threads": args.threads,
-        "padded_slots": inputs["padded"]["input_ids"].numel(),
+        "model": args.model, "rows": args.rows, "real_tokens": int(inputs["flattened"]["num_real_tokens"]),
+        "threads": args.threads, "padded_slots": inputs["padded"]["input_ids"].numel(),
         "padded_rows_s_per_step": round(padded_s, 3), "flattened_s_per_step": round(flat_s, 3),
         "speedup": round(padded_s / flat_s, 2), "loss_abs_diff": abs(losses["padded"] - losses["flattened"]),
     }))
