@@ -10,8 +10,12 @@ batched, unbatched, batched, unbatched, ... Each request embeds one question (on
 phase is bounded: a fixed number of requests and a time cap (a phase that hits the cap reports
 how many requests it finished). Failed requests are counted and printed; they must be 0.
 
+`--direct-ingress` runs the same load with no Serve proxy in the path: Ray Serve's
+RAY_SERVE_ENABLE_DIRECT_INGRESS flag makes the ingress replica listen on its own port (pinned here
+to one free port). It shows what the proxy hop costs and whether it limits the batching ratio.
+
     .venv/bin/python bench/serve_load.py [--embed-requests 600] [--concurrency 32] [--rounds 2]
-        [--rag-requests 48] [--rag-concurrency 8] [--max-tokens 32] [--time-cap-s 120]
+        [--rag-requests 48] [--rag-concurrency 8] [--max-tokens 32] [--time-cap-s 120] [--direct-ingress]
 """
 
 from __future__ import annotations
@@ -81,7 +85,12 @@ async def load(url: str, path: str, bodies: list[dict], concurrency: int, time_c
 
 def model_ceiling(questions: list[str], dtype: str, threads: int) -> dict:
     """The embedder alone, in this process before anything is deployed: ms per text encoding one
-    text per call vs 32 per call. Their ratio bounds what batching can gain behind HTTP."""
+    text per call vs 32 per call. Their ratio bounds what batching can gain behind HTTP.
+
+    A call costs about `fixed + per_token * tokens` (tokens padded to the call's longest text);
+    fitted on the two sizes, `single / (per_token * mean tokens)` is what an unbounded batch of
+    unpadded texts could gain at most: the per-token compute is paid however texts are batched.
+    """
     import torch
 
     from ray_ft.models import resolve_model
@@ -89,6 +98,7 @@ def model_ceiling(questions: list[str], dtype: str, threads: int) -> dict:
 
     torch.set_num_threads(threads or os.cpu_count() or 1)
     emb = SentenceTransformerEmbedder(str(resolve_model("all-MiniLM-L6-v2")), dtype=dtype)
+    lengths = [len(ids) for ids in emb.model.tokenizer(questions[:320])["input_ids"]]
     emb.embed(questions[:64])  # warm-up
     t0 = time.perf_counter()
     for q in questions[:100]:
@@ -98,8 +108,13 @@ def model_ceiling(questions: list[str], dtype: str, threads: int) -> dict:
     for i in range(0, 320, 32):
         emb.embed(questions[i:i + 32])
     batch = (time.perf_counter() - t0) / 320
+    single_tokens = statistics.mean(lengths[:100])
+    batch_tokens = statistics.mean(32 * max(lengths[i:i + 32]) for i in range(0, 320, 32))
+    per_token = (32 * batch - single) / (batch_tokens - single_tokens)
     return {"single_ms_per_text": round(1000 * single, 2), "batch32_ms_per_text": round(1000 * batch, 2),
-            "ratio": round(single / batch, 2)}
+            "ratio": round(single / batch, 2), "fixed_ms_per_call": round(1000 * (single - per_token * single_tokens), 2),
+            "per_token_ms": round(1000 * per_token, 4), "mean_tokens": round(single_tokens, 1),
+            "unbounded_batch_ratio": round(single / (per_token * single_tokens), 2)}
 
 
 def main() -> None:
@@ -117,7 +132,18 @@ def main() -> None:
     ap.add_argument("--embedder-dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--embedder-threads", type=int, default=0, help="torch threads (0: all cores)")
     ap.add_argument("--skip-rag", action="store_true", help="only the embeddings comparison")
+    ap.add_argument("--direct-ingress", action="store_true",
+                    help="no Serve proxy: the ingress replica listens itself (Ray's experimental flag)")
     args = ap.parse_args()
+    http_port = free_port()
+    if args.direct_ingress:
+        # Read by Serve at import in every process of the cluster, so set before ray.init. A
+        # one-port range makes the ingress replica listen where requests are sent; it must differ
+        # from the (unused) proxy port, which Serve still reserves.
+        ingress_port = next(p for p in iter(free_port, None) if p != http_port)
+        os.environ.update({"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+                           "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(ingress_port),
+                           "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(ingress_port + 1)})  # exclusive
 
     import ray
     from ray import serve
@@ -130,15 +156,17 @@ def main() -> None:
     print(json.dumps({"model_alone_in_process": model_ceiling(questions, args.embedder_dtype, args.embedder_threads)}))
     ray.init(num_cpus=4, include_dashboard=False)
     cfg = parse_job({"name": "serveload", "data": {"language": "en"},
-                     "serve": {"http_port": free_port(), "max_tokens": args.max_tokens, "top_k": 1,
+                     "serve": {"http_port": http_port, "max_tokens": args.max_tokens, "top_k": 1,
                                "embedder_dtype": args.embedder_dtype, "embedder_threads": args.embedder_threads,
                                "embedder_batching": {"max_batch_size": args.max_batch_size,
                                                      "batch_wait_timeout_s": args.batch_wait_s}}})
     t0 = time.perf_counter()
     url = deploy(cfg, str(resolve_model("SmolLM2-135M-Instruct")), str(resolve_model("all-MiniLM-L6-v2")),
                  {}, docs)
+    if args.direct_ingress:
+        url = f"http://127.0.0.1:{ingress_port}"
     print(json.dumps({"deploy_s": round(time.perf_counter() - t0, 1), "kb_passages": len(docs),
-                      "cpus": os.cpu_count(), "embedder_dtype": args.embedder_dtype,
+                      "cpus": os.cpu_count(), "direct_ingress": args.direct_ingress, "embedder_dtype": args.embedder_dtype,
                       "embedder_threads": args.embedder_threads or os.cpu_count(),
                       "embed_requests": args.embed_requests, "concurrency": args.concurrency,
                       "rag_requests": args.rag_requests, "max_tokens": args.max_tokens}))
