@@ -43,5 +43,21 @@ def staged_dir(out: Path) -> Iterator[Path]:
         raise
 
 
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of a JSONL text. Only "\n" ends a line: JSON strings may hold U+2028, U+0085 and
+    other characters that str.splitlines() would also split on (json.dumps(ensure_ascii=False)
+    writes them raw)."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    from ray_ft.errors import RayFTError
+
+    rows = []
+    for n, line in enumerate(jsonl_lines(path.read_text(encoding="utf-8")), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise RayFTError(f"{path}: line {n}: invalid JSON at column {err.colno}: {err.msg}") from None
+    return rows

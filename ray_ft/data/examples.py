@@ -131,6 +131,8 @@ class ExampleBuilder:
     def _out(self, conv: Conversation, ex: TokenizedExample | None, status: str, context: str,
              answers: list[str], meta: dict) -> dict:
         record = {**EXPORTERS[self.s.sft_format](conv), **meta}
+        if status not in (OK, SHORTENED):
+            ex = None  # a dropped example carries no tokens: shard selection keeps num_tokens > 0
         return {"id": conv.id, "passage_id": conv.group,
                 "input_ids": ex.input_ids if ex else [], "labels": ex.labels if ex else [],
                 "num_tokens": len(ex.input_ids) if ex else 0, "order": order_key(self.s.seed, conv.id),

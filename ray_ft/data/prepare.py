@@ -157,6 +157,9 @@ def prepare(cfg: JobConfig, out_root: Path, source: SourceData | None = None,
     """
     d = cfg.data
     source = source or read_source(d.source, d.format, d.on_error, d.bad_answer)
+    if d.retrieval_augment.enabled and not source.is_qa:
+        raise RayFTError(f"{d.source}: data.retrieval_augment needs a QA source (squad or qa_rows); "
+                         f"this one holds {source.format} records, with no passages to retrieve for")
     model_dir = str(model_dir or resolve_model(cfg.model.name))
     items = source.qa if source.is_qa else source.chats
     group_of = (lambda r: r.passage_id) if source.is_qa else (lambda c: c.group)
@@ -207,7 +210,11 @@ def _write_eval_and_kb(cfg: JobConfig, held: list[QARecord], kb_docs: list[dict]
     write_jsonl_atomic(out / "eval.jsonl", eval_order(held, cfg.data.seed))
     passages = {r.passage_id: r.context for r in held}
     docs = [{"passage_id": pid, "text": text} for pid, text in sorted(passages.items())]
-    docs += [doc for doc in kb_docs if doc["passage_id"] not in passages]
+    seen = set(passages)
+    for doc in kb_docs:  # a document given twice (or equal to a held-out passage) is kept once
+        if doc["passage_id"] not in seen:
+            seen.add(doc["passage_id"])
+            docs.append(doc)
     write_jsonl_atomic(out / "knowledge_base.jsonl", docs)
     nodes = {}
     for name, group in cfg.data.node_groups.items():

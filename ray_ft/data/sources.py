@@ -7,12 +7,14 @@ field; `Problems` turns it into a one-line `RayFTError` naming the file and the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ray_ft.errors import RayFTError
+from ray_ft.io import jsonl_lines
 
 FORMATS = ("squad", "qa_rows", "alpaca", "messages")  # SFT sources; "triplets" is embedding-only
 KEPT_EXAMPLES = 5  # skipped-record messages kept in the manifest
@@ -105,11 +107,18 @@ def read_bytes(source: str) -> bytes:
 def source_fingerprint(source: str) -> bytes:
     """What identifies the source's content cheaply: its bytes when local, size + mtime for a
     remote URI (reading a large object just to decide whether to reuse shards would cost a
-    download), the name alone for `hf://` datasets (the hub caches by revision)."""
+    download), the name alone for `hf://` datasets (the hub caches by revision). A local folder
+    (knowledge-base documents) is every file under it: names and bytes, so an edit is seen."""
     if source.startswith("hf://"):
         return source.encode()
     if not is_uri(source):
         path = Path(source)
+        if path.is_dir():
+            digest = hashlib.sha256()
+            for f in sorted(p for p in path.rglob("*") if p.is_file()):
+                digest.update(f"{f.relative_to(path).as_posix()}\0".encode())
+                digest.update(hashlib.sha256(f.read_bytes()).digest())
+            return digest.digest()
         return path.read_bytes() if path.is_file() else b""
     import pyarrow.fs as pafs
 
@@ -143,7 +152,7 @@ def iter_json_records(name: str, text: str, problems: Problems) -> Iterator[tupl
     A line that is not JSON is a record problem in JSONL; a whole JSON file that does not parse
     is fatal (its records cannot be told apart)."""
     if suffix_of(name) == ".jsonl":
-        for n, line in enumerate(text.splitlines(), start=1):
+        for n, line in enumerate(jsonl_lines(text), start=1):
             if not line.strip():
                 continue
             try:
@@ -171,11 +180,11 @@ def detect_format(name: str, text: str) -> str:
     if suffix == ".csv":
         return "qa_rows"
     if suffix == ".jsonl":
-        first = next((ln for ln in text.splitlines() if ln.strip()), "")
+        n, first = next(((n, ln) for n, ln in enumerate(jsonl_lines(text), start=1) if ln.strip()), (1, ""))
         try:
             obj = json.loads(first)
         except json.JSONDecodeError as err:
-            raise RayFTError(f"{name}: line 1: invalid JSON at column {err.colno}: {err.msg}") from None
+            raise RayFTError(f"{name}: line {n}: invalid JSON at column {err.colno}: {err.msg}") from None
         return format_of_record(name, obj)
     if suffix == ".json":
         doc = parse_json(name, text)

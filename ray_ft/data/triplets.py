@@ -19,6 +19,7 @@ from ray_ft.data.qa import csv_rows
 from ray_ft.data.sources import Problems, ReadReport, RecordError, read_text
 from ray_ft.data.split import split_by_group
 from ray_ft.errors import RayFTError
+from ray_ft.io import jsonl_lines
 
 DEFAULT_QUERY_PROMPT = "Represent this sentence for searching relevant passages: "
 
@@ -112,7 +113,7 @@ def read_triplets_jsonl(source: str | Path, on_error: str = "raise") -> tuple[li
     name = str(source)
     problems = Problems(on_error, ReadReport())
     out = []
-    for n, line in enumerate(read_text(name).splitlines(), start=1):
+    for n, line in enumerate(jsonl_lines(read_text(name)), start=1):
         if not line.strip():
             continue
         try:

@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from ray_ft.io import read_jsonl
+
 HISTORY_FILE = "ray_ft_history.jsonl"
 log = logging.getLogger(__name__)
 
@@ -115,7 +117,7 @@ def fit_and_export(trainer, out_dir: Path, name: str, best_by: str | None = None
             pick = max if best_mode == "max" else min
             chosen, chosen_metrics = pick(scored, key=lambda cm: cm[1][best_by])
     with result.checkpoint.as_directory() as latest:
-        history = [json.loads(line) for line in Path(latest, HISTORY_FILE).read_text().splitlines()]
+        history = read_jsonl(Path(latest, HISTORY_FILE))
     final = out_dir / name
     tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{name}."))
     with chosen.as_directory() as src:

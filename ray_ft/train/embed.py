@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ray_ft.config import EmbedConfig, JobConfig
+from ray_ft.io import read_jsonl
 from ray_ft.train import metrics as tm
 from ray_ft.train.checkpoints import (
     HISTORY_FILE, fit_and_export, ordered_ingest, prune_superseded_runs, report_checkpoint,
@@ -233,7 +234,7 @@ def _resume(encoder, optim, sched) -> tuple[int, list[dict]]:
         state = torch.load(d / TRAINER_STATE, weights_only=False)
         optim.load_state_dict(state["optim"])
         sched.load_state_dict(state["sched"])
-        history = [json.loads(line) for line in (d / HISTORY_FILE).read_text().splitlines()]
+        history = read_jsonl(d / HISTORY_FILE)
     log.info("[embed] resumed from %s at step %d", ckpt.path, state["step"])
     return state["step"], history
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ray_ft.config import JobConfig, TrainConfig
 from ray_ft.data.prepare import PreparedData
+from ray_ft.io import read_jsonl
 from ray_ft.train import metrics as tm
 from ray_ft.train.batches import PadCollate, flattens, model_inputs
 from ray_ft.train.checkpoints import (
@@ -123,7 +124,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with ckpt.as_directory() as d:
             stepper.load_state(Path(d))
             state = json.loads(Path(d, "loop_state.json").read_text())
-            history = [json.loads(line) for line in Path(d, HISTORY_FILE).read_text().splitlines()]
+            history = read_jsonl(Path(d, HISTORY_FILE))
         step, best, since_best = state["step"], state["best"], state["since_best"]
         resumed_from = step
         stop = bool(tcfg.early_stopping_patience and since_best >= tcfg.early_stopping_patience)

@@ -55,7 +55,8 @@ def test_shorten_context_keeps_the_answer_span_and_fits(tok, answer_at):
 
 def test_drop_policy_and_answers_that_cannot_fit(tok):
     rec = _record("middle")
-    assert _builder(tok, 300, truncation="drop").build(qa_row(rec))["status"] == DROPPED
+    dropped = _builder(tok, 300, truncation="drop").build(qa_row(rec))
+    assert dropped["status"] == DROPPED and dropped["num_tokens"] == 0 and dropped["input_ids"] == []
     long_answer = QARecord("q", "p", "x " * 50 + "A" * 600, "Q?", ("A" * 600,), 100)
     out = _builder(tok, 120).build(qa_row(long_answer))
     assert out["status"] == DROPPED_ANSWER and out["num_tokens"] == 0 and out["input_ids"] == []
@@ -80,7 +81,8 @@ def test_chat_rows_over_cutoff_are_dropped(tok):
     from ray_ft.data.records import Conversation, Turn
 
     conv = Conversation("c", "g", "Sys", (Turn("hi " * 200, "ok"),))
-    assert _builder(tok, 64).build(chat_row(conv))["status"] == DROPPED
+    dropped = _builder(tok, 64).build(chat_row(conv))
+    assert dropped["status"] == DROPPED and dropped["num_tokens"] == 0 and dropped["labels"] == []
     out = _builder(tok, 1024).build(chat_row(conv))
     assert out["status"] == OK and out["answers"] == ["ok"] and out["context"] == ""
     assert "<|im_start|>system\nSys<|im_end|>" in tok.decode(out["input_ids"])  # its own system prompt

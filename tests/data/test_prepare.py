@@ -19,8 +19,9 @@ def _job(smollm_dir, tmp_path, **data):
 @pytest.mark.slow
 def test_prepare_writes_shards_eval_set_kb_and_manifest(ray_cluster, cmrc_slice, tmp_path, smollm_dir):
     (tmp_path / "extra.txt").write_text("额外的文档。第二句。", encoding="utf-8")
+    (tmp_path / "copy.txt").write_text("额外的文档。第二句。\n", encoding="utf-8")  # the same document again
     cfg = _job(smollm_dir, tmp_path, source=str(cmrc_slice), max_samples=12, cutoff_len=1200, val_size=0.25,
-               num_shards=2, kb_sources=[str(tmp_path / "extra.txt")])
+               num_shards=2, kb_sources=[str(tmp_path / "extra.txt"), str(tmp_path / "copy.txt")])
     prepared = prepare(cfg, tmp_path / "data")
     m = prepared.manifest()
     records = read_source(str(cmrc_slice)).qa
@@ -51,7 +52,8 @@ def test_prepare_writes_shards_eval_set_kb_and_manifest(ray_cluster, cmrc_slice,
     kb = [json.loads(line) for line in prepared.knowledge_base_file.read_text().splitlines()]
     train_passages = {r["passage_id"] for r in rows}
     assert {e["passage_id"] for e in evals} | {kb[-1]["passage_id"]} == {d["passage_id"] for d in kb}
-    assert kb[-1]["text"] == "额外的文档。第二句。" and m["kb_source_documents"] == 1
+    assert kb[-1]["text"] == "额外的文档。第二句。" and m["kb_source_documents"] == 2  # kept once
+    assert len({d["passage_id"] for d in kb}) == len(kb) == m["knowledge_base_documents"] == 11
     assert train_passages.isdisjoint({e["passage_id"] for e in evals})
     assert len(evals) == m["heldout_questions"]
     # Questions of one passage are contiguous, so "the first N" keeps passages together.
@@ -123,6 +125,10 @@ def test_instruction_data_trains_without_an_eval_set(ray_cluster, tmp_path, smol
     src.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     cfg = _job(smollm_dir, tmp_path, source=str(src), max_samples=None, val_size=0.25, num_shards=1,
                sft_format="alpaca")
+    radit = _job(smollm_dir, tmp_path, source=str(src), retrieval_augment={"enabled": True})
+    with pytest.raises(RayFTError, match=r"alpaca.jsonl: data.retrieval_augment needs a QA source .* alpaca records"):
+        prepare(radit, tmp_path / "radit")
+    assert not (tmp_path / "radit").exists()
     prepared = prepare(cfg, cfg.run_dir / "data")
     m = prepared.manifest()
     assert m["format"] == "alpaca" and m["train_examples"] == 30 and m["test_conversations"] == 10
@@ -176,3 +182,21 @@ def test_full_financial_qa_10k_as_sft_data(ray_cluster, tmp_path, smollm_dir):
     assert m["train_examples"] + m["dropped_over_cutoff_len"] + m["dropped_answer_too_long"] == m["train_questions"]
     assert m["train_examples"] > 6000 and m["heldout_passages"] > 600
     assert PreparedData(prepared.root).sft_file.read_text().count("\n") == m["train_examples"]
+
+
+def test_config_hash_sees_edits_inside_a_knowledge_base_folder(tmp_path):
+    from ray_ft.config import parse_job
+    from ray_ft.data.prepare import data_config_hash
+
+    kb = tmp_path / "kb"
+    (kb / "sub").mkdir(parents=True)
+    (kb / "a.md").write_text("first version")
+    (kb / "sub" / "b.txt").write_text("another document")
+    cfg = parse_job({"name": "kbhash", "data": {"source": str(tmp_path / "qa.json"), "kb_sources": [str(kb)]}})
+    before = data_config_hash(cfg)
+    assert data_config_hash(cfg) == before  # stable while nothing changes
+    (kb / "a.md").write_text("second version")
+    edited = data_config_hash(cfg)
+    assert edited != before
+    (kb / "sub" / "b.txt").rename(kb / "sub" / "c.txt")  # same bytes, another name
+    assert data_config_hash(cfg) not in (before, edited)
