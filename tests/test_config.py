@@ -42,6 +42,20 @@ def test_combinations_are_checked():
         parse_job({"name": "x", "train": {"num_workers": 2}, "data": {"num_shards": 1}})
     with pytest.raises(RayFTError, match="exceeds serve.vllm.max_model_len"):
         parse_job({"name": "x", "data": {"cutoff_len": 4096}})
+    with pytest.raises(RayFTError, match=r"metric_for_best=val_f1 needs a dev split \(data.dev_size > 0\)"):
+        parse_job({"name": "x", "train": {"metric_for_best": "val_f1"}})
+    with pytest.raises(RayFTError, match=r"early_stopping_patience needs a dev split"):
+        parse_job({"name": "x", "train": {"early_stopping_patience": 2, "eval_every_n_steps": 5}})
+    ok = parse_job({"name": "x", "data": {"dev_size": 0.1},
+                    "train": {"metric_for_best": "val_f1", "early_stopping_patience": 2, "eval_every_n_steps": 5}})
+    assert ok.train.metric_for_best == "val_f1"
+    assert parse_job({"name": "x", "task": "embedding", "train": {"metric_for_best": "val_f1"}}).task == "embedding"
+    with pytest.raises(RayFTError, match=r"serve.models name \['base'\] repeats an eval label"):
+        parse_job({"name": "x", "serve": {"models": {"base": "/m"}}})
+    ep = {"label": "m", "base_url": "https://api.example.com/v1", "model": "gpt-x", "api_key_env": "K"}
+    with pytest.raises(RayFTError, match=r"serve.models name \['m'\] repeats an eval label"):
+        parse_job({"name": "x", "serve": {"models": {"m": "/m"}}, "eval": {"endpoints": [ep]}})
+    assert list(parse_job({"name": "x", "serve": {"models": {"merged": "/m"}}}).serve.models) == ["merged"]
 
 
 def test_eval_labels_and_judge_are_checked():

@@ -98,11 +98,24 @@ class JobConfig(_Strict):
         if taken:
             raise ValueError(f"serve.models name {sorted(taken)} is already the served name of the base "
                              "model, the fine-tuned model (job name) or an eval.adapters label")
+        # serve.models are evaluated too: one report row per label, so labels never repeat.
+        labels = [*self.eval.models, *self.eval.adapters, *self.serve.models, *(e.label for e in self.eval.endpoints)]
+        dupes = sorted({x for x in labels if labels.count(x) > 1})
+        if dupes:
+            raise ValueError(f"serve.models name {dupes} repeats an eval label (eval.models, eval.adapters, "
+                             "eval.endpoints): the report would merge two models")
         if self.data.num_shards is not None and self.data.num_shards < self.train.num_workers:
             raise ValueError(
                 f"data.num_shards={self.data.num_shards} < train.num_workers="
                 f"{self.train.num_workers}: some workers would get no data"
             )
+        if self.task == "sft" and self.data.dev_size == 0:
+            if self.train.metric_for_best != "val_loss":
+                raise ValueError(f"train.metric_for_best={self.train.metric_for_best} needs a dev split "
+                                 "(data.dev_size > 0): validation answers come from it")
+            if self.train.early_stopping_patience:
+                raise ValueError("train.early_stopping_patience needs a dev split (data.dev_size > 0): "
+                                 "without one there is no validation metric to stop on")
         if self.embed.enabled:
             self._check_finetuned_embedder_use()
         if self.serve.node_group not in self.data.node_groups:
