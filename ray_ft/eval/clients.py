@@ -3,7 +3,8 @@
 `RAGClient` talks to ray_ft's own ingress (`/v1/rag`, `/v1/retrieve`, `/v1/embeddings`);
 `OpenAIChat` to `/chat/completions` of any OpenAI-compatible server (ours, vLLM's, OpenAI's), so
 an external model can be compared with the same prompts and judged through the same code.
-Both raise RayFTError carrying the server's message on 4xx/5xx.
+Both raise RayFTError carrying the server's message on 4xx/5xx (RequestRejected when the request's
+content is what the server refused).
 """
 
 from __future__ import annotations
@@ -18,10 +19,19 @@ import numpy as np
 from ray_ft.errors import RayFTError
 
 
+class RequestRejected(RayFTError):
+    """The server refused this one request for what it holds (400, 413, 422: e.g. a prompt longer
+    than the model's context); other requests may still succeed."""
+
+
+REJECTED_STATUSES = (400, 413, 422)
+
+
 def _post(http: httpx.Client, path: str, body: dict) -> dict:
     resp = http.post(path, json=body)
     if resp.status_code >= 400:
-        raise RayFTError(f"POST {http.base_url}{path.lstrip('/')} -> {resp.status_code}: {resp.text[:300]}")
+        error = RequestRejected if resp.status_code in REJECTED_STATUSES else RayFTError
+        raise error(f"POST {http.base_url}{path.lstrip('/')} -> {resp.status_code}: {resp.text[:300]}")
     return resp.json()
 
 

@@ -30,7 +30,7 @@ def summarize(rows: list[dict], wall_s: dict[tuple[str, str], float] | None = No
         groups.setdefault((r["model"], r["mode"]), []).append(r)
     table = []
     for (model, mode), rs in groups.items():
-        t = {"model": model, "mode": mode, "n": len(rs)}
+        t = {"model": model, "mode": mode, "n": len(rs), "rejected": sum("error" in r for r in rs)}
         for col in (*SCORE_COLUMNS, *RETRIEVAL_COLUMNS):
             t[col] = float(np.mean([r[col] for r in rs])) if col in rs[0] else None
         for col in JUDGE_COLUMNS:
@@ -68,11 +68,11 @@ def to_markdown(table: list[dict], images: list[str] | None = None) -> str:
         out.append("|---|" + "---:|" * len(ts))
         out.extend(f"| {ALL_COLUMNS[c]} | " + " | ".join(_cell(t, c) for t in ts) + " |" for c in cols)
         out.append("")
-    out.append("| model | mode | n | p50 latency (s) | p95 latency (s) | req/s |")
-    out.append("|---|---|---:|---:|---:|---:|")
+    out.append("| model | mode | n | refused (scored 0) | p50 latency (s) | p95 latency (s) | req/s |")
+    out.append("|---|---|---:|---:|---:|---:|---:|")
     for t in table:
         rps = "—" if t.get("throughput_rps") is None else f"{t['throughput_rps']:.2f}"
-        out.append(f"| {t['model']} | {t['mode']} | {t['n']} | {t['latency_p50_s']:.2f} | "
+        out.append(f"| {t['model']} | {t['mode']} | {t['n']} | {t.get('rejected', 0)} | {t['latency_p50_s']:.2f} | "
                    f"{t['latency_p95_s']:.2f} | {rps} |")
     out.append("")
     out.extend(f"![{Path(p).stem}]({p})\n" for p in images or [])

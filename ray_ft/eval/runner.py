@@ -12,6 +12,7 @@ written atomically.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,13 +22,15 @@ from tqdm import tqdm
 
 from ray_ft.config import EvalConfig
 from ray_ft.errors import RayFTError
-from ray_ft.eval.clients import ChatModel, RAGClient
+from ray_ft.eval.clients import ChatModel, RAGClient, RequestRejected
 from ray_ft.eval.judge import JudgeSettings, judge_rows
 from ray_ft.eval.retrieval import SENTENCE_SPLITTERS
 from ray_ft.eval.report import plot_loss, plot_metrics, summarize, to_markdown
 from ray_ft.eval.scoring import score_rows
 from ray_ft.io import write_jsonl_atomic, write_text_atomic
 from ray_ft.serve.prompting import RAGPrompt
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -70,8 +73,16 @@ def predict(client: RAGClient, items: list[dict], target: EvalTarget, mode: str,
     """One answer per item, and the wall time it took; rows carry what the scorer needs."""
     def one(i: int) -> dict:
         it = items[i]
-        out = _ask(client, target, it, mode, prompt)
-        return {
+        t0 = time.perf_counter()
+        try:
+            out = _ask(client, target, it, mode, prompt)
+        except RequestRejected as err:
+            # Refused for its content (e.g. the prompt exceeds the context): it scores 0 and the
+            # run goes on; the row keeps the reason, the summary counts these.
+            log.warning("%s/%s: question %s not answered: %s", target.label, mode, it["id"], err)
+            out = {"answer": "", "contexts": [], "model": target.served_name, "error": str(err),
+                   "latency_s": time.perf_counter() - t0, "completion_tokens": None}
+        return {**({"error": out["error"]} if "error" in out else {}),
             "id": it["id"], "model": target.label, "served_model": out["model"], "mode": mode,
             "question": it["question"], "references": it["answers"], "prediction": out["answer"],
             "context": "\n\n".join(c["text"] for c in out["contexts"]),

@@ -107,3 +107,21 @@ def test_unknown_served_model_is_reported_before_any_request(served_url, cfg, tm
     with pytest.raises(RayFTError, match=r"models not served: \['tuned'\]"):
         run_eval(RAGClient(served_url), ITEMS, [EvalTarget("finetuned", "tuned")], cfg.eval, prompt, tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_refused_question_scores_zero_and_the_run_goes_on(served_url, cfg, tmp_path):
+    huge = {"id": "q9", "question": "What is said?", "answers": ["nothing"], "context": "word " * 40_000,
+            "passage_id": "huge"}  # 200,000 characters: over serve.max_input_chars, a 400
+    ecfg = cfg.eval.model_copy(update={"modes": ["gold"],
+                                       "judge": cfg.eval.judge.model_copy(update={"enabled": False})})
+    prompt = PromptSettings("en", cfg.model.system_prompt, 8)
+    table = run_eval(RAGClient(served_url), [ITEMS[0], huge], [EvalTarget("base", BASE)], ecfg, prompt, tmp_path)
+
+    rows = {r["id"]: r for r in map(json.loads, (tmp_path / "predictions.jsonl").read_text().splitlines())}
+    assert "-> 400" in rows["q9"]["error"] and "exceed the limit" in rows["q9"]["error"]
+    assert rows["q9"]["prediction"] == "" and rows["q9"]["cmrc_f1"] == rows["q9"]["cosine"] == 0.0
+    assert "error" not in rows["q1"] and rows["q1"]["prediction"].strip()
+    assert table[0]["n"] == 2 and table[0]["rejected"] == 1
+    assert table[0]["cosine"] == pytest.approx(rows["q1"]["cosine"] / 2)
+    assert "| base | gold | 2 | 1 |" in (tmp_path / "summary.md").read_text()
