@@ -21,7 +21,8 @@ def split_by_group(
     groups = sorted({group_of(it) for it in items})
     rng = random.Random(seed)
     rng.shuffle(groups)
-    n_out = max(1, round(len(groups) * held_out_share)) if len(groups) > 1 else 0
+    # At least one group out, and at least one kept: a split that empties either half is no split.
+    n_out = min(len(groups) - 1, max(1, round(len(groups) * held_out_share))) if len(groups) > 1 else 0
     held = set(groups[:n_out])
     kept = [it for it in items if group_of(it) not in held]
     out = [it for it in items if group_of(it) in held]

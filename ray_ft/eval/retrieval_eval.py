@@ -25,7 +25,8 @@ def evaluate_retriever(embed: EmbedFn, questions: list[str], contexts: list[str]
     qvec = np.asarray(embed([query_prefix + q for q in questions]), dtype=np.float32)
     k = min(top_k, len(kb))
     scores = qvec @ pvec.T
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    # Ranked deep enough for recall@5 even when top_k < 5; MRR/nDCG look at the first k only.
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :max(k, 5)]
     rows = []
     for gold, ranked in zip(contexts, top):
         ids, rel = [str(i) for i in ranked], {str(index[gold])}

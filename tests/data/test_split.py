@@ -12,6 +12,9 @@ def test_split_is_disjoint_by_group_and_seeded():
     assert {g for g, _ in again[1]} == {g for g, _ in out}  # input order does not matter
     other = split_by_group(items, lambda x: x[0], 0.2, seed=8)
     assert {g for g, _ in other[1]} != {g for g, _ in out}  # the seed matters
+    # A large share of few groups still keeps one group on each side.
+    kept, out = split_by_group([("a", 0), ("b", 1)], lambda x: x[0], 0.8, seed=7)
+    assert len(kept) == len(out) == 1
 
 
 def test_real_cmrc_split_has_no_shared_passage():

@@ -23,6 +23,9 @@ def test_evaluate_retriever_by_hand():
                                   query_prefix="aaaaaaa")
     assert plain["recall_at_1"] == 1.0 and prefixed["recall_at_1"] == 0.5
     assert prefixed["mrr_at_2"] == pytest.approx((0.5 + 1.0) / 2)
+    # recall@5 ranks 5 deep even when top_k is 1: the b-question's passage is second.
+    top1 = evaluate_retriever(CharCountEmbedder(), ["b", "a"], ["bbbb.", "aaaa."], 1, ".", query_prefix="aaaaaaa")
+    assert top1["recall_at_1"] == 0.5 and top1["recall_at_5"] == 1.0 and top1["mrr_at_1"] == 0.5
 
 
 def test_markdown_before_after():
