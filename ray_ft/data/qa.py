@@ -204,22 +204,28 @@ def _row_answers(row: dict) -> tuple[list[tuple[str, int | None]], bool]:
 
 
 def csv_rows(name: str, text: str, required: tuple[str, ...]) -> Iterable[tuple[str, dict | RecordError]]:
-    """(`line N`, row) of a CSV with a header; the line is where the record starts. A row with
-    more fields than the header comes as a RecordError (the caller's policy decides)."""
+    """(`line N`, row) of a CSV with a header; the line is where the record starts (blank lines
+    are skipped but counted). A row with more fields than the header comes as a RecordError (the
+    caller's policy decides); missing trailing fields read as None."""
     from ray_ft.errors import RayFTError
 
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    missing = set(required) - set(reader.fieldnames or [])
-    if missing:
-        raise RayFTError(f"{name}: header lacks column(s) {sorted(missing)}; found {reader.fieldnames}")
-    start = reader.line_num + 1
+    reader = csv.reader(io.StringIO(text, newline=""))
+    start, header = 1, None
     try:
-        for row in reader:
-            if None in row:  # more fields than the header: a broken quote or a stray comma
-                yield f"line {start}", RecordError(
-                    f"{len(reader.fieldnames) + len(row[None])} fields, the header has {len(reader.fieldnames)}")
-            else:
-                yield f"line {start}", {k: (v.strip() if isinstance(v, str) else v) for k, v in row.items()}
+        for fields in reader:
+            if fields:  # a blank line reads as []
+                if header is None:
+                    header = fields
+                    missing = set(required) - set(header)
+                    if missing:
+                        raise RayFTError(f"{name}: header lacks column(s) {sorted(missing)}; found {header}")
+                elif len(fields) > len(header):  # a broken quote or a stray comma
+                    yield f"line {start}", RecordError(f"{len(fields)} fields, the header has {len(header)}")
+                else:
+                    values = [v.strip() for v in fields] + [None] * (len(header) - len(fields))
+                    yield f"line {start}", dict(zip(header, values))
             start = reader.line_num + 1
     except csv.Error as err:
         raise RayFTError(f"{name}: line {start}: invalid CSV: {err}") from None
+    if header is None:
+        raise RayFTError(f"{name}: header lacks column(s) {sorted(required)}; found []")

@@ -137,6 +137,11 @@ def test_csv_row_with_extra_fields_is_a_record_error(tmp_path):
     with pytest.raises(RayFTError, match=r"x.csv: line 3: 4 fields, the header has 3"):
         read_source(str(path))
     assert len(read_source(str(path), on_error="skip").qa) == 1
+    # Blank lines are counted, and a quoted field may span lines: the error names the record's own line.
+    path.write_text('question,answer,context\n\n"q1\nstill q1?",a,c a\n\nq2?,a,c,extra\n', encoding="utf-8")
+    with pytest.raises(RayFTError, match=r"x.csv: line 6: 4 fields, the header has 3"):
+        read_source(str(path))
+    assert read_source(str(path), on_error="skip").qa[0].question == "q1\nstill q1?"
 
 
 def test_file_uri_and_s3_uri_read_through_pyarrow(tmp_path, s3):
