@@ -51,10 +51,23 @@ def stage_hash(cfg: JobConfig, stage: str, memo: dict[str, str] | None = None) -
         "embed": lambda: {"embed": cfg.embed.model_dump(), "data": embed_config_hash(cfg)},
         "prepare": lambda: data_config_hash(cfg),  # data + model config, source bytes, embedder files
         "train": lambda: cfg.train.model_dump(),
-        "eval": lambda: {"serve": cfg.serve.model_dump(), "eval": cfg.eval.model_dump()},
+        # Models named by path are read by eval too: a re-trained adapter there means new numbers.
+        "eval": lambda: {"serve": cfg.serve.model_dump(), "eval": cfg.eval.model_dump(),
+                         "models": served_model_fingerprints(cfg)},
     }[stage]()
     memo[stage] = _digest({"own": own, **upstream})
     return memo[stage]
+
+
+def served_model_fingerprints(cfg: JobConfig) -> str:
+    """Digest of the folders eval serves from outside the run: eval.adapters, serve.models and
+    serve.embedder (names only for packaged models and URIs)."""
+    from ray_ft.data.sources import folder_fingerprint
+
+    h = hashlib.sha256()
+    for path in [*cfg.eval.adapters.values(), *cfg.serve.models.values(), cfg.serve.embedder]:
+        h.update(hashlib.sha256(folder_fingerprint(path)).digest())
+    return h.hexdigest()
 
 
 def stage_hashes(cfg: JobConfig) -> dict[str, str]:

@@ -96,6 +96,18 @@ def test_prepare_hash_follows_the_fine_tuned_embedder_files(tmp_path):
     assert stage_hashes(cfg)["prepare"] != before
 
 
+def test_eval_hash_follows_the_files_of_adapters_it_serves_from_outside_the_run(tmp_path):
+    adapter = tmp_path / "other_adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"v1")
+    cfg = _cfg(tmp_path, eval={"adapters": {"other": str(adapter)}})
+    before = stage_hashes(cfg)
+    assert stage_hashes(cfg) == before
+    (adapter / "adapter_model.safetensors").write_bytes(b"v2, re-trained")
+    after = stage_hashes(cfg)
+    assert after["eval"] != before["eval"] and all(after[s] == before[s] for s in ("prepare", "train"))
+
+
 def test_one_invocation_hashes_the_data_once_until_a_stage_finishes(tmp_path, monkeypatch):
     import ray_ft.data.prepare as prepare
 

@@ -21,7 +21,7 @@ from ray_ft.data.nodes import build_nodes, read_text_documents
 from ray_ft.data.readers import SourceData, read_source
 from ray_ft.data.records import EXPORTERS, QARecord
 from ray_ft.data.shards import TRAIN_SCHEMA, ShardPlan, dumps_manifest, write_train_set
-from ray_ft.data.sources import source_fingerprint
+from ray_ft.data.sources import folder_fingerprint, source_fingerprint
 from ray_ft.data.split import seeded_sample, split_by_group
 from ray_ft.errors import RayFTError
 from ray_ft.io import read_jsonl, staged_dir, write_jsonl_atomic, write_text_atomic
@@ -83,15 +83,6 @@ class PreparedData:
         return json.loads(self.manifest_file.read_text())
 
 
-def _folder_fingerprint(name: str) -> bytes:
-    """A local model folder's file names, sizes and mtimes (a re-trained embedder changes it)."""
-    path = Path(name)
-    if not path.is_dir():
-        return name.encode()
-    return "".join(f"{p.relative_to(path)}:{p.stat().st_size}:{p.stat().st_mtime_ns};"
-                   for p in sorted(path.rglob("*")) if p.is_file()).encode()
-
-
 def data_config_hash(cfg: JobConfig) -> str:
     """Fingerprint of everything the prepared data depends on: the data and model config, the
     shard count, the source's (and knowledge-base files') content and the retrieving embedder."""
@@ -101,7 +92,7 @@ def data_config_hash(cfg: JobConfig) -> str:
     for src in [cfg.data.source, *cfg.data.kb_sources]:
         h.update(hashlib.sha256(source_fingerprint(src)).digest())
     if cfg.data.retrieval_augment.enabled:
-        h.update(_folder_fingerprint(cfg.data.retrieval_augment.embedder))
+        h.update(folder_fingerprint(cfg.data.retrieval_augment.embedder))
     return h.hexdigest()[:16]
 
 

@@ -130,6 +130,16 @@ def source_fingerprint(source: str) -> bytes:
         return source.encode()
 
 
+def folder_fingerprint(name: str) -> bytes:
+    """A local model folder's file names, sizes and mtimes (a re-trained model changes it); the
+    name itself for anything else (a packaged model name, an object-store URI)."""
+    path = Path(name)
+    if not path.is_dir():
+        return name.encode()
+    return "".join(f"{p.relative_to(path)}:{p.stat().st_size}:{p.stat().st_mtime_ns};"
+                   for p in sorted(path.rglob("*")) if p.is_file()).encode()
+
+
 def decode_text(name: str, data: bytes) -> str:
     """UTF-8 text (a leading BOM is dropped); bad bytes and empty files are one-line errors."""
     try:
