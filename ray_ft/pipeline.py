@@ -67,6 +67,7 @@ def stage_train(cfg: JobConfig, prepared: PreparedData, resume: bool = True):
     checkpoint (`resume=False`: from step 0)."""
     from ray_ft.train.sft import run_training
 
+    init_ray(cfg)  # reused data did not start it; Ray's auto-init would ignore cfg.ray
     return run_training(cfg, prepared, resolve_model(cfg.model.name), cfg.run_dir / "train", resume=resume)
 
 

@@ -125,3 +125,17 @@ def test_one_invocation_hashes_the_data_once_until_a_stage_finishes(tmp_path, mo
     assert all(log.fresh(s) == {} for s in ("prepare", "train", "eval")) and len(calls) == 2
     log.done("eval", {}, [out])
     assert log.fresh("train") == {} and len(calls) == 3  # a stage finished: its outputs may feed a hash
+
+
+def test_train_stage_starts_the_configured_cluster_even_when_the_data_was_reused(tmp_path, monkeypatch):
+    # Reused data skips prepare's init_ray; without its own, Ray's auto-init would start a
+    # default cluster that ignores ray.address / ray.num_cpus.
+    import ray_ft.train.sft as sft
+    from ray_ft import pipeline
+
+    calls = []
+    monkeypatch.setattr(pipeline, "init_ray", lambda cfg: calls.append(("init_ray", cfg.ray.num_cpus)))
+    monkeypatch.setattr(pipeline, "resolve_model", lambda name: tmp_path)
+    monkeypatch.setattr(sft, "run_training", lambda *a, **kw: calls.append(("run_training",)))
+    pipeline.stage_train(_cfg(tmp_path, ray={"num_cpus": 6}), prepared=None)
+    assert calls == [("init_ray", 6), ("run_training",)]

@@ -45,6 +45,11 @@ class PromptTooLong(RayFTError):
     """The rendered prompt plus max_tokens does not fit in the engine's max_model_len."""
 
 
+class InvalidMessages(RayFTError):
+    """The engine refused the request's content: the chat template rejected the messages (e.g.
+    roles that do not alternate), or vLLM reported a client error."""
+
+
 class VLLMGenerator:
     """Async vLLM engine serving a base model and LoRA adapters (unmerged, chosen per request).
 
@@ -88,7 +93,12 @@ class VLLMGenerator:
     def render(self, messages: list[dict]) -> str:
         if not messages or messages[0].get("role") != "system":
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        from jinja2 import TemplateError
+
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except TemplateError as err:  # templates reject what they cannot render (raise_exception)
+            raise InvalidMessages(f"messages: the model's chat template refused them: {err}") from None
 
     async def generate(self, messages: list[dict], model: str, max_tokens: int,
                        temperature: float, structured: dict | None = None) -> Completion:
@@ -122,10 +132,15 @@ class VLLMGenerator:
 
         if model != self.base_name and model not in self.loras:
             raise UnknownModelError(f"unknown model '{model}'; served: {', '.join(self.model_names())}")
-        prompt = self.render(messages)
+        from vllm.exceptions import VLLMClientError
+
+        # Token ids, not text: vLLM would tokenize a text prompt with the special tokens added,
+        # and a template that already starts with BOS (Llama 3, Gemma, Mistral) would get two;
+        # training tokenizes the rendered template without them.
+        prompt_ids = self.tokenizer(self.render(messages), add_special_tokens=False)["input_ids"]
         # Checked here, not left to the engine: vLLM would silently shorten the completion when
         # prompt + max_tokens passes max_model_len, and its error for a too-long prompt is a 500.
-        n_prompt = len(self.tokenizer(prompt)["input_ids"])  # as vLLM tokenizes a text prompt
+        n_prompt = len(prompt_ids)
         if n_prompt + max_tokens > self.max_model_len:
             raise PromptTooLong(f"the prompt is {n_prompt} tokens; with max_tokens={max_tokens} it exceeds "
                                 f"the model's context of {self.max_model_len} tokens")
@@ -133,13 +148,17 @@ class VLLMGenerator:
             max_tokens=max_tokens, temperature=temperature, output_kind=output_kind,
             structured_outputs=StructuredOutputsParams(**structured) if structured else None)
         try:
-            async for out in self.engine.generate(prompt, params, request_id=uuid.uuid4().hex,
+            async for out in self.engine.generate({"prompt_token_ids": prompt_ids}, params,
+                                                  request_id=uuid.uuid4().hex,
                                                   lora_request=self.loras.get(model)):
                 yield out
-        except ValueError as err:  # vLLM validates the schema when the request is added
-            # Only schema problems become a response_format error; anything else stays itself.
+        except (ValueError, VLLMClientError) as err:  # vLLM validates the request when it is added
+            # Schema problems become a response_format error; vLLM's other client errors are the
+            # request's fault too (4xx); any other ValueError stays itself (a 500).
             if structured and re.search(r"schema|grammar|json|structured", str(err), re.IGNORECASE):
                 raise InvalidStructuredOutput(f"response_format: {err}") from None
+            if isinstance(err, VLLMClientError):
+                raise InvalidMessages(str(err)) from None
             raise
 
     async def check_health(self) -> None:

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import SecretStr
 
 from ray_ft.errors import RayFTError
-from ray_ft.serve.engines import InvalidStructuredOutput, PromptTooLong, UnknownModelError
+from ray_ft.serve.engines import InvalidMessages, InvalidStructuredOutput, PromptTooLong, UnknownModelError
 from ray_ft.serve.openai_format import SSE_DONE, ChunkWriter, completion_body, error_body, sse
 from ray_ft.serve.prompting import RAGPrompt
 from ray_ft.serve.resilience import (
@@ -263,6 +263,7 @@ def _install_error_handlers(api: FastAPI) -> None:
     statuses = {
         RequestError: None, UnknownModelError: (404, "model_not_found"),
         InvalidStructuredOutput: (400, "invalid_request_error"), PromptTooLong: (400, "invalid_request_error"),
+        InvalidMessages: (400, "invalid_request_error"),
         UpstreamTimeout: (504, "timeout"), UpstreamUnavailable: (503, "service_unavailable"),
     }
     for exc_type, answer in statuses.items():

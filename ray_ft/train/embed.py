@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ray_ft.config import EmbedConfig, JobConfig
+from ray_ft.errors import RayFTError
 from ray_ft.io import read_jsonl
 from ray_ft.train import metrics as tm
 from ray_ft.train.checkpoints import (
@@ -301,7 +302,8 @@ def run_embed_training(cfg: JobConfig, triplets: list[dict], model_dir: Path, ou
     ecfg = cfg.embed
     per_worker = len(triplets) // ecfg.num_workers
     if per_worker < ecfg.per_device_batch_size:
-        raise ValueError(f"{len(triplets)} triplets cannot fill a batch of {ecfg.per_device_batch_size} "
+        raise RayFTError(f"embed.per_device_batch_size: {len(triplets)} triplets cannot fill a batch of "
+                         f"{ecfg.per_device_batch_size} "
                          f"on each of {ecfg.num_workers} workers")
     out_dir.mkdir(parents=True, exist_ok=True)
     score = f"val_mrr_at_{ecfg.eval_top_k}" if val else None

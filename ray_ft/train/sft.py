@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ray_ft.config import JobConfig, TrainConfig
 from ray_ft.data.prepare import PreparedData
+from ray_ft.errors import RayFTError
 from ray_ft.io import read_jsonl
 from ray_ft.train import metrics as tm
 from ray_ft.train.batches import PadCollate, flattens, model_inputs
@@ -65,8 +66,8 @@ def steps_per_epoch(rows_per_worker: int, tcfg: TrainConfig) -> int:
     epoch is left out, so every step averages the same number of micro-batches)."""
     micro = micro_batches_per_epoch(rows_per_worker, tcfg)
     if micro < tcfg.gradient_accumulation_steps:
-        raise ValueError(f"{rows_per_worker} rows per worker make {micro} micro-batches, fewer than "
-                         f"gradient_accumulation_steps={tcfg.gradient_accumulation_steps}")
+        raise RayFTError(f"train.gradient_accumulation_steps: {rows_per_worker} rows per worker make "
+                         f"{micro} micro-batches, fewer than gradient_accumulation_steps={tcfg.gradient_accumulation_steps}")
     return micro // tcfg.gradient_accumulation_steps
 
 
@@ -280,11 +281,12 @@ def run_training(cfg: JobConfig, prepared: PreparedData, model_dir: Path, out_di
     manifest = prepared.manifest()
     rows_per_worker = manifest["train_rows"] // tcfg.num_workers
     if rows_per_worker == 0:
-        raise ValueError(f"{manifest['train_rows']} training rows cannot feed {tcfg.num_workers} workers")
+        raise RayFTError(f"train.num_workers: {manifest['train_rows']} training rows cannot feed "
+                         f"{tcfg.num_workers} workers")
     steps_per_epoch(rows_per_worker, tcfg)  # raises early if accumulation cannot be filled
     val_rows = load_val_rows(prepared)
     if tcfg.metric_for_best != "val_loss" and not val_rows:
-        raise ValueError(f"train.metric_for_best={tcfg.metric_for_best} needs a dev split (data.dev_size > 0)")
+        raise RayFTError(f"train.metric_for_best={tcfg.metric_for_best} needs a dev split (data.dev_size > 0)")
     out_dir.mkdir(parents=True, exist_ok=True)
     score = tcfg.metric_for_best if val_rows else None
     storage = tcfg.storage_path or str((out_dir / "ray").resolve())

@@ -128,6 +128,11 @@ def test_structured_output_and_retrieve_endpoint(served):
     with pytest.raises(BadRequestError, match="json_schema"):
         client.chat.completions.create(model="tuned", messages=[{"role": "user", "content": "x"}],
                                        max_tokens=4, response_format={"type": "json_schema"})
+    # A schema vLLM cannot compile (its own client error, not a ValueError) is a 400 too.
+    with pytest.raises(BadRequestError, match="response_format"):
+        client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "x"}], max_tokens=4,
+                                       response_format={"type": "json_schema",
+                                                        "json_schema": {"name": "a", "schema": {"type": "objekt"}}})
 
     with httpx.Client(base_url=served.url, timeout=300, headers=served.headers) as http:
         got = http.post("/v1/retrieve", json={"query": "Which river flows into the sea?", "top_k": 3}).json()

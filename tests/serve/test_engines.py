@@ -56,3 +56,21 @@ def test_bfloat16_embedder_gives_float32_vectors_close_to_float32_ones(minilm_di
     assert bf16.dtype == np.float32 and bf16.shape == fp32.shape
     cos = np.sum(fp32 * bf16, axis=1) / np.linalg.norm(bf16, axis=1)
     assert cos.min() > 0.99 and not np.array_equal(fp32, bf16)  # close, but really bf16
+
+
+def test_a_chat_template_that_refuses_the_messages_is_a_bad_request(smollm_dir):
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from ray_ft.serve.engines import InvalidMessages, VLLMGenerator
+
+    tok = AutoTokenizer.from_pretrained(smollm_dir)
+    # As strict templates do (Llama 2, Mistral): roles must alternate user/assistant.
+    tok.chat_template = ("{% for m in messages %}{% if loop.index0 and messages[loop.index0 - 1].role == m.role %}"
+                         "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"
+                         "{{ m.content }}{% endfor %}")
+    gen = SimpleNamespace(tokenizer=tok, system_prompt="s")
+    assert VLLMGenerator.render(gen, [{"role": "user", "content": "hi"}]) == "shi"
+    with pytest.raises(InvalidMessages, match="chat template refused them: roles must alternate"):
+        VLLMGenerator.render(gen, [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])

@@ -18,7 +18,9 @@ def test_step_arithmetic_leaves_out_partial_accumulation_groups():
     assert steps_per_epoch(9, t) == 2  # 5 micro-batches -> 2 full groups of 2
     assert total_steps(9, t) == 3
     assert total_steps(9, TrainConfig(max_steps=7)) == 7
-    with pytest.raises(ValueError, match="fewer than gradient_accumulation_steps=4"):
+    from ray_ft.errors import RayFTError
+
+    with pytest.raises(RayFTError, match="train.gradient_accumulation_steps: 3 rows per worker make 3 micro-batches"):
         steps_per_epoch(3, TrainConfig(gradient_accumulation_steps=4))
 
 
