@@ -117,7 +117,8 @@ def stage_eval(cfg: JobConfig, prepared: PreparedData, url: str,
     if len(items) < cfg.eval.max_samples:
         log.warning("only %d held-out questions (eval.max_samples=%d)", len(items), cfg.eval.max_samples)
     rag_prompt = rag_prompt_of(cfg)  # the ingress's prompt: external targets get the same chat
-    prompt = PromptSettings(cfg.data.language, rag_prompt.system_prompt, cfg.serve.max_tokens, rag_prompt.template)
+    prompt = PromptSettings(cfg.data.language, rag_prompt.system_prompt, cfg.serve.max_tokens, rag_prompt.template,
+                            rag_prompt.training_template)
     return run_eval(client, items, targets, cfg.eval, prompt, cfg.run_dir / "eval", judge, loss_history)
 
 

@@ -48,6 +48,7 @@ class PromptSettings:
     system_prompt: str
     max_tokens: int
     template: str | None = None  # serve.prompt_template ({context_str}, {query}); None: training's
+    training_template: str | None = None  # data.prompt_template ({context}, {question}), if set
 
 
 def _ask(client: RAGClient, target: EvalTarget, item: dict, mode: str, prompt: PromptSettings) -> dict:
@@ -61,7 +62,8 @@ def _ask(client: RAGClient, target: EvalTarget, item: dict, mode: str, prompt: P
     t0 = time.perf_counter()
     contexts = ([{"node_id": None, "text": gold[0]}] if gold
                 else client.retrieve(item["question"])["contexts"])
-    messages = RAGPrompt(prompt.language, prompt.system_prompt, prompt.template).messages(
+    messages = RAGPrompt(prompt.language, prompt.system_prompt, prompt.template,
+                         prompt.training_template).messages(
         [c["text"] for c in contexts], item["question"])
     answer = target.external.chat(messages, prompt.max_tokens)
     return {"answer": answer, "contexts": contexts, "model": target.served_name,

@@ -125,3 +125,20 @@ def test_a_refused_question_scores_zero_and_the_run_goes_on(served_url, cfg, tmp
     assert table[0]["n"] == 2 and table[0]["rejected"] == 1
     assert table[0]["cosine"] == pytest.approx(rows["q1"]["cosine"] / 2)
     assert "| base | gold | 2 | 1 |" in (tmp_path / "summary.md").read_text()
+
+
+def test_external_targets_get_the_jobs_training_template():
+    from ray_ft.eval.runner import _ask
+
+    class Capture:
+        def chat(self, messages, max_tokens, temperature=0.0, json_schema=None):
+            self.messages, self.max_tokens = messages, max_tokens
+            return "8,849 metres"
+
+    ext = Capture()
+    prompt = PromptSettings("en", "sys", 8, template=None, training_template="Q: {question}\nC: {context}")
+    out = _ask(None, EvalTarget("ext", "m", ext), ITEMS[0], "gold", prompt)  # gold: no retrieval call
+    assert out["answer"] == "8,849 metres" and ext.max_tokens == 8
+    assert ext.messages[0] == {"role": "system", "content": "sys"}
+    assert ext.messages[-1]["content"].startswith("Q: How tall is Mount Everest?\nC: ")
+    assert ITEMS[0]["context"] in ext.messages[-1]["content"]
