@@ -67,8 +67,9 @@ class TrainConfig(_Strict):
         2, ge=1, description="freeze: how many of the last decoder layers are trained."
     )
     precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description='"auto": bf16 on GPU, fp32 on CPU. bf16 runs the model in bfloat16 '
-        "(DeepSpeed: bf16 mixed precision with fp32 master weights).",
+        "auto", description='"auto": bf16 on GPU, fp32 on CPU. bf16: lora keeps the frozen base in '
+        "bfloat16 (adapters fp32); freeze/full keep fp32 weights and compute under bf16 autocast; "
+        "DeepSpeed: bf16 mixed precision with fp32 master weights.",
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass.")
     attn_implementation: Literal["auto", "sdpa", "flash_attention_2"] = Field(

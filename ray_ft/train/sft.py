@@ -30,7 +30,7 @@ from ray_ft.train.checkpoints import (
     resumable_run_name,
 )
 from ray_ft.train.methods import build_model, load_trained_weights, merge_adapter, save_export
-from ray_ft.train.steppers import make_stepper, resolved_precision
+from ray_ft.train.steppers import make_stepper, weights_dtype
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if not tcfg.use_gpu:
         torch.set_num_threads(max(1, int(tcfg.cpus_per_worker)))
-    dtype = torch.bfloat16 if resolved_precision(tcfg) == "bf16" and not tcfg.deepspeed.stage else torch.float32
+    dtype = weights_dtype(tcfg)
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

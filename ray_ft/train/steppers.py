@@ -31,6 +31,26 @@ def resolved_precision(tcfg: TrainConfig) -> str:
     return tcfg.precision
 
 
+def weights_dtype(tcfg: TrainConfig):
+    """The dtype the model is loaded in. bf16 without DeepSpeed: LoRA's frozen base in bf16 (its
+    adapters stay fp32, peft's default); freeze/full keep fp32 weights, since AdamW updating bf16
+    weights in place rounds away every update under ~1/256 of a weight (no master copy), and
+    compute in bf16 under autocast instead. DeepSpeed keeps its own fp32 master weights."""
+    import torch
+
+    bf16 = resolved_precision(tcfg) == "bf16" and not tcfg.deepspeed.stage
+    return torch.bfloat16 if bf16 and tcfg.finetuning_type == "lora" else torch.float32
+
+
+def compute_context(tcfg: TrainConfig):
+    """Where the forward pass runs: bf16 autocast for freeze/full under bf16 without DeepSpeed."""
+    import torch
+
+    if resolved_precision(tcfg) == "bf16" and not tcfg.deepspeed.stage and tcfg.finetuning_type != "lora":
+        return torch.autocast("cuda" if tcfg.use_gpu else "cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def deep_merge(base: dict, extra: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in extra.items():
@@ -87,7 +107,8 @@ class TorchStepper:
         self.model = ray.train.torch.prepare_model(model)
 
     def forward(self, inputs: dict):
-        return self.model(**inputs).loss
+        with compute_context(self.tcfg):
+            return self.model(**inputs).loss
 
     def backward(self, loss, boundary: bool) -> None:
         # Skip DDP's all-reduce on micro-batches that only accumulate.

@@ -217,3 +217,23 @@ def test_a_stopped_run_started_again_continues_from_its_last_checkpoint(ray_clus
     fresh = run_training(cfg, prepared, tiny_model_dir, out, resume=False)
     assert [h["step"] for h in fresh.history] == list(range(1, 7))
     assert not any("resumed_from_step" in h for h in fresh.history)
+
+
+def test_bf16_without_deepspeed_keeps_full_and_freeze_weights_fp32_under_autocast():
+    import torch
+
+    from ray_ft.train.steppers import compute_context, weights_dtype
+
+    lora = TrainConfig(precision="bf16", finetuning_type="lora")
+    full = TrainConfig(precision="bf16", finetuning_type="full")
+    freeze = TrainConfig(precision="bf16", finetuning_type="freeze")
+    zero2 = TrainConfig(precision="bf16", finetuning_type="full", deepspeed={"stage": 2})
+    assert weights_dtype(lora) == torch.bfloat16  # frozen base; peft keeps the adapters fp32
+    assert weights_dtype(full) == weights_dtype(freeze) == weights_dtype(zero2) == torch.float32
+    assert weights_dtype(TrainConfig(finetuning_type="full")) == torch.float32  # auto on CPU: fp32
+    lin = torch.nn.Linear(4, 4)
+    for cfg, want in ((full, torch.bfloat16), (freeze, torch.bfloat16), (lora, torch.float32), (zero2, torch.float32)):
+        with compute_context(cfg):
+            assert lin(torch.ones(1, 4)).dtype == want, cfg.finetuning_type
+    # Why: a small update survives in an fp32 weight and is rounded away in a bf16 one.
+    assert torch.ones(1) - 1e-4 != 1 and torch.ones(1, dtype=torch.bfloat16) - 1e-4 == 1
