@@ -232,11 +232,34 @@ class GuardMiddleware:
         if scope["type"] == "http":
             path = scope["path"].removeprefix(scope.get("root_path", "")) or "/"
             if path not in OPEN_PATHS:
-                refusal = self._refusal(dict(scope["headers"]))
+                headers = dict(scope["headers"])
+                refusal = self._refusal(headers)
+                if refusal is None and b"content-length" not in headers:
+                    # A chunked body states no length: read it here, up to the limit.
+                    body = await self._body_within_limit(receive)
+                    if body is None:
+                        refusal = _error(413, f"request body exceeds the limit of {self.s.max_request_bytes} "
+                                         "bytes", "invalid_request_error")
+                    else:
+                        receive = _replayed(body, receive)
                 if refusal is not None:
                     await refusal(scope, receive, send)
                     return
         await self.app(scope, receive, send)
+
+    async def _body_within_limit(self, receive) -> bytes | None:
+        """The whole request body, or None once it passes max_request_bytes (the rest unread)."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return b"".join(chunks)
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.s.max_request_bytes:
+                return None
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
     def _refusal(self, headers: dict[bytes, bytes]) -> JSONResponse | None:
         if self._expected is not None:
@@ -251,6 +274,21 @@ class GuardMiddleware:
             return _error(413, f"request body of {int(length)} bytes exceeds the limit of "
                           f"{self.s.max_request_bytes}", "invalid_request_error")
         return None
+
+
+def _replayed(body: bytes, receive):
+    """An ASGI receive that hands the app `body` as one message, then waits on the real one
+    (which reports the client's disconnect)."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 def _install_error_handlers(api: FastAPI) -> None:

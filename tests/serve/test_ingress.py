@@ -163,6 +163,15 @@ def test_bad_requests_get_json_errors_that_say_what_is_wrong():
         assert resp.status_code == status, resp.text
         err = resp.json()["error"]
         assert text in err["message"] and err["type"], err
+    # A chunked body (no Content-Length) is held to the same limit, and a small one still works.
+    def chunks(n):
+        yield b'{"input": "'
+        yield b"x" * n
+        yield b'"}'
+    resp = http.post("/v1/embeddings", content=chunks(4000), headers={"content-type": "application/json"})
+    assert resp.status_code == 413 and "exceeds the limit of 2048" in resp.json()["error"]["message"]
+    resp = http.post("/v1/embeddings", content=chunks(10), headers={"content-type": "application/json"})
+    assert resp.status_code == 200 and len(resp.json()["data"]) == 1
     huge = _client(max_input_chars=10_000)  # passes the char limit, too long for the engine
     resp = huge.post(chat, json={"model": BASE, "messages": [{"role": "user", "content": "x" * 600}],
                                  "stream": True})
