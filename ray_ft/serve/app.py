@@ -47,12 +47,12 @@ class GeneratorDeployment:
         return self.gen.model_names()
 
     async def generate(self, messages: list[dict], model: str, max_tokens: int, temperature: float,
-                       structured: dict | None = None):
-        return await self.gen.generate(messages, model, max_tokens, temperature, structured)
+                       structured: dict | None = None, sampling: dict | None = None):
+        return await self.gen.generate(messages, model, max_tokens, temperature, structured, sampling)
 
     async def stream(self, messages: list[dict], model: str, max_tokens: int, temperature: float,
-                     structured: dict | None = None):
-        async for piece in self.gen.stream(messages, model, max_tokens, temperature, structured):
+                     structured: dict | None = None, sampling: dict | None = None):
+        async for piece in self.gen.stream(messages, model, max_tokens, temperature, structured, sampling):
             yield piece
 
     async def check_health(self) -> None:

@@ -101,12 +101,14 @@ class VLLMGenerator:
             raise InvalidMessages(f"messages: the model's chat template refused them: {err}") from None
 
     async def generate(self, messages: list[dict], model: str, max_tokens: int,
-                       temperature: float, structured: dict | None = None) -> Completion:
-        """`structured` ({"json": schema} or {"json_object": True}) constrains decoding to JSON."""
+                       temperature: float, structured: dict | None = None,
+                       sampling: dict | None = None) -> Completion:
+        """`structured` ({"json": schema} or {"json_object": True}) constrains decoding to JSON;
+        `sampling`: more SamplingParams (top_p, stop, seed)."""
         from vllm.sampling_params import RequestOutputKind
 
         final = None
-        async for out in self._run(messages, model, max_tokens, temperature, structured,
+        async for out in self._run(messages, model, max_tokens, temperature, structured, sampling,
                                    RequestOutputKind.FINAL_ONLY):
             final = out
         choice = final.outputs[0]
@@ -114,19 +116,19 @@ class VLLMGenerator:
                           choice.finish_reason)
 
     async def stream(self, messages: list[dict], model: str, max_tokens: int, temperature: float,
-                     structured: dict | None = None):
+                     structured: dict | None = None, sampling: dict | None = None):
         """Yield Completions whose `text` is the new text since the previous one (token counts
         so far; `finish_reason` on the last). Bad requests raise before the first yield."""
         from vllm.sampling_params import RequestOutputKind
 
         generated = 0
-        async for out in self._run(messages, model, max_tokens, temperature, structured,
+        async for out in self._run(messages, model, max_tokens, temperature, structured, sampling,
                                    RequestOutputKind.DELTA):
             choice = out.outputs[0]
             generated += len(choice.token_ids)
             yield Completion(choice.text, model, len(out.prompt_token_ids), generated, choice.finish_reason)
 
-    async def _run(self, messages, model, max_tokens, temperature, structured, output_kind):
+    async def _run(self, messages, model, max_tokens, temperature, structured, sampling, output_kind):
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
 
@@ -146,7 +148,7 @@ class VLLMGenerator:
                                 f"the model's context of {self.max_model_len} tokens")
         params = SamplingParams(
             max_tokens=max_tokens, temperature=temperature, output_kind=output_kind,
-            structured_outputs=StructuredOutputsParams(**structured) if structured else None)
+            structured_outputs=StructuredOutputsParams(**structured) if structured else None, **(sampling or {}))
         try:
             async for out in self.engine.generate({"prompt_token_ids": prompt_ids}, params,
                                                   request_id=uuid.uuid4().hex,

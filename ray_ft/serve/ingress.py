@@ -114,10 +114,11 @@ class RAGService:
                 "data": [{"id": n, "object": "model", "owned_by": "ray_ft"} for n in names]}
 
     def _chat_args(self, req: ChatCompletionRequest) -> tuple:
-        max_tokens = self._max_tokens(req.max_tokens)
+        max_tokens = self._max_tokens(req.max_completion_tokens or req.max_tokens)
         self._check_chars(sum(len(m.content) for m in req.messages), "messages")
         structured = req.response_format.structured() if req.response_format else None
-        return [m.model_dump() for m in req.messages], req.model, max_tokens, req.temperature, structured
+        return ([m.model_dump() for m in req.messages], req.model, max_tokens, req.temperature, structured,
+                req.sampling())
 
     async def chat(self, req: ChatCompletionRequest, stats: dict) -> dict:
         args, engine = self._chat_args(req), self._engine(req.model)

@@ -30,7 +30,8 @@ class Generator(Protocol):
     def model_names(self) -> list[str]: ...
 
     async def generate(
-        self, messages: list[dict], model: str, max_tokens: int, temperature: float
+        self, messages: list[dict], model: str, max_tokens: int, temperature: float,
+        structured: dict | None = None, sampling: dict | None = None,
     ) -> Completion: ...
 
 

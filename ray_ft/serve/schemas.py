@@ -4,12 +4,23 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: str
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, content):
+        """OpenAI's list of content parts: the text parts, joined; other kinds are not served."""
+        if not isinstance(content, list):
+            return content
+        kinds = sorted({p.get("type") if isinstance(p, dict) else type(p).__name__ for p in content} - {"text"})
+        if kinds:
+            raise ValueError(f"only text content parts are served, got {kinds}")
+        return "\n".join(str(p.get("text", "")) for p in content)
 
 
 class JSONSchemaFormat(BaseModel):
@@ -57,10 +68,32 @@ class ChatCompletionRequest(BaseModel):
     model: str
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer max_tokens; wins when both are set.")
     temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = Field(None, description="Up to 4 strings that end the answer (not included).")
+    seed: int | None = Field(None, description="Seed of this request's sampling.")
+    n: int = Field(1, ge=1, le=1, description="Choices per request: one is served.")
     stream: bool = Field(False, description="Answer as server-sent events, one chunk per new text.")
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
+
+
+    @field_validator("stop")
+    @classmethod
+    def _few_stops(cls, stop):
+        if isinstance(stop, list) and len(stop) > 4:
+            raise ValueError(f"at most 4 stop strings, got {len(stop)}")
+        return stop
+
+    def sampling(self) -> dict:
+        """The sampling settings beyond temperature that differ from vLLM's defaults."""
+        out = {"top_p": self.top_p} if self.top_p != 1.0 else {}
+        if self.stop:
+            out["stop"] = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        if self.seed is not None:
+            out["seed"] = self.seed
+        return out
 
 
 class EmbeddingRequest(BaseModel):

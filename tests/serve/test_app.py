@@ -128,6 +128,12 @@ def test_structured_output_and_retrieve_endpoint(served):
     with pytest.raises(BadRequestError, match="json_schema"):
         client.chat.completions.create(model="tuned", messages=[{"role": "user", "content": "x"}],
                                        max_tokens=4, response_format={"type": "json_schema"})
+    # Sampling parameters reach vLLM: greedy text that would run on stops at the first space.
+    free = client.chat.completions.create(model=BASE, max_tokens=16, messages=[{"role": "user", "content": QUESTION}])
+    cut = client.chat.completions.create(model=BASE, max_tokens=16, stop=[" "],
+                                         messages=[{"role": "user", "content": QUESTION}])
+    assert " " in free.choices[0].message.content.strip()
+    assert " " not in cut.choices[0].message.content and cut.choices[0].finish_reason == "stop"
     # A schema vLLM cannot compile (its own client error, not a ValueError) is a 400 too.
     with pytest.raises(BadRequestError, match="response_format"):
         client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "x"}], max_tokens=4,

@@ -24,6 +24,7 @@ class FakeGenerator:
     def __init__(self, delay_s: float = 0.0, fail_after: int | None = None, names=(BASE, "tuned")):
         self.delay_s, self.fail_after, self.names = delay_s, fail_after, list(names)
         self.seen: list[list[dict]] = []
+        self.sampling: list[dict | None] = []
 
     def model_names(self):
         return self.names
@@ -34,13 +35,14 @@ class FakeGenerator:
         if sum(len(m["content"]) for m in messages) > 500:
             raise PromptTooLong("the prompt is 900 tokens; with max_tokens=8 it exceeds the model's context")
 
-    async def generate(self, messages, model, max_tokens, temperature, structured=None):
+    async def generate(self, messages, model, max_tokens, temperature, structured=None, sampling=None):
         self._check(model, messages)
         self.seen.append(messages)
+        self.sampling.append({"max_tokens": max_tokens, **(sampling or {})})
         await asyncio.sleep(self.delay_s)
         return Completion("".join(PIECES), model, 12, len(PIECES), "stop")
 
-    async def stream(self, messages, model, max_tokens, temperature, structured=None):
+    async def stream(self, messages, model, max_tokens, temperature, structured=None, sampling=None):
         self._check(model, messages)
         for i, piece in enumerate(PIECES):
             if self.fail_after is not None and i == self.fail_after:
@@ -232,3 +234,29 @@ def test_rag_uses_the_configured_prompt_and_top_k():
     assert [c["node_id"] for c in out["contexts"]] == ["n0", "n1"] and out["model"] == "tuned"
     assert gen.seen[-1] == [{"role": "system", "content": "Answer briefly."},
                             {"role": "user", "content": "Passages:\npassage 0\n\npassage 1\nQ: where?\nA:"}]
+
+
+def test_openai_sampling_parameters_reach_the_engine_and_unsupported_ones_are_refused():
+    from openai import BadRequestError, OpenAI
+
+    gen = FakeGenerator()
+    client = OpenAI(base_url="http://testserver/v1", api_key="x", http_client=_client(gen))
+    parts = [{"type": "text", "text": "capital"}, {"type": "text", "text": "of France?"}]
+    client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": parts}],
+                                   max_completion_tokens=5, top_p=0.5, stop="\n", seed=7)
+    client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "hi"}],
+                                   max_tokens=3, stop=["a", "b"])
+    client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "hi"}])
+    assert gen.sampling == [{"max_tokens": 5, "top_p": 0.5, "stop": ["\n"], "seed": 7},
+                            {"max_tokens": 3, "stop": ["a", "b"]}, {"max_tokens": 8}]
+    assert gen.seen[0][-1]["content"] == "capital\nof France?"
+    msg = [{"role": "user", "content": "hi"}]
+    with pytest.raises(BadRequestError, match=r"n: Input should be less than or equal to 1"):
+        client.chat.completions.create(model=BASE, messages=msg, n=2)
+    with pytest.raises(BadRequestError, match="at most 4 stop strings"):
+        client.chat.completions.create(model=BASE, messages=msg, stop=list("abcde"))
+    with pytest.raises(BadRequestError, match=r"only text content parts are served, got \['image_url'\]"):
+        client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])
+    with pytest.raises(BadRequestError, match="max_tokens=65 exceeds the limit 64"):
+        client.chat.completions.create(model=BASE, messages=msg, max_completion_tokens=65)
