@@ -130,24 +130,45 @@ class RetrieverDeployment:
         self.index_dir = Path(index_dir) if index_dir else None
         self.fingerprint = nodes_fingerprint(self.nodes, embedder_id)
         self.index: VectorIndex | None = None
-        self.index_source = None  # "built" or "loaded"
-        self._lock = asyncio.Lock()
+        self.index_source = None  # "built" or "loaded", once the index is there
+        self._build: asyncio.Future | None = None
 
     async def _embed(self, texts: list[str], timeout_s: float) -> np.ndarray:
         return await call_with_retries(lambda: self.embedder.embed.remote(texts), "embedder",
                                        Deadline(timeout_s), self.retries)
 
+    async def _build_index(self) -> None:
+        vecs = load_index(self.index_dir, self.fingerprint) if self.index_dir else None
+        source = "loaded" if vecs is not None else "built"
+        if vecs is None:
+            # The whole knowledge base in one call: may take long, so no request deadline.
+            vecs = await self._embed([n["text"] for n in self.nodes], timeout_s=24 * 3600)
+            if self.index_dir:
+                save_index(self.index_dir, self.fingerprint, vecs)
+        self.index, self.index_source = VectorIndex(self.nodes, vecs), source
+
+    def _index_build(self) -> asyncio.Future | None:
+        """The one build of the dense index, started on first need. It runs apart from the
+        request that started it: a request cancelled at its deadline does not cancel the build
+        (else a knowledge base slower to embed than a request's deadline would never finish)."""
+        if self._build is None and self.r.mode != "bm25":
+            self._build = asyncio.ensure_future(self._build_index())
+            self._build.add_done_callback(self._forget_failed_build)
+        return self._build
+
+    def _forget_failed_build(self, build: asyncio.Future) -> None:
+        if build.cancelled() or build.exception() is not None:
+            self._build = None  # the next request or health check starts over
+
+    async def check_health(self) -> None:
+        """Serve calls this every few seconds from the replica's start: a new replica
+        (autoscaled, or replacing a dead one) builds its index before its first request."""
+        self._index_build()
+
     async def ready(self) -> dict:
-        async with self._lock:
-            if self.index is None and self.r.mode != "bm25":
-                vecs = load_index(self.index_dir, self.fingerprint) if self.index_dir else None
-                self.index_source = "loaded" if vecs is not None else "built"
-                if vecs is None:
-                    # The whole knowledge base in one call: may take long, so no request deadline.
-                    vecs = await self._embed([n["text"] for n in self.nodes], timeout_s=24 * 3600)
-                    if self.index_dir:
-                        save_index(self.index_dir, self.fingerprint, vecs)
-                self.index = VectorIndex(self.nodes, vecs)
+        build = self._index_build()
+        if build is not None:
+            await asyncio.shield(build)
         return {"nodes": len(self.nodes), "mode": self.r.mode, "index": self.index_source}
 
     async def retrieve(self, query: str, top_k: int):

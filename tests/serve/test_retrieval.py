@@ -102,6 +102,46 @@ def test_retriever_persists_its_index_and_reloads_it_only_when_unchanged(tmp_pat
     asyncio.run(run())
 
 
+class SlowEmbedder(CountingEmbedder):
+    """Takes `delay_s` per call; fails its first `failures` calls."""
+
+    def __init__(self, delay_s: float, failures: int = 0):
+        super().__init__()
+        self.delay_s, self.failures, self.calls = delay_s, failures, 0
+
+    async def embed(self, texts):
+        self.calls += 1
+        await asyncio.sleep(self.delay_s)
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("embedder replica died")
+        return await super().embed(texts)
+
+
+def test_index_build_outlives_a_cancelled_request_and_a_failed_one_starts_over():
+    async def run():
+        emb = SlowEmbedder(0.3)
+        r = _retriever(emb)
+        # The first request gives up before the knowledge base is embedded (its deadline).
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(r.retrieve("dogs bark", 1), timeout=0.05)
+        hits = await r.retrieve("dogs bark", 1)  # the same build finished; not started again
+        assert hits[0].node_id == "dog" and emb.calls == 2 and emb.texts == 4 + 1  # one build, one query
+
+        failing = _retriever(SlowEmbedder(0.0, failures=1), mode="dense")
+        failing.retries = 0
+        with pytest.raises(RuntimeError, match="embedder replica died"):
+            await failing.ready()
+        assert (await failing.ready())["index"] == "built"  # a failed build is retried
+
+        warm = _retriever(SlowEmbedder(0.0))
+        await warm.check_health()  # what Serve calls on a new replica: the build starts
+        await asyncio.sleep(0.05)
+        assert warm.index is not None and warm.index_source == "built"
+
+    asyncio.run(run())
+
+
 def test_bm25_and_hybrid_modes():
     async def run():
         emb = CountingEmbedder()
