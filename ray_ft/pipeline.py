@@ -77,7 +77,7 @@ def stage_serve(cfg: JobConfig, prepared: PreparedData, trained: str | Path | No
     init_ray(cfg)
     adapters, whole = served_models(cfg, trained)
     return deploy(cfg, str(resolve_model(cfg.model.name)), str(resolve_model(cfg.serve.embedder)),
-                  adapters, load_knowledge_base(prepared), whole)
+                  adapters, load_knowledge_base(prepared), whole, take_over=False)
 
 
 def served_models(cfg: JobConfig, trained: str | Path | None) -> tuple[dict[str, str], dict[str, str]]:
@@ -160,7 +160,7 @@ def check_extra_models(cfg: JobConfig) -> None:
 def run_eval_only(cfg: JobConfig) -> list[dict]:
     """Serve base + the trained (or an existing) model and evaluate; reuse the prepared data when
     unchanged."""
-    from ray import serve
+    from ray_ft.serve.app import stop_serving
 
     trained = trained_model(cfg)  # fail before starting anything
     check_extra_models(cfg)
@@ -172,7 +172,7 @@ def run_eval_only(cfg: JobConfig) -> list[dict]:
     try:
         return stage_eval(cfg, prepared, url, history)
     finally:
-        serve.shutdown()
+        stop_serving(cfg)
 
 
 def stage_embed_data(cfg: JobConfig):
@@ -283,7 +283,7 @@ def _train_stage(cfg: JobConfig, log_, run: _Timed, prepared: PreparedData):
 
 def _eval_stage(cfg: JobConfig, log_, run: _Timed, prepared: PreparedData, trained) -> list[dict]:
     """Deploy the graph (the new adapter, and the fine-tuned embedder with embed.enabled), evaluate."""
-    from ray import serve
+    from ray_ft.serve.app import stop_serving
 
     summary_file = cfg.run_dir / "eval" / "summary.json"
     if log_.fresh("eval") is not None:
@@ -293,7 +293,7 @@ def _eval_stage(cfg: JobConfig, log_, run: _Timed, prepared: PreparedData, train
     try:
         table = run("eval_s", lambda: stage_eval(cfg, prepared, url, trained.history))
     finally:
-        serve.shutdown()
+        stop_serving(cfg)
     log_.done("eval", {}, [summary_file])
     return table
 

@@ -25,8 +25,8 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import LoggingConfig
 
 from ray_ft.config import EmbedderBatching, JobConfig, NodeGroupConfig, RetrievalSettings
-from ray_ft.errors import RayFTError
 from ray_ft.data.nodes import build_nodes
+from ray_ft.errors import RayFTError
 from ray_ft.serve.engines import SentenceTransformerEmbedder, VectorIndex, VLLMGenerator
 from ray_ft.serve.ingress import IngressSettings, RAGService, build_api
 from ray_ft.serve.prompting import rag_prompt_of
@@ -268,9 +268,14 @@ def build_rag_app(cfg: JobConfig, model_dir: str, embedder_dir: str, adapters: d
 
 
 def deploy(cfg: JobConfig, model_dir: str, embedder_dir: str, adapters: dict[str, str],
-           documents: list[dict], whole_models: dict[str, str] | None = None) -> str:
+           documents: list[dict], whole_models: dict[str, str] | None = None,
+           take_over: bool = True) -> str:
     """Start Serve on `serve.http_host:http_port`, deploy the graph, build the index; return the
-    URL to reach it from this machine."""
+    URL to reach it from this machine. `take_over=False`: refuse when a ray_ft app already runs on
+    the cluster (an evaluation must not take down a live deployment)."""
+    if not take_over and APP_NAME in _running_apps():
+        raise RayFTError(f"a '{APP_NAME}' Serve app is already running on this cluster (ray.address="
+                         f"{cfg.ray.address}): stop it, or evaluate on another cluster")
     serve.start(proxy_location=cfg.serve.proxy_location,
                 http_options={"host": cfg.serve.http_host, "port": cfg.serve.http_port})
     serve.run(build_rag_app(cfg, model_dir, embedder_dir, adapters, documents, whole_models),
@@ -281,3 +286,17 @@ def deploy(cfg: JobConfig, model_dir: str, embedder_dir: str, adapters: dict[str
     retriever.ready.remote().result(timeout_s=600)
     host = "127.0.0.1" if cfg.serve.http_host in ("0.0.0.0", "::") else cfg.serve.http_host
     return f"http://{host}:{cfg.serve.http_port}"
+
+
+def _running_apps() -> set[str]:
+    """Serve apps on the connected cluster (none when Serve has not been started there)."""
+    return set(serve.status().applications)
+
+
+def stop_serving(cfg: JobConfig) -> None:
+    """Delete ray_ft's app, letting its replicas drain the requests they hold (measured:
+    serve.shutdown() alone cut a streamed answer in flight); shut Serve down only on the local
+    cluster this process started, never on a shared one where other apps may run."""
+    serve.delete(APP_NAME)
+    if not cfg.ray.address:
+        serve.shutdown()

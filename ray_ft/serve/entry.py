@@ -48,10 +48,8 @@ def serve_until_stopped(cfg, job: str, announce=print) -> None:
     import signal
     import threading
 
-    from ray import serve
-
     from ray_ft.pipeline import init_ray
-    from ray_ft.serve.app import APP_NAME, deploy
+    from ray_ft.serve.app import deploy, stop_serving
 
     inputs = served_inputs(cfg, job)  # fail before starting anything
     stop = threading.Event()
@@ -64,10 +62,7 @@ def serve_until_stopped(cfg, job: str, announce=print) -> None:
                  "Ctrl-C stops")
         stop.wait()
         announce("stopping: finishing requests in flight")
-        # Delete the app first: each replica stops taking requests and drains the ones it holds
-        # (measured: serve.shutdown() alone cut a streamed answer in flight).
-        serve.delete(APP_NAME)
-        serve.shutdown()
+        stop_serving(cfg)
         announce("stopped")
     finally:
         for sig, handler in previous.items():

@@ -192,3 +192,16 @@ def test_bearer_token_is_required_and_never_logged(served, ray_cluster, monkeypa
     text = "\n".join(p.read_text(errors="replace") for p in logs.rglob("*") if p.is_file())
     assert "RAGIngress" in text
     assert served.token not in text and wrong_token not in text
+
+
+@pytest.mark.slow
+def test_an_evaluation_never_takes_over_a_running_deployment(served):
+    from ray_ft.errors import RayFTError
+    from ray_ft.serve.app import deploy
+
+    # `ray-ft eval`/`run` deploy with take_over=False: a live ray_ft app on the cluster stays.
+    with pytest.raises(RayFTError, match="'ray_ft' Serve app is already running on this cluster"):
+        deploy(served.cfg, "/no/model", "/no/embedder", {}, [], take_over=False)
+    with httpx.Client(base_url=served.url, timeout=60, headers=served.headers) as http:
+        assert http.get("/healthz").json() == {"status": "ok"}
+        assert BASE in [m["id"] for m in http.get("/v1/models").json()["data"]]
