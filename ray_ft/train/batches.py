@@ -89,6 +89,12 @@ class PadCollate(NumpyBatchCollateFn):
         return pad_collate(batch, self.pad_id, self.flatten)
 
 
+def answer_tokens(batch: dict) -> int:
+    """Positions the causal-LM loss averages over: labels after the shift (transformers'
+    ForCausalLMLoss) that are not ignored."""
+    return int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())
+
+
 def model_inputs(batch: dict, device) -> dict:
     """The keyword arguments of the model's forward: no cache (a cache disables the packed mask)."""
     keys = ("input_ids", "labels", "attention_mask", "position_ids")

@@ -128,7 +128,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
     import torch
-    import torch.distributed as dist
     from transformers import AutoTokenizer, get_scheduler
 
     from ray_ft.train.contrastive import cross_device_loss, grad_cache_backward, info_nce
@@ -196,9 +195,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             dt = time.perf_counter() - t0
             # cross_device_loss is scaled by the world size for the backward pass; log the loss.
             value = loss.item() / (world if ecfg.negatives_cross_device and world > 1 else 1)
-            stats = torch.tensor([value, len(queries) + len(passages)], dtype=torch.float64)
-            if world > 1:
-                dist.all_reduce(stats)
+            stats = tm.sum_over_ranks(torch.tensor([value, len(queries) + len(passages)], dtype=torch.float64),
+                                      device)
             row = {"step": step, "loss": stats[0].item() / world, "lr": sched.get_last_lr()[0],
                    "grad_norm": float(grad_norm), "sentences_per_s": stats[1].item() / dt,
                    "peak_mem_mb": tm.peak_memory_mb(ecfg.use_gpu), "step_time_s": dt}

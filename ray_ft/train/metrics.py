@@ -17,6 +17,18 @@ import torch
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
 
 
+def sum_over_ranks(values: torch.Tensor, device) -> torch.Tensor:
+    """A small CPU tensor summed over the training ranks (itself on one rank). NCCL reduces CUDA
+    tensors only and gloo CPU ones, so it travels on the training device."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    on_device = values.to(device)
+    dist.all_reduce(on_device)
+    return on_device.cpu()
+
+
 def flops_per_token(num_params: int, finetuning_type: str) -> float:
     return (6.0 if finetuning_type == "full" else 4.0) * num_params
 

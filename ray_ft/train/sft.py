@@ -24,7 +24,7 @@ from ray_ft.data.prepare import PreparedData
 from ray_ft.errors import RayFTError
 from ray_ft.io import read_jsonl
 from ray_ft.train import metrics as tm
-from ray_ft.train.batches import PadCollate, flattens, model_inputs
+from ray_ft.train.batches import PadCollate, answer_tokens, flattens, model_inputs
 from ray_ft.train.checkpoints import (
     HISTORY_FILE, fit_and_export, ordered_ingest, prune_superseded_runs, report_checkpoint,
     resumable_run_name,
@@ -90,7 +90,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     """Runs on each Ray Train worker. `loop_config` is Ray's transport; it is re-validated at once."""
     import ray.train
     import torch
-    import torch.distributed as dist
     from transformers import AutoTokenizer
 
     from ray_ft.train.validation import validate
@@ -153,7 +152,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     t0, tokens, slots, loss_sum, waited = time.perf_counter(), 0, 0, 0.0, 0.0
     while step < n_steps and not stop:
         skip = (step % per_epoch) * tcfg.gradient_accumulation_steps  # micro-batches a resumed run did
-        seen, t_ask = 0, time.perf_counter()
+        seen, group, t_ask = 0, [], time.perf_counter()
         for micro, batch in enumerate(shard.iter_torch_batches(
                 batch_size=tcfg.per_device_train_batch_size, collate_fn=PadCollate(pad_id, flatten),
                 local_shuffle_buffer_size=None)):
@@ -163,25 +162,28 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 continue
             if micro >= per_epoch * tcfg.gradient_accumulation_steps:
                 break  # the partial accumulation group at the epoch's end
-            if micro % tcfg.gradient_accumulation_steps == 0:
-                torch.manual_seed(_step_seed(tcfg.seed, rank, step))
-            boundary = (micro + 1) % tcfg.gradient_accumulation_steps == 0
-            loss = stepper.forward(model_inputs(batch, device))
-            stepper.backward(loss, boundary)
-            loss_sum += loss.item() / tcfg.gradient_accumulation_steps
-            tokens += int(batch["num_real_tokens"])
-            slots += batch["input_ids"].numel()
-            if not boundary:
-                if tcfg.deepspeed.stage:
-                    stepper.micro_step()
+            group.append(batch)
+            if len(group) < tcfg.gradient_accumulation_steps:
                 t_ask = time.perf_counter()
                 continue
+            torch.manual_seed(_step_seed(tcfg.seed, rank, step))
+            # The step's loss is the mean over every answer token of the whole group on every
+            # rank (as one big batch would give), not a mean of per-micro-batch means.
+            per_rank = tm.sum_over_ranks(torch.tensor(float(sum(answer_tokens(b) for b in group)),
+                                                      dtype=torch.float64), device).float() / world
+            for i, micro_batch in enumerate(group):
+                loss = stepper.forward(model_inputs(micro_batch, device) | {"num_items_in_batch": per_rank})
+                stepper.backward(loss, boundary=i == len(group) - 1)
+                if i < len(group) - 1 and tcfg.deepspeed.stage:
+                    stepper.micro_step()
+                loss_sum += loss.item()
+                tokens += int(micro_batch["num_real_tokens"])
+                slots += micro_batch["input_ids"].numel()
+            group = []
             grad_norm = stepper.step()
             step += 1
             dt = time.perf_counter() - t0
-            totals = torch.tensor([loss_sum, tokens, slots], dtype=torch.float64)
-            if world > 1:
-                dist.all_reduce(totals)
+            totals = tm.sum_over_ranks(torch.tensor([loss_sum, tokens, slots], dtype=torch.float64), device)
             tokens_per_s = totals[1].item() / dt
             achieved = tokens_per_s * fpt / 1e12
             row = {

@@ -114,7 +114,7 @@ class TorchStepper:
         # Skip DDP's all-reduce on micro-batches that only accumulate.
         no_sync = getattr(self.model, "no_sync", None)
         with (no_sync() if no_sync and not boundary else contextlib.nullcontext()):
-            (loss / self.tcfg.gradient_accumulation_steps).backward()
+            loss.backward()  # already normalised over the whole step (num_items_in_batch)
 
     def step(self) -> float:
         import torch
@@ -171,7 +171,9 @@ class DeepSpeedStepper:
         return self.engine(**inputs).loss
 
     def backward(self, loss, boundary: bool) -> None:
-        self.engine.backward(loss)  # scales by 1/accumulation steps itself
+        # The engine divides by the accumulation steps itself; the loss is already normalised
+        # over the whole step (num_items_in_batch).
+        self.engine.backward(loss * self.tcfg.gradient_accumulation_steps)
 
     def step(self) -> float | None:
         self.engine.step()

@@ -38,7 +38,8 @@ def validate(stepper, tok, rows: list[dict], tcfg, rank: int, world: int, device
     """{val_loss, val_exact_match, val_origin, val_f1} on `rows` (dicts with input_ids, labels,
     context, answers); identical on every rank."""
     import torch
-    import torch.distributed as dist
+
+    from ray_ft.train.metrics import sum_over_ranks
 
     model = stepper.module
     loss_rows = rows[: tcfg.val_max_examples]
@@ -72,8 +73,7 @@ def validate(stepper, tok, rows: list[dict], tcfg, rank: int, world: int, device
                 sums[5] += w
     finally:
         stepper.train(True)
-    if world > 1:
-        dist.all_reduce(sums)
+    sums = sum_over_ranks(sums, device)
     out = {"val_loss": sums[0].item() / max(sums[1].item(), 1.0)}
     if sums[5] > 0:
         out.update(val_exact_match=sums[2].item() / sums[5].item(), val_origin=sums[3].item() / sums[5].item(),
