@@ -10,9 +10,14 @@ Steady state = real tokens / wall time summed over the steps after `--warmup`; e
 runs from the end of the previous step, so data loading counts on both sides. The data is the
 first passages of CMRC2018 dev, prepared by ray_ft's own prepare stage (Ray Data).
 
+3. With `--precision`: ray_ft's trainer on packed rows in fp32 and in bf16 (same data, order and
+   adapter init): real tokens/s of each and how far bf16's per-step losses are from fp32's. What
+   bf16 does to answer quality is bench/sft_quality.py's (dev questions, paired).
+
     .venv/bin/python bench/train_sft.py [--model SmolLM2-135M-Instruct] [--samples 48] [--batch 4]
                                         [--steps 6] [--warmup 2] [--cutoff 2048] [--threads 2]
                                         [--packed-batch 1] [--gradient-checkpointing] [--skip-hf]
+    .venv/bin/python bench/train_sft.py --precision [--samples 96] [--steps 12] [--cutoff 512]
 """
 
 from __future__ import annotations
@@ -111,6 +116,46 @@ def hf_subprocess(args, shards: Path, model_dir: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def compare_precision(args, model_dir: Path, work: Path) -> None:
+    """fp32 vs bf16 on the same packed rows, order and adapter init: speed and per-step losses.
+    (Whether bf16 costs answer quality is measured on dev questions by bench/sft_quality.py.)"""
+    import numpy as np
+
+    from ray_ft.config import parse_job
+    from ray_ft.data.prepare import prepare
+
+    data = None
+    results = {}
+    for precision in ("fp32", "bf16"):
+        cfg = parse_job({
+            "name": f"bench_{precision}", "output_dir": str(work), "model": {"name": str(model_dir)},
+            "data": {"source": str(CMRC), "max_samples": args.samples, "cutoff_len": args.cutoff,
+                     "packing": True, "packing_len": max(2048, args.cutoff), "num_shards": 1},
+            "train": {"max_steps": args.steps, "per_device_train_batch_size": args.packed_batch,
+                      "learning_rate": 3e-4, "lr_scheduler_type": "constant", "cpus_per_worker": args.threads,
+                      "precision": precision, "tensorboard": False},
+        })
+        data = data or prepare(cfg, work / "data")  # one prepared set: the same rows in the same order
+        results[precision] = ray_ft_run(cfg, data, model_dir, work / cfg.name / "train", args.warmup)
+    loss = {name: np.array([h["loss"] for h in r["history"]]) for name, r in results.items()}
+    gap = np.abs(loss["bf16"] - loss["fp32"]) / loss["fp32"]
+    half = len(gap) // 2
+    print(f"\nmodel {args.model}, {args.samples} CMRC2018 examples, cutoff {args.cutoff}, packed rows of "
+          f"{max(2048, args.cutoff)}, batch {args.packed_batch}, LoRA r8 all-linear, lr 3e-4 constant, {args.steps} steps, "
+          f"{args.threads} threads")
+    print("| run | real tokens/s | mean loss, first half | mean loss, second half | peak RSS MB |")
+    print("|---|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['tokens_per_s']:.1f} | {loss[name][:half].mean():.4f} | {loss[name][half:].mean():.4f} "
+              f"| {r['peak_mem_mb']:.0f} |")
+    print(f"\nbf16 / fp32 real tokens/s: {results['bf16']['tokens_per_s'] / results['fp32']['tokens_per_s']:.2f}x")
+    print(f"per-step |bf16 - fp32| / fp32 loss: step 1 {100 * gap[0]:.1f}%, steps 2-{half} {100 * gap[1:half].mean():.1f}%, "
+          f"steps {half + 1}-{len(gap)} {100 * gap[half:].mean():.1f}% (mean)")
+    print("per-step losses: " + json.dumps({k: [round(x, 4) for x in v] for k, v in loss.items()}))
+    (work / "bench_precision.json").write_text(json.dumps(results, indent=2))
+    print(f"details: {work / 'bench_precision.json'}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="SmolLM2-135M-Instruct")
@@ -123,6 +168,7 @@ def main() -> None:
     p.add_argument("--packed-batch", type=int, default=1, help="packed rows per step")
     p.add_argument("--gradient-checkpointing", action="store_true", help="both ray_ft runs (memory of larger batches)")
     p.add_argument("--skip-hf", action="store_true", help="only packing vs padding (no HF Trainer baseline)")
+    p.add_argument("--precision", action="store_true", help="fp32 vs bf16 in ray_ft's trainer (packed rows)")
     p.add_argument("--hf-baseline", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--shards", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -140,6 +186,8 @@ def main() -> None:
     model_dir = resolve_model(args.model)
     ray.init(num_cpus=4, include_dashboard=False)
     work = Path(tempfile.mkdtemp(prefix="bench_sft_"))
+    if args.precision:
+        return compare_precision(args, model_dir, work)
     results = {}
     for packing in (False, True):
         cfg = parse_job({
@@ -149,7 +197,7 @@ def main() -> None:
                      "packing": packing, "num_shards": 1},
             "train": {"max_steps": args.steps, "per_device_train_batch_size": args.packed_batch if packing else args.batch,
                       "gradient_checkpointing": args.gradient_checkpointing, "learning_rate": 3e-4, "lr_scheduler_type": "constant", "cpus_per_worker": args.threads,
-                      "tensorboard": False},
+                      "precision": "fp32", "tensorboard": False},  # as the HF baseline
         })
         prepared = prepare(cfg, work / cfg.name / "data")
         results["packed" if packing else "padded"] = ray_ft_run(cfg, prepared, model_dir, work / cfg.name / "train",

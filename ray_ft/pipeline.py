@@ -17,10 +17,12 @@ from ray_ft.config import JobConfig
 from ray_ft.data.prepare import (
     PreparedData, load_eval_records, load_knowledge_base, prepare, reusable,
 )
+from ray_ft.data.evalset import read_eval_source
 from ray_ft.data.readers import read_source
 from ray_ft.errors import RayFTError
 from ray_ft.io import read_jsonl, write_text_atomic
 from ray_ft.models import resolve_model
+from ray_ft.served import check_extra_models, served_descriptions, served_models, trained_model
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +58,11 @@ def stage_prepare(cfg: JobConfig, force: bool = False) -> PreparedData:
         return prepared
     d = cfg.data
     source = read_source(d.source, d.format, d.on_error, d.bad_answer)
+    eval_data = read_eval_source(cfg)
     model_dir = resolve_model(cfg.model.name)
     check_chat_template(AutoTokenizer.from_pretrained(model_dir))
     init_ray(cfg)
-    return prepare(cfg, prepared.root, source=source, model_dir=model_dir)
+    return prepare(cfg, prepared.root, source=source, model_dir=model_dir, eval_data=eval_data)
 
 
 def stage_train(cfg: JobConfig, prepared: PreparedData, resume: bool = True):
@@ -80,28 +83,16 @@ def stage_serve(cfg: JobConfig, prepared: PreparedData, trained: str | Path | No
                   adapters, load_knowledge_base(prepared), whole, take_over=False)
 
 
-def served_models(cfg: JobConfig, trained: str | Path | None) -> tuple[dict[str, str], dict[str, str]]:
-    """({served name: adapter location}, {served name: whole-model folder}). The trained model,
-    under the job's name, is an adapter of the base engine (a LoRA adapter folder or prefix) or a
-    whole model on an engine of its own (freeze/full); then `eval.adapters` and `serve.models`.
-    Adapter locations may be object-storage URIs; the engine fetches them where it runs."""
-    from ray_ft.serve.adapters import adapter_location, has_adapter
-
-    adapters, whole = {}, {}
-    if trained and has_adapter(trained):
-        adapters[cfg.name] = adapter_location(trained)
-    elif trained:
-        whole[cfg.name] = str(Path(trained).resolve())
-    adapters.update({label: adapter_location(path) for label, path in cfg.eval.adapters.items()})
-    whole.update({label: str(resolve_model(path)) for label, path in cfg.serve.models.items()})
-    return adapters, whole
-
-
 def stage_eval(cfg: JobConfig, prepared: PreparedData, url: str,
-               loss_history: list[dict] | None = None) -> list[dict]:
+               loss_history: list[dict] | None = None, trained: str | Path | None = None) -> list[dict]:
+    """Evaluate the served graph at `url`; `trained` is the fine-tuned folder it serves (for the
+    report's note on how it was served)."""
     from ray_ft.eval.clients import OpenAIChat, RAGClient
     from ray_ft.eval.runner import EvalTarget, PromptSettings, run_eval
+    from ray_ft.serve.adapters import has_adapter
     from ray_ft.serve.prompting import rag_prompt_of
+
+    trained_kind = None if not trained else "adapter" if has_adapter(trained) else "model"
 
     client = RAGClient(url, api_key_env=cfg.serve.auth_token_env)
     served = {"base": cfg.model.name, "finetuned": cfg.name}
@@ -119,42 +110,35 @@ def stage_eval(cfg: JobConfig, prepared: PreparedData, url: str,
     rag_prompt = rag_prompt_of(cfg)  # the ingress's prompt: external targets get the same chat
     prompt = PromptSettings(cfg.data.language, rag_prompt.system_prompt, cfg.serve.max_tokens, rag_prompt.template,
                             rag_prompt.training_template)
-    return run_eval(client, items, targets, cfg.eval, prompt, cfg.run_dir / "eval", judge, loss_history)
+    return run_eval(client, items, targets, cfg.eval, prompt, cfg.run_dir / "eval", judge, loss_history,
+                    served_as=served_descriptions(cfg, trained_kind), notes=eval_notes(cfg, items, prepared.manifest()))
 
 
-def trained_model(cfg: JobConfig) -> str | None:
-    """What `ray-ft eval`/`serve` serve as "finetuned": eval.adapter (a folder or an
-    object-storage URI), else the run's own adapter (lora) or whole model (freeze/full)."""
-    from ray_ft.serve.adapters import check_adapter
-
-    if "finetuned" not in cfg.eval.models:
-        return None
-    hint = "; run `ray-ft train JOB.yaml` first or set eval.adapter"
-    if cfg.eval.adapter or cfg.train.finetuning_type == "lora":
-        return check_adapter(cfg.eval.adapter or str(cfg.run_dir / "train" / "adapter"), "", hint)
-    model = cfg.run_dir / "train" / "model"
-    if not (model / "config.json").is_file():
-        raise RayFTError(f"{model}: no fine-tuned model here (config.json missing){hint}")
-    return str(model)
+def eval_notes(cfg: JobConfig, items: list[dict], manifest: dict) -> list[str]:
+    """The report's lines on what was asked (where the eval set came from, what it shares with
+    the training data) and how it was retrieved."""
+    passages = len({it["passage_id"] for it in items})
+    mode = cfg.serve.retrieval_for(cfg.data.language).mode
+    evalset = manifest.get("eval_set")
+    if evalset is None:
+        origin = f"held out of data.source by passage (data.val_size {cfg.data.val_size}, seed {cfg.data.seed})"
+    else:
+        origin = f"eval.source {evalset['source']} ({evalset['read']['skipped_records']} bad records skipped)"
+        leak = evalset.get("leakage")
+        if leak:
+            origin += (f"; shared with data.source (exact after whitespace normalisation): "
+                       f"{leak['shared_passages']} passages, {leak['shared_questions']} questions, "
+                       f"{leak['affected_questions']} eval questions affected, {leak['dropped_questions']} "
+                       f"dropped (eval.leakage: {leak['policy']})")
+    return [f"Eval set: {len(items)} questions over {passages} passages, {origin}. Retrieved context: "
+            f"top {cfg.serve.top_k} by {mode} (serve.retrieval.mode: {cfg.serve.retrieval.mode}); "
+            f"answers greedy, at most {cfg.serve.max_tokens} tokens."]
 
 
 def require_eval_set(prepared: PreparedData) -> None:
     if not prepared.eval_file.is_file():
         raise RayFTError(f"{prepared.root}: the data is instruction data (alpaca/messages) with no QA eval "
                          "set; `ray-ft run`/`eval` need a QA source (squad or qa_rows); use `ray-ft train`")
-
-
-def check_extra_models(cfg: JobConfig) -> None:
-    """eval.adapters and serve.models exist (before hours of training, not after)."""
-    from ray_ft.serve.adapters import check_adapter
-
-    for label, path in cfg.eval.adapters.items():
-        check_adapter(path, f"eval.adapters.{label}: ")
-    for label, name in cfg.serve.models.items():
-        try:
-            resolve_model(name)
-        except RayFTError as err:
-            raise RayFTError(f"serve.models.{label}: {err}") from None
 
 
 def run_eval_only(cfg: JobConfig) -> list[dict]:
@@ -170,7 +154,7 @@ def run_eval_only(cfg: JobConfig) -> list[dict]:
     history = read_jsonl(metrics) if trained and not cfg.eval.adapter and metrics.is_file() else None
     url = stage_serve(cfg, prepared, trained)
     try:
-        return stage_eval(cfg, prepared, url, history)
+        return stage_eval(cfg, prepared, url, history, trained)
     finally:
         stop_serving(cfg)
 
@@ -291,7 +275,7 @@ def _eval_stage(cfg: JobConfig, log_, run: _Timed, prepared: PreparedData, train
         return json.loads(summary_file.read_text())
     url = run("serve_start_s", lambda: stage_serve(cfg, prepared, trained.adapter_dir))
     try:
-        table = run("eval_s", lambda: stage_eval(cfg, prepared, url, trained.history))
+        table = run("eval_s", lambda: stage_eval(cfg, prepared, url, trained.history, trained.adapter_dir))
     finally:
         stop_serving(cfg)
     log_.done("eval", {}, [summary_file])

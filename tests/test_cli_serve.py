@@ -1,6 +1,6 @@
 """`ray-ft serve JOB.yaml` as a user runs it: a subprocess that starts its own local Ray cluster,
-serves a finished run, and on SIGINT shuts down gracefully (a streamed answer in flight still
-completes) and exits 0."""
+serves a finished run, and on SIGINT or SIGTERM shuts down gracefully (a streamed answer in
+flight still completes) and exits 0."""
 
 import json
 import os
@@ -44,7 +44,8 @@ def _stream(url: str, out: dict, first_chunk: threading.Event):
 
 
 @pytest.mark.slow
-def test_ray_ft_serve_serves_a_finished_run_and_stops_gracefully_on_ctrl_c(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ray_ft_serve_serves_a_finished_run_and_stops_gracefully_on_a_signal(tmp_path, sig):
     port = free_port()
     job = _finished_run(tmp_path, port)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(job.parents[0]), *sys.path]))}
@@ -69,7 +70,7 @@ def test_ray_ft_serve_serves_a_finished_run_and_stops_gracefully_on_ctrl_c(tmp_p
         client = threading.Thread(target=_stream, args=(url, streamed, first_chunk))
         client.start()
         assert first_chunk.wait(120)
-        proc.send_signal(signal.SIGINT)  # Ctrl-C while the answer is being streamed
+        proc.send_signal(sig)  # Ctrl-C (or Kubernetes' SIGTERM) while the answer is being streamed
         client.join(120)
         assert [ln for ln in streamed["lines"] if ln][-1] == "data: [DONE]"  # the answer in flight was finished
         assert proc.wait(120) == 0

@@ -111,6 +111,14 @@ def test_data_stage_combinations_are_checked(tmp_path):
     cfg = parse_job({"name": "x", "data": {"node_groups": {"para": {"kind": "chunk", "chunk_size": 64}}},
                      "serve": {"node_group": "para"}})
     assert list(cfg.data.node_groups) == ["para"] and cfg.data.node_groups["para"].chunk_overlap == 32
+    with pytest.raises(RayFTError, match=r"field 'data': packing_len=256 < cutoff_len=512: an example of cutoff_len"):
+        parse_job({"name": "x", "data": {"cutoff_len": 512, "packing": True, "packing_len": 256}})
+    # The retriever's default follows the data's language: no Chinese job retrieves with an English embedder.
+    zh, en = parse_job({"name": "x"}), parse_job({"name": "x", "data": {"language": "en"}})
+    assert zh.serve.retrieval.mode == en.serve.retrieval.mode == "auto"
+    assert (zh.serve.retrieval_for("zh").mode, en.serve.retrieval_for("en").mode) == ("bm25", "dense")
+    hybrid = parse_job({"name": "x", "serve": {"retrieval": {"mode": "hybrid"}}})
+    assert hybrid.serve.retrieval_for("zh").mode == "hybrid"  # an explicit mode is kept
     with pytest.raises(RayFTError, match=r"field 'embed.hard_negatives': .*range_for_sampling must be 0 <= lo < hi"):
         parse_job({"name": "x", "embed": {"hard_negatives": {"range_for_sampling": [5, 5]}}})
     # Shards default to one per training worker; kb_sources resolve against the job file.
@@ -127,9 +135,22 @@ def test_every_job_file_loads():
     for job in jobs:
         cfg = load_job(job)
         assert cfg.name == job.stem, job
+    # The seed recipe: a 7B chat model, CMRC2018 train -> test, LLaMA-Factory's LoRA settings, ZeRO-2 on 8 GPUs.
     gpu = load_job(ROOT / "jobs" / "cmrc_lora.yaml")
     assert gpu.train.use_gpu and gpu.train.num_workers == 8 and gpu.ray.address == "auto"
-    assert gpu.data.source == "hf://cmrc2018:validation"
+    assert gpu.model.name == "Qwen/Qwen2.5-7B-Instruct" and gpu.train.deepspeed.stage == 2
+    assert (gpu.data.source, gpu.eval.source) == ("hf://cmrc2018:train", "hf://cmrc2018:test")
+    t, d = gpu.train, gpu.data
+    assert (t.learning_rate, d.cutoff_len, d.max_samples, d.dev_size, t.per_device_train_batch_size,
+            t.num_train_epochs, t.lora_rank, t.lora_alpha, t.lora_target) == (1e-4, 5120, 20000, 0.01, 2, 2, 8, 16, "all")
+    from ray_ft.served import finetuned_served_as
+
+    assert finetuned_served_as(gpu) == "unmerged" and gpu.serve.retrieval_for(d.language).mode == "bm25"
+    # The same experiment sized for 2 CPU cores: every training question, all 652 held-out ones.
+    full = load_job(ROOT / "jobs" / "cmrc_full_cpu.yaml")
+    assert full.data.max_samples is None and full.eval.max_samples == 652 and full.eval.source is None
+    assert full.data.val_size == 0.2 and full.data.seed == 42 and full.data.packing_len == 2048 and full.data.cutoff_len == 448
+    assert finetuned_served_as(full) == "merged" and full.serve.retrieval_for(full.data.language).mode == "bm25"
     # rag_eval scores the smoke run's adapter: the same data config, so the same held-out questions.
     rag, smoke = load_job(ROOT / "jobs" / "rag_eval.yaml"), load_job(ROOT / "jobs" / "cmrc_lora_smoke.yaml")
     assert rag.data == smoke.data and rag.model == smoke.model and rag.num_shards == smoke.num_shards

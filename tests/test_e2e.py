@@ -51,6 +51,15 @@ def test_run_all_on_a_cmrc_slice(ray_cluster, cmrc_slice, tmp_path, smollm_dir, 
     md = (run / "eval" / "summary.md").read_text()
     assert md.startswith("### gold context (n = 3)") and "| metric | base | finetuned |" in md
     assert "![loss](loss.png)" in md and (run / "eval" / "loss.png").stat().st_size > 1000
+    # The learning curve (validations at steps 3 and 6) is drawn by the train stage and linked.
+    assert "![learning_curve](../train/learning_curve.png)" in md and "| 3 | " in md
+    assert (run / "train" / "learning_curve.png").stat().st_size > 1000
+    # On CPU the adapter is served merged into the base, and the report says so; a Chinese job
+    # retrieves with BM25 by default, and the report says where the eval set came from.
+    assert (run / "serve" / "merged" / "config.json").is_file()
+    assert "finetuned: LoRA adapter merged into the base weights, on an engine of its own (vLLM, CPU)" in md
+    assert "Eval set: 3 questions" in md and "held out of data.source by passage" in md and "top 1 by bm25" in md
+    assert "Gain over base, gold context" in md and "% [" in md  # intervals
     ret = [r for r in rows if r["mode"] == "retrieved"]
     assert all(len(r["retrieved_texts"]) == 1 and r["gold_context"] for r in ret)  # top_k = 1
     assert table[("finetuned", "retrieved")]["context_recall"] == pytest.approx(

@@ -14,7 +14,7 @@ from typing import Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from ray_ft.config.base import _Strict
+from ray_ft.config.base import SafeName, _Strict
 from ray_ft.config.data import DataConfig, NodeGroupConfig, RetrievalAugmentConfig
 from ray_ft.config.evaluation import EndpointConfig, EvalConfig, JudgeConfig
 from ray_ft.config.serve import (
@@ -63,7 +63,8 @@ class RayConfig(_Strict):
 
 
 class JobConfig(_Strict):
-    name: str = Field(..., min_length=1, description="Job name; also the run folder's name.")
+    name: SafeName = Field(..., description="Job name; also the run folder's name and the served name of the "
+                           "fine-tuned model ([A-Za-z0-9][A-Za-z0-9._-]{0,127}, no '..').")
     task: Literal["sft", "embedding"] = Field(
         "sft", description="What `ray-ft train` fine-tunes: the LLM (sft) or the embedder (embedding)."
     )
@@ -146,6 +147,10 @@ class JobConfig(_Strict):
 
     @property
     def run_dir(self) -> Path:
+        """output_dir/name; `name` is a SafeName, and the join is checked to stay in output_dir."""
+        from ray_ft.paths import inside
+
+        inside(self.output_dir, self.name)
         return Path(self.output_dir) / self.name
 
 
@@ -206,7 +211,10 @@ def _resolve_source(cfg: JobConfig, base_dir: Path) -> JobConfig:
         "source": _resolve_path(cfg.data.source, base_dir),
         "kb_sources": [_resolve_path(p, base_dir) for p in cfg.data.kb_sources]})
     embed = cfg.embed.model_copy(update={"source": _resolve_path(cfg.embed.source, base_dir)})
-    return cfg.model_copy(update={"data": data, "embed": embed})
+    update = {"data": data, "embed": embed}
+    if cfg.eval.source is not None:
+        update["eval"] = cfg.eval.model_copy(update={"source": _resolve_path(cfg.eval.source, base_dir)})
+    return cfg.model_copy(update=update)
 
 
 def load_job(path: str | Path) -> JobConfig:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from ray_ft.config.base import _Strict
+from ray_ft.config.base import _Strict, safe_keys
 
 
 class NodeGroupConfig(_Strict):
@@ -103,6 +103,11 @@ class DataConfig(_Strict):
         False, description="Pack several examples into each training row of up to cutoff_len tokens; "
         "position ids restart per example, so attention never crosses examples.",
     )
+    packing_len: int | None = Field(
+        None, ge=32, description="Tokens per packed row (None: cutoff_len). Longer than cutoff_len, "
+        "several examples share a row: e.g. cutoff_len 512 with packing_len 2048 packs ~4 examples "
+        "per row, so each step runs larger matrix products than one 512-token example would.",
+    )
     dev_size: float = Field(
         0.0, ge=0.0, lt=0.5,
         description="Share of the training groups held out as the validation set used during "
@@ -123,6 +128,11 @@ class DataConfig(_Strict):
     )
     retrieval_augment: RetrievalAugmentConfig = Field(default_factory=RetrievalAugmentConfig)
 
+    @field_validator("node_groups")
+    @classmethod
+    def _check_group_names(cls, groups: dict) -> dict:
+        return safe_keys(groups)
+
     @model_validator(mode="after")
     def _check_template(self) -> "DataConfig":
         if self.prompt_template is not None:
@@ -132,6 +142,9 @@ class DataConfig(_Strict):
             if fields != {"context", "question"}:
                 raise ValueError(f"prompt_template must use exactly {{context}} and {{question}}; "
                                  f"it uses {sorted(fields)}")
+        if self.packing_len is not None and self.packing_len < self.cutoff_len:
+            raise ValueError(f"packing_len={self.packing_len} < cutoff_len={self.cutoff_len}: an example of "
+                             "cutoff_len tokens would fit no row")
         if self.retrieval_augment.enabled and self.format in ("alpaca", "messages"):
             raise ValueError("retrieval_augment needs a QA source (squad or qa_rows): instruction "
                              "data has no questions and passages to retrieve for")

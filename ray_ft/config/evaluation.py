@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from ray_ft.config.base import _Strict
+from ray_ft.config.base import SafeName, _Strict, safe_keys
 
 
 class EndpointConfig(_Strict):
-    label: str = Field(..., min_length=1, description="Name of this model in the report.")
+    label: SafeName = Field(..., description="Name of this model in the report.")
     base_url: str = Field(
         ..., pattern=r"^https?://",
         description="OpenAI-compatible API root, ending in /v1 (e.g. http://host:8000/v1).",
@@ -32,6 +32,21 @@ class JudgeConfig(_Strict):
 
 
 class EvalConfig(_Strict):
+    source: str | None = Field(
+        None, description="A separate eval set (same URI forms and readers as data.source; QA "
+        "records: SQuAD JSON, QA rows). Set: every record of data.source trains (no val_size split), "
+        "the eval questions come from here (bad records follow data.on_error / bad_answer) and the "
+        "knowledge base holds their passages plus data.kb_sources. None: data.val_size of "
+        "data.source's passages is held out. Relative paths: against the job file.",
+    )
+    format: Literal["auto", "squad", "qa_rows"] = Field(
+        "auto", description="Format of eval.source (auto: from the extension and the first record)."
+    )
+    leakage: Literal["drop", "warn", "error"] = Field(
+        "drop", description="eval.source questions whose passage or question text is also in "
+        "data.source (exact after whitespace normalisation): drop them from the eval set, keep them "
+        "with a warning, or stop with an error naming both files. Counted in the manifest and report.",
+    )
     max_samples: int = Field(50, ge=1, description="Held-out questions to evaluate.")
     modes: list[Literal["gold", "retrieved"]] = Field(
         ["gold", "retrieved"], min_length=1,
@@ -55,6 +70,11 @@ class EvalConfig(_Strict):
     )
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     plots: bool = Field(True, description="Write metrics.png (and loss.png after training).")
+
+    @field_validator("adapters")
+    @classmethod
+    def _check_adapter_labels(cls, adapters: dict[str, str]) -> dict[str, str]:
+        return safe_keys(adapters)
 
     @model_validator(mode="after")
     def _check_labels(self) -> "EvalConfig":

@@ -94,6 +94,9 @@ class TrainConfig(_Strict):
         16, ge=0, description="Validation questions answered greedily for exact match / origin (0: none).",
     )
     val_max_new_tokens: int = Field(32, ge=1, description="Token limit of those validation answers.")
+    val_generate_batch_size: int = Field(
+        16, ge=1, description="Validation questions answered per `generate` call (left padded).",
+    )
     metric_for_best: Literal["val_loss", "val_exact_match", "val_origin", "val_f1"] = Field(
         "val_loss", description="Which validation number picks the exported checkpoint "
         "(loss: lowest; the others: highest).",

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ray_ft.config import JobConfig
+from ray_ft.data.evalset import read_eval_source, train_and_eval
 from ray_ft.data.examples import ExampleBuilder, ExampleSettings, chat_row, qa_row, rows_table
 from ray_ft.data.nodes import build_nodes, read_text_documents
 from ray_ft.data.readers import SourceData, read_source
@@ -26,6 +27,7 @@ from ray_ft.data.split import seeded_sample, split_by_group
 from ray_ft.errors import RayFTError
 from ray_ft.io import read_jsonl, staged_dir, write_jsonl_atomic, write_text_atomic
 from ray_ft.models import resolve_model
+from ray_ft.paths import inside
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,7 @@ class PreparedData:
         return self.root / "knowledge_base.jsonl"
 
     def nodes_file(self, group: str) -> Path:
-        return self.root / "nodes" / f"{group}.jsonl"
+        return inside(self.root / "nodes", f"{group}.jsonl")
 
     @property
     def manifest_file(self) -> Path:
@@ -85,21 +87,29 @@ class PreparedData:
 
 def data_config_hash(cfg: JobConfig) -> str:
     """Fingerprint of everything the prepared data depends on: the data and model config, the
-    shard count, the source's (and knowledge-base files') content and the retrieving embedder."""
+    shard count, the source's (and knowledge-base files' and a separate eval set's) content and
+    the retrieving embedder."""
     h = hashlib.sha256()
     h.update(json.dumps({"data": cfg.data.model_dump(), "model": cfg.model.model_dump(),
                          "num_shards": cfg.num_shards}, sort_keys=True).encode())
     for src in [cfg.data.source, *cfg.data.kb_sources]:
         h.update(hashlib.sha256(source_fingerprint(src)).digest())
+    if cfg.eval.source is not None:  # only when set: jobs without one keep their hash
+        e = cfg.eval
+        h.update(json.dumps({"eval_format": e.format, "leakage": e.leakage}, sort_keys=True).encode())
+        h.update(hashlib.sha256(source_fingerprint(e.source)).digest())
     if cfg.data.retrieval_augment.enabled:
         h.update(folder_fingerprint(cfg.data.retrieval_augment.embedder))
     return h.hexdigest()[:16]
 
 
 def heldout_contexts(cfg: JobConfig) -> set[str]:
-    """The passages `prepare` holds out for evaluation (the same read and seeded split), so that
-    an embedder fine-tuned in the same job never trains on what the eval retrieves from."""
+    """The passages `prepare` evaluates on (eval.source's, or the same read and seeded split), so
+    that an embedder fine-tuned in the same job never trains on what the eval retrieves from."""
     d = cfg.data
+    eval_data = read_eval_source(cfg)
+    if eval_data is not None:
+        return {r.context.strip() for r in eval_data.qa}
     source = read_source(d.source, d.format, d.on_error, d.bad_answer)
     if not source.is_qa:
         return set()
@@ -112,6 +122,9 @@ def heldout_split_fingerprint(cfg: JobConfig) -> str:
     d = cfg.data
     keys = {"format": d.format, "on_error": d.on_error, "bad_answer": d.bad_answer, "val_size": d.val_size,
             "seed": d.seed, "source": hashlib.sha256(source_fingerprint(d.source)).hexdigest()}
+    if cfg.eval.source is not None:
+        keys["eval_source"] = hashlib.sha256(source_fingerprint(cfg.eval.source)).hexdigest()
+        keys["eval_format"] = cfg.eval.format
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -140,21 +153,23 @@ def example_settings(cfg: JobConfig) -> ExampleSettings:
 
 
 def prepare(cfg: JobConfig, out_root: Path, source: SourceData | None = None,
-            model_dir: Path | None = None) -> PreparedData:
+            model_dir: Path | None = None, eval_data: SourceData | None = None) -> PreparedData:
     """Build the training shards, dev/eval sets and knowledge base for `cfg` under `out_root`.
 
-    `source` and `model_dir` may be passed in when the caller validated them already (the CLI
-    does, before it starts Ray, so that bad input fails in a second).
+    `source`, `eval_data` (eval.source's records) and `model_dir` may be passed in when the
+    caller validated them already (the CLI does, before it starts Ray, so that bad input fails in
+    a second).
     """
     d = cfg.data
     source = source or read_source(d.source, d.format, d.on_error, d.bad_answer)
+    eval_data = eval_data or read_eval_source(cfg)
     if d.retrieval_augment.enabled and not source.is_qa:
         raise RayFTError(f"{d.source}: data.retrieval_augment needs a QA source (squad or qa_rows); "
                          f"this one holds {source.format} records, with no passages to retrieve for")
     model_dir = str(model_dir or resolve_model(cfg.model.name))
     items = source.qa if source.is_qa else source.chats
     group_of = (lambda r: r.passage_id) if source.is_qa else (lambda c: c.group)
-    train, test = split_by_group(items, group_of, d.val_size, d.seed)
+    train, test, leakage = train_and_eval(cfg, source, eval_data)
     dev = []
     if d.dev_size:
         train, dev = split_by_group(train, group_of, d.dev_size, d.seed + 1)
@@ -162,11 +177,12 @@ def prepare(cfg: JobConfig, out_root: Path, source: SourceData | None = None,
 
     with staged_dir(out_root) as tmp:
         rows, radit = _train_rows(cfg, source, train)
-        plan = ShardPlan(example_settings(cfg), model_dir, d.max_samples, d.packing, cfg.num_shards, d.num_workers)
+        plan = ShardPlan(example_settings(cfg), model_dir, d.max_samples, d.packing, cfg.num_shards, d.num_workers,
+                         d.packing_len)
         stats = write_train_set(rows, plan, tmp / "train", tmp / "sft_train.jsonl", d.source)
         if dev:
             stats["dev_questions"] = _write_val(cfg, dev, source.is_qa, model_dir, tmp / "val.parquet")
-        if source.is_qa:
+        if source.is_qa or eval_data is not None:
             stats.update(_write_eval_and_kb(cfg, test, kb_docs, tmp))
         else:
             write_jsonl_atomic(tmp / "test.jsonl", [EXPORTERS[d.sft_format](c) for c in test])
@@ -176,12 +192,20 @@ def prepare(cfg: JobConfig, out_root: Path, source: SourceData | None = None,
             "model": model_dir, "read": asdict(source.report), "records": len(items),
             "groups": len({group_of(r) for r in items}), "train_groups": len({group_of(r) for r in train}),
             "train_questions": len(train), "heldout_questions": len(test),
+            **({"eval_set": _eval_set_entry(cfg, eval_data, leakage)} if eval_data is not None else {}),
             **({"retrieval_augment": radit} if radit else {}), **stats,
         }
         manifest["files"] = file_hashes(tmp)
         write_text_atomic(tmp / "manifest.json", dumps_manifest(manifest))
     log.info("prepared %s: %d training rows from %d records", out_root, stats["train_rows"], len(items))
     return PreparedData(out_root)
+
+
+def _eval_set_entry(cfg: JobConfig, eval_data: SourceData, leakage) -> dict:
+    """The manifest's record of a separate eval set: where from, what its reader skipped or
+    repaired, and what it shares with the training data."""
+    return {"source": cfg.eval.source, "format": eval_data.format, "read": asdict(eval_data.report),
+            "records": len(eval_data.qa), "leakage": leakage.to_dict() if leakage else None}
 
 
 def _train_rows(cfg: JobConfig, source: SourceData, train: list) -> tuple[list[dict], dict | None]:
@@ -210,7 +234,7 @@ def _write_eval_and_kb(cfg: JobConfig, held: list[QARecord], kb_docs: list[dict]
     nodes = {}
     for name, group in cfg.data.node_groups.items():
         group_nodes = build_nodes(docs, group)
-        write_jsonl_atomic(out / "nodes" / f"{name}.jsonl", group_nodes)
+        write_jsonl_atomic(inside(out / "nodes", f"{name}.jsonl"), group_nodes)
         nodes[name] = len(group_nodes)
     return {"heldout_passages": len(passages), "knowledge_base_documents": len(docs),
             "kb_source_documents": len(kb_docs), "nodes": nodes}

@@ -32,6 +32,7 @@ class ShardPlan:
     packing: bool
     num_shards: int
     num_workers: int
+    packing_len: int | None = None  # tokens per packed row (None: cutoff_len)
 
 
 def build_examples(rows: list[dict], plan: ShardPlan):
@@ -82,7 +83,7 @@ def _write_train_set(rows: list[dict], plan: ShardPlan, out_dir: Path, sft_file:
     rows_ds = selected.select_columns(TRAIN_SCHEMA.names)
     row_lengths = lengths
     if plan.packing:
-        rows_ds = pack_windows(rows_ds, plan.settings.cutoff_len)
+        rows_ds = pack_windows(rows_ds, plan.packing_len or plan.settings.cutoff_len)
         row_lengths = pa.concat_tables(ray.get(rows_ds.select_columns(["num_tokens"]).to_arrow_refs())
                                        ).column("num_tokens").to_pylist()
     if len(row_lengths) < plan.num_shards:

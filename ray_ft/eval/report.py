@@ -1,7 +1,9 @@
 """Summary table, Markdown report and PNG charts of an eval run.
 
 Scores are shown as the seed recipe shows them: the sum over questions ("count") out of n, and
-the percentage (for a 0/1 metric the sum is the number of questions that scored).
+the percentage (for a 0/1 metric the sum is the number of questions that scored), with its 95%
+bootstrap interval over questions; each model's gain over the base is bootstrapped paired, on
+the same questions (`ray_ft.eval.intervals`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ray_ft.eval.intervals import bootstrap_ci, paired_difference_ci
 from ray_ft.eval.metrics import percentile
 from ray_ft.eval.scoring import RETRIEVAL_COLUMNS, SCORE_COLUMNS
 
@@ -18,21 +21,34 @@ JUDGE_COLUMNS: dict[str, str] = {
     "judge_faithfulness": "faithfulness (judge)",
 }
 ALL_COLUMNS: dict[str, str] = {**SCORE_COLUMNS, **RETRIEVAL_COLUMNS, **JUDGE_COLUMNS}
+# The gain over the base model is reported for these (paired bootstrap over the same questions).
+GAIN_COLUMNS = ("cmrc_em", "cmrc_f1", "em", "origin")
+BASE_LABEL = "base"
 
 
-def summarize(rows: list[dict], wall_s: dict[tuple[str, str], float] | None = None) -> list[dict]:
+def summarize(rows: list[dict], wall_s: dict[tuple[str, str], float] | None = None,
+              served_as: dict[str, str] | None = None) -> list[dict]:
     """One dict per (model, mode): n, the mean of every score and retrieval column present (None
-    where absent, e.g. retrieval columns in gold mode), judge means over the judged rows
-    (+ `<col>_n` judged, `<col>_failed` malformed), latency p50/p95 and, with `wall_s` (the time
-    each group's requests took), requests per second."""
+    where absent, e.g. retrieval columns in gold mode) with its 95% interval (`<col>_ci95`),
+    judge means over the judged rows (+ `<col>_n` judged, `<col>_failed` malformed), latency
+    p50/p95, with `wall_s` (the time each group's requests took) requests per second, with
+    `served_as` how the model was served, and for models other than the base their paired gain
+    over it on the same questions (`gain_vs_base`: {col: [diff, lo, hi]})."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["model"], r["mode"]), []).append(r)
     table = []
     for (model, mode), rs in groups.items():
         t = {"model": model, "mode": mode, "n": len(rs), "rejected": sum("error" in r for r in rs)}
+        if served_as and model in served_as:
+            t["served_as"] = served_as[model]
         for col in (*SCORE_COLUMNS, *RETRIEVAL_COLUMNS):
             t[col] = float(np.mean([r[col] for r in rs])) if col in rs[0] else None
+            if t[col] is not None:
+                t[f"{col}_ci95"] = list(bootstrap_ci([r[col] for r in rs]))
+        base = groups.get((BASE_LABEL, mode))
+        if model != BASE_LABEL and base is not None:
+            t["gain_vs_base"] = _gains(rs, base)
         for col in JUDGE_COLUMNS:
             judged = [r for r in rs if col in r]
             if judged:
@@ -46,6 +62,16 @@ def summarize(rows: list[dict], wall_s: dict[tuple[str, str], float] | None = No
     return sorted(table, key=lambda t: (t["mode"], t["model"]))
 
 
+def _gains(rows: list[dict], base: list[dict]) -> dict[str, list[float]]:
+    """{col: [mean difference, lower, upper]} over the questions both answered."""
+    theirs = {r["id"]: r for r in base}
+    both = [(r, theirs[r["id"]]) for r in rows if r["id"] in theirs]
+    if not both:
+        return {}
+    return {col: list(paired_difference_ci([r[col] for r, _ in both], [b[col] for _, b in both]))
+            for col in GAIN_COLUMNS if col in both[0][0] and col in both[0][1]}
+
+
 def _cell(t: dict, col: str) -> str:
     mean = t.get(col)
     if mean is None:
@@ -54,11 +80,15 @@ def _cell(t: dict, col: str) -> str:
     count = mean * n
     count_s = f"{count:.0f}" if abs(count - round(count)) < 1e-9 else f"{count:.1f}"
     failed = t.get(f"{col}_failed")
-    return f"{count_s}/{n} ({100 * mean:.1f}%)" + (f", {failed} unparsed" if failed else "")
+    ci = t.get(f"{col}_ci95")
+    pct = f"{100 * mean:.1f}%" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+    return f"{count_s}/{n} ({pct})" + (f", {failed} unparsed" if failed else "")
 
 
-def to_markdown(table: list[dict], images: list[str] | None = None) -> str:
-    """Per mode: metrics as rows, models as columns (count/n (percent)); then latency/throughput."""
+def to_markdown(table: list[dict], images: list[str] | None = None, notes: list[str] | None = None) -> str:
+    """Per mode: metrics as rows, models as columns (count/n (percent [95% interval])), the gain
+    of each model over the base; then how each model was served, latency/throughput, `notes`
+    and the images."""
     out = []
     for mode in sorted({t["mode"] for t in table}):
         ts = [t for t in table if t["mode"] == mode]
@@ -68,6 +98,19 @@ def to_markdown(table: list[dict], images: list[str] | None = None) -> str:
         out.append("|---|" + "---:|" * len(ts))
         out.extend(f"| {ALL_COLUMNS[c]} | " + " | ".join(_cell(t, c) for t in ts) + " |" for c in cols)
         out.append("")
+        gains = [t for t in ts if t.get("gain_vs_base")]
+        if gains:
+            out.append(f"Gain over base, {mode} context (percentage points, paired 95% bootstrap interval "
+                       "over the same questions):\n")
+            out.append("| model | " + " | ".join(SCORE_COLUMNS[c] for c in gains[0]["gain_vs_base"]) + " |")
+            out.append("|---|" + "---:|" * len(gains[0]["gain_vs_base"]))
+            for t in gains:
+                out.append(f"| {t['model']} | " + " | ".join(
+                    f"{100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]" for d, lo, hi in t["gain_vs_base"].values()) + " |")
+            out.append("")
+    served = {t["model"]: t["served_as"] for t in table if t.get("served_as")}
+    if served:
+        out.append("Served: " + "; ".join(f"{m}: {how}" for m, how in served.items()) + ".\n")
     out.append("| model | mode | n | refused (scored 0) | p50 latency (s) | p95 latency (s) | req/s |")
     out.append("|---|---|---:|---:|---:|---:|---:|")
     for t in table:
@@ -75,11 +118,12 @@ def to_markdown(table: list[dict], images: list[str] | None = None) -> str:
         out.append(f"| {t['model']} | {t['mode']} | {t['n']} | {t.get('rejected', 0)} | {t['latency_p50_s']:.2f} | "
                    f"{t['latency_p95_s']:.2f} | {rps} |")
     out.append("")
+    out.extend(f"{line}\n" for line in notes or [])
     out.extend(f"![{Path(p).stem}]({p})\n" for p in images or [])
     return "\n".join(out)
 
 
-def _write_png(fig, path: Path) -> Path:
+def write_png(fig, path: Path) -> Path:
     """Save next to `path` then rename, so a reader never sees half a PNG."""
     import matplotlib.pyplot as plt
 
@@ -113,7 +157,7 @@ def plot_metrics(table: list[dict], path: Path) -> Path:
         ax.set_ylabel("score (%)")
         ax.set_title(f"{mode} context, n = {ts[0]['n']}")
         ax.legend(fontsize=8)
-    return _write_png(fig, path)
+    return write_png(fig, path)
 
 
 def plot_loss(history: list[dict], path: Path, window: int = 8) -> Path:
@@ -132,4 +176,4 @@ def plot_loss(history: list[dict], path: Path, window: int = 8) -> Path:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     ax.legend()
-    return _write_png(fig, path)
+    return write_png(fig, path)

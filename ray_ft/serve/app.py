@@ -27,6 +27,7 @@ from ray.serve.schema import LoggingConfig
 from ray_ft.config import EmbedderBatching, JobConfig, NodeGroupConfig, RetrievalSettings
 from ray_ft.data.nodes import build_nodes
 from ray_ft.errors import RayFTError
+from ray_ft.paths import inside
 from ray_ft.serve.engines import SentenceTransformerEmbedder, VectorIndex, VLLMGenerator
 from ray_ft.serve.ingress import IngressSettings, RAGService, build_api
 from ray_ft.serve.prompting import rag_prompt_of
@@ -125,7 +126,10 @@ class RetrieverDeployment:
         self.nodes = build_nodes(documents, node_group)
         self.embedder = embedder
         self.timeout_s, self.retries = timeout_s, retries
-        self.r = RetrievalSettings.model_validate(retrieval or {})
+        self.r = RetrievalSettings.model_validate(retrieval or {"mode": "dense"})
+        if self.r.mode == "auto":
+            raise ValueError("retrieval mode 'auto' must be resolved for the job's language first "
+                             "(ServeConfig.retrieval_for)")
         self.bm25 = BM25Index(self.nodes, self.r.bm25_k1, self.r.bm25_b) if self.r.mode != "dense" else None
         self.index_dir = Path(index_dir) if index_dir else None
         self.fingerprint = nodes_fingerprint(self.nodes, embedder_id)
@@ -247,8 +251,9 @@ def build_rag_app(cfg: JobConfig, model_dir: str, embedder_dir: str, adapters: d
     ).bind(embedder_dir, s.embedder_threads, s.embedder_dtype)
     retriever = RetrieverDeployment.options(
         ray_actor_options={"num_cpus": 0.1}, **d.retriever.serve_options(),
-    ).bind(documents, cfg.data.node_groups[s.node_group], embedder, s.request_timeout_s, s.retries, s.retrieval.model_dump(),
-           str((cfg.run_dir / "serve_index" / s.node_group).resolve()) if s.retrieval.persist_index else None,
+    ).bind(documents, cfg.data.node_groups[s.node_group], embedder, s.request_timeout_s, s.retries,
+           s.retrieval_for(cfg.data.language).model_dump(),
+           str(inside(cfg.run_dir / "serve_index", s.node_group)) if s.retrieval.persist_index else None,
            embedder_identity(embedder_dir, s.embedder_dtype))
 
     def engine(name: str | None, folder: str, served: str, engine_adapters: dict[str, str]):

@@ -6,23 +6,14 @@ from __future__ import annotations
 import os
 import re
 import uuid
-from pathlib import Path
 
 import numpy as np
 
 from ray_ft.config import VLLMConfig
+from ray_ft.devices import cpu_has_native_bf16
 from ray_ft.errors import RayFTError
 from ray_ft.serve.adapters import fetch_adapter
 from ray_ft.serve.protocols import Completion, Hit
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: the CPU computes bf16 natively (Linux /proc/cpuinfo flags)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_dtype(vcfg: VLLMConfig, use_gpu: bool) -> str:

@@ -20,7 +20,7 @@ def served_inputs(cfg, job: str) -> dict:
     """What the graph of a finished run serves: model and embedder folders, adapters by served
     name, knowledge-base documents (the keyword arguments of `build_rag_app` / `deploy`). Fails
     with a message naming the missing piece and the command that makes it."""
-    from ray_ft.pipeline import check_extra_models, served_models, trained_model
+    from ray_ft.served import check_extra_models, served_models, trained_model
 
     check_extra_models(cfg)
     prepared = PreparedData(cfg.run_dir / "data")
@@ -52,10 +52,12 @@ def serve_until_stopped(cfg, job: str, announce=print) -> None:
     from ray_ft.serve.app import deploy, stop_serving
 
     inputs = served_inputs(cfg, job)  # fail before starting anything
+    # ray.init installs Ray's own SIGTERM handler in the driver (it exits at once, no drain), so
+    # ours go in after it: SIGTERM (Kubernetes, KubeRay, systemd) drains like Ctrl-C.
+    init_ray(cfg)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        init_ray(cfg)
         url = deploy(cfg, **inputs)
         models = [cfg.model.name, *inputs["adapters"], *inputs["whole_models"]]
         announce(f"serving {url} (models: {', '.join(models)}; {len(inputs['documents'])} documents); "

@@ -21,6 +21,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import SecretStr
 
@@ -293,6 +294,15 @@ def _replayed(body: bytes, receive):
 
 
 def _install_error_handlers(api: FastAPI) -> None:
+    # FastAPI's own 4xx (a body it cannot parse: invalid UTF-8, JSON nested past the decoder's
+    # depth; unknown routes and methods) in the same error shape as every other answer.
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException):
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        response = _error(exc.status_code, str(exc.detail), kind)
+        response.headers.update(exc.headers or {})
+        return response
+
     @api.exception_handler(RequestValidationError)
     async def _bad_request(_: Request, exc: RequestValidationError):
         first = exc.errors()[0]

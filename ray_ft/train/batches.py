@@ -42,13 +42,16 @@ def flatten_collate(batch: dict) -> dict:
         return torch.from_numpy(np.concatenate([np.asarray(x, dtype=np.int64) for x in batch[key]])[None])
 
     out = {k: cat(k) for k in ("input_ids", "labels", "position_ids")}
-    return out | {"num_real_tokens": torch.tensor(out["input_ids"].shape[1])}
+    return out | {"num_real_tokens": torch.tensor(out["input_ids"].shape[1]),
+                  "num_examples": torch.tensor(int((out["position_ids"] == 0).sum()))}
 
 
 def pad_collate(batch: dict, pad_id: int, flatten: bool = False) -> dict:
     """numpy batch of ragged `input_ids`/`labels` (and `position_ids` when packed) -> torch tensors.
 
-    `num_real_tokens` (a 0-d tensor) counts the non-padding tokens, for the padding ratio.
+    `num_real_tokens` (a 0-d tensor) counts the non-padding tokens, for the padding ratio;
+    `num_examples` the training examples in the batch (a packed row holds several: one per
+    position-id restart).
     `flatten`: packed rows go end to end in one row (`flatten_collate`) instead of being padded.
     """
     import torch
@@ -70,8 +73,9 @@ def pad_collate(batch: dict, pad_id: int, flatten: bool = False) -> dict:
         if packed:
             positions[i, : len(s)] = batch["position_ids"][i]
             positions[i, len(s):] = np.arange(width - len(s))
+    examples = sum(int((np.asarray(p) == 0).sum()) for p in batch["position_ids"]) if packed else n
     out = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
-           "num_real_tokens": torch.tensor(int(mask.sum()))}
+           "num_real_tokens": torch.tensor(int(mask.sum())), "num_examples": torch.tensor(examples)}
     if packed:
         out["position_ids"] = torch.from_numpy(positions)
     else:

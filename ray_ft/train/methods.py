@@ -125,7 +125,9 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out: Path) -> Path:
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     merged.save_pretrained(tmp, safe_serialization=True)
-    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(tmp)
+    # The adapter's own tokenizer when it was saved with one (ray_ft's exports are), else the base's.
+    has_tok = (Path(adapter_dir) / "tokenizer_config.json").is_file()
+    AutoTokenizer.from_pretrained(adapter_dir if has_tok else base_dir).save_pretrained(tmp)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

@@ -149,7 +149,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     stepper.train(True)
-    t0, tokens, slots, loss_sum, waited = time.perf_counter(), 0, 0, 0.0, 0.0
+    t0, tokens, slots, loss_sum, waited, examples = time.perf_counter(), 0, 0, 0.0, 0.0, 0
+    examples_seen = history[-1].get("examples_seen", 0) if history else 0
     while step < n_steps and not stop:
         skip = (step % per_epoch) * tcfg.gradient_accumulation_steps  # micro-batches a resumed run did
         seen, group, t_ask = 0, [], time.perf_counter()
@@ -178,16 +179,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     stepper.micro_step()
                 loss_sum += loss.item()
                 tokens += int(micro_batch["num_real_tokens"])
+                examples += int(micro_batch["num_examples"])
                 slots += micro_batch["input_ids"].numel()
             group = []
             grad_norm = stepper.step()
             step += 1
             dt = time.perf_counter() - t0
-            totals = tm.sum_over_ranks(torch.tensor([loss_sum, tokens, slots], dtype=torch.float64), device)
+            totals = tm.sum_over_ranks(torch.tensor([loss_sum, tokens, slots, examples], dtype=torch.float64), device)
             tokens_per_s = totals[1].item() / dt
+            examples_seen += int(totals[3].item())
             achieved = tokens_per_s * fpt / 1e12
             row = {
-                "step": step, "epoch": round(step / per_epoch, 3), "loss": totals[0].item() / world,
+                "step": step, "epoch": round(step / per_epoch, 3), "examples_seen": examples_seen,
+                "loss": totals[0].item() / world,
                 "lr": stepper.lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "tflops": achieved,
                 "mfu": (achieved / (peak * world)) if peak else None,
                 "padding_ratio": 1.0 - totals[1].item() / totals[2].item(),
@@ -197,7 +201,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 row["resumed_from_step"], resumed_from = resumed_from, None
             evaluate = step == n_steps or bool(tcfg.eval_every_n_steps and step % tcfg.eval_every_n_steps == 0)
             if evaluate and val_rows:
+                t_val = time.perf_counter()
                 row.update(validate(stepper, tok, val_rows, tcfg, rank, world, device))
+                row["val_s"] = time.perf_counter() - t_val
                 if _is_better(metric, row[metric], best):
                     best, since_best = row[metric], 0
                 else:
@@ -215,7 +221,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                   all_ranks_save=bool(tcfg.deepspeed.stage))
             if step == n_steps or stop:
                 break
-            t0, tokens, slots, loss_sum, waited = time.perf_counter(), 0, 0, 0.0, 0.0
+            t0, tokens, slots, loss_sum, waited, examples = time.perf_counter(), 0, 0, 0.0, 0.0, 0
             t_ask = t0
         if seen == 0:
             raise RuntimeError(f"worker {rank} got no training rows from its dataset shard")
@@ -325,7 +331,9 @@ def run_training(cfg: JobConfig, prepared: PreparedData, model_dir: Path, out_di
         prune_superseded_runs(Path(storage), f"sft_{cfg.name}", run_name)
     merged = merge_adapter(model_dir, final, out_dir / "merged") if tcfg.export_merged else None
     if history:
+        from ray_ft.eval.learning_curve import plot_learning_curve
         from ray_ft.eval.report import plot_loss
 
         plot_loss(history, out_dir / "loss.png")
+        plot_learning_curve(history, out_dir / "learning_curve.png")
     return TrainResult(final, out_dir / "metrics.jsonl", history, chosen.get("step"), merged)

@@ -2,6 +2,7 @@
 an external OpenAI-compatible target, both context modes, the LLM judge, and the report files."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -142,3 +143,36 @@ def test_external_targets_get_the_jobs_training_template():
     assert ext.messages[0] == {"role": "system", "content": "sys"}
     assert ext.messages[-1]["content"].startswith("Q: How tall is Mount Everest?\nC: ")
     assert ITEMS[0]["context"] in ext.messages[-1]["content"]
+
+
+def test_questions_go_passage_by_passage_first_question_alone():
+    import threading
+
+    from ray_ft.eval.runner import run_by_passage
+
+    items = [{"id": f"{p}{k}", "passage_id": p} for p in "abcdef" for k in range(4 if p in "ab" else 2)]
+    lock, events, active, peak = threading.Lock(), [], [0], [0]
+
+    def ask(i):
+        with lock:
+            events.append(("start", i))
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.01)
+        with lock:
+            events.append(("end", i))
+            active[0] -= 1
+        return items[i]["id"]
+
+    done = run_by_passage(items, ask, concurrency=3)
+    assert sorted(done) == sorted(it["id"] for it in items) and peak[0] <= 3
+    position = {e: n for n, e in enumerate(events)}
+    for p in "abcdef":
+        first, *rest = [i for i, it in enumerate(items) if it["passage_id"] == p]
+        # The others of a passage start only after its first question is answered (the prefix is cached).
+        assert all(position[("start", i)] > position[("end", first)] for i in rest)
+    # A started passage's questions go ahead of passages not started yet: passage a's follow-ups
+    # start before passage f's first question.
+    a_rest = [i for i, it in enumerate(items) if it["passage_id"] == "a"][1:]
+    f_first = next(i for i, it in enumerate(items) if it["passage_id"] == "f")
+    assert min(position[("start", i)] for i in a_rest) < position[("start", f_first)]

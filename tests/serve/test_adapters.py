@@ -43,17 +43,55 @@ def test_remote_adapter_is_checked_fetched_once_and_refetched_when_it_changes(s3
 
 
 def test_served_models_keep_uris_resolve_folders_and_give_whole_models_an_engine(tmp_path, monkeypatch):
-    from ray_ft.pipeline import served_models
+    from ray_ft.served import served_models
 
     monkeypatch.chdir(tmp_path)
     for folder, marker in (("merged", "config.json"), ("trained", "adapter_config.json")):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / marker).write_text("{}")  # a model folder, an adapter folder
     cfg = parse_job({"name": "job", "eval": {"adapters": {"remote": "s3://b/a", "local": "rel/ad"}},
-                     "serve": {"models": {"merged": "merged"}}})
+                     "serve": {"models": {"merged": "merged"}, "finetuned_adapter": "unmerged"}})
     extra = {"remote": "s3://b/a", "local": str(tmp_path / "rel" / "ad")}
     whole = {"merged": str(tmp_path / "merged")}
     assert served_models(cfg, "trained") == ({"job": str(tmp_path / "trained"), **extra}, whole)
     assert served_models(cfg, None) == (extra, whole)
     # A freeze/full fine-tune is a whole model: served on an engine of its own, under the job's name.
     assert served_models(cfg, "merged") == (extra, {"job": str(tmp_path / "merged"), **whole})
+
+
+def test_on_cpu_the_fine_tuned_adapter_is_served_merged_and_re_merged_only_when_it_changes(tmp_path, tiny_model_dir):
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ray_ft.served import finetuned_served_as, served_models
+
+    def write_adapter(seed: int) -> Path:
+        torch.manual_seed(seed)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                               LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM", init_lora_weights=False))
+        model.save_pretrained(tmp_path / "adapter")
+        return tmp_path / "adapter"
+
+    adapter = write_adapter(0)
+    cfg = parse_job({"name": "job", "output_dir": str(tmp_path / "runs"), "model": {"name": str(tiny_model_dir)},
+                     "eval": {"adapters": {"other": str(adapter)}}})
+    assert finetuned_served_as(cfg) == "merged"  # auto on CPU
+    adapters, whole = served_models(cfg, adapter)
+    merged = tmp_path / "runs" / "job" / "serve" / "merged"
+    assert whole == {"job": str(merged)} and adapters == {"other": str(adapter)}  # eval.adapters stay unmerged
+    ids = torch.tensor([[5, 9, 14, 3, 7]])
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(adapter)).eval()
+    served = AutoModelForCausalLM.from_pretrained(merged).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(served(ids).logits, peft(ids).logits, atol=1e-4, rtol=1e-4)
+    first = (merged / "model.safetensors").stat().st_mtime_ns
+    served_models(cfg, adapter)
+    assert (merged / "model.safetensors").stat().st_mtime_ns == first  # unchanged adapter: no re-merge
+    time.sleep(0.01)
+    write_adapter(1)
+    served_models(cfg, adapter)
+    assert (merged / "model.safetensors").stat().st_mtime_ns != first  # re-trained: merged again
+    on_gpu = cfg.model_copy(update={"train": cfg.train.model_copy(update={"use_gpu": True})})
+    assert finetuned_served_as(on_gpu) == "unmerged"
+    assert served_models(on_gpu, adapter) == ({"job": str(adapter), "other": str(adapter)}, {})

@@ -25,7 +25,8 @@ def test_app_builder_binds_the_rag_graph_of_a_finished_run(tmp_path, smollm_dir,
     (run / "train" / "adapter").mkdir(parents=True)
     (run / "train" / "adapter" / "adapter_config.json").write_text("{}")
 
-    app = app_builder({"job": str(_job(tmp_path))})
+    # Unmerged: the adapter on the base engine (on CPU `auto` merges it first: tests/serve/test_adapters.py).
+    app = app_builder({"job": str(_job(tmp_path, serve={"finetuned_adapter": "unmerged"}))})
     assert isinstance(app, Application)
     # The ingress is bound to the generator, retriever and embedder; the adapter is served as "svc".
     gen = next(a for a in app._bound_deployment.init_args if "Generator" in a._bound_deployment.name)

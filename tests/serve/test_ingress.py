@@ -160,6 +160,14 @@ def test_bad_requests_get_json_errors_that_say_what_is_wrong():
         (http.post("/v1/rag", json={"query": "q" * 60, "contexts": ["c" * 50]}), 400, "query and contexts"),
         (http.post("/v1/embeddings", json={"input": []}), 400, "1 to 256 texts"),
         (http.post("/v1/rag", json={"query": "q", "model": "nope"}), 404, "unknown model"),
+        # Bodies FastAPI itself cannot parse, and routes it does not know: the same error shape.
+        (http.post("/v1/embeddings", content=b'{"input": "\xff\xfe"}', headers={"content-type": "application/json"}),
+         400, "error parsing the body"),
+        (_client(max_request_bytes=1_000_000).post("/v1/embeddings", content=b"[" * 100_000 + b"]" * 100_000,
+                                                   headers={"content-type": "application/json"}),
+         400, "error parsing the body"),
+        (http.get("/v1/nowhere"), 404, "Not Found"),
+        (http.get(chat), 405, "Method Not Allowed"),
     ]
     for resp, status, text in cases:
         assert resp.status_code == status, resp.text

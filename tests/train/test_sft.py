@@ -40,9 +40,11 @@ def test_deepspeed_config_comes_from_the_job_and_takes_overrides():
 
 
 def _job(tmp_path, model_dir, **train):
+    # fp32 unless a test asks: `auto` would follow this CPU (bf16 where it has AVX512-BF16), and the
+    # seeded trajectories some tests rely on were measured in fp32.
     return parse_job({"name": "t", "output_dir": str(tmp_path / "runs"), "model": {"name": str(model_dir)},
                       "train": {"cpus_per_worker": 1, "lr_scheduler_type": "constant", "tensorboard": False,
-                                **train}})
+                                "precision": "fp32", **train}})
 
 
 def _losses(history, n=2):
@@ -55,14 +57,17 @@ def _keys(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,lr", [("lora", 3e-2), ("freeze", 3e-3), ("full", 1e-3)])
-def test_each_method_reduces_the_training_loss(ray_cluster, tiny_model_dir, tmp_path, method, lr):
+@pytest.mark.parametrize("method,lr,precision", [("lora", 3e-2, "fp32"), ("lora", 3e-2, "bf16"),
+                                                 ("freeze", 3e-3, "fp32"), ("full", 1e-3, "fp32")])
+def test_each_method_reduces_the_training_loss(ray_cluster, tiny_model_dir, tmp_path, method, lr, precision):
     prepared = write_prepared(tmp_path / "data", tiny_model_dir, repeats=3)  # 12 examples
     cfg = _job(tmp_path, tiny_model_dir, finetuning_type=method, learning_rate=lr, num_train_epochs=4,
-               per_device_train_batch_size=2, num_workers=1, cpus_per_worker=2)
+               per_device_train_batch_size=2, num_workers=1, cpus_per_worker=2, precision=precision)
     result = run_training(cfg, prepared, tiny_model_dir, tmp_path / "train")
 
     assert [h["step"] for h in result.history] == list(range(1, 25))
+    # Every example is counted once per epoch: 12 examples, 4 epochs, 2 per step.
+    assert [h["examples_seen"] for h in result.history] == [2 * s for s in range(1, 25)]
     first, last = _losses(result.history)
     assert last < 0.7 * first, (method, first, last)
     base = load_file(str(tiny_model_dir / "model.safetensors"))
@@ -107,6 +112,13 @@ def test_ddp_packed_validation_picks_the_best_checkpoint_and_merged_export_match
     assert result.exported_step == min(val, key=val.get)
     assert result.exported_step < h[-1]["step"], val  # the selection mattered
     assert all(0 <= x["val_exact_match"] <= 1 and 0 <= x["val_origin"] <= 1 for x in h if "val_loss" in x)
+    assert all(x["val_questions"] == 4 and x["val_f1_se"] >= 0 and x["val_s"] > 0 for x in h if "val_loss" in x)
+    # Packed rows: examples counted per row (each packs several), both ranks summed; an epoch
+    # sees every example but those of a row left over by the equal split across the two ranks.
+    seen, examples = [x["examples_seen"] for x in h], prepared.manifest()["train_examples"]
+    assert seen == sorted(set(seen)) and 0.8 * 6 * examples <= seen[-1] <= 6 * examples
+    assert seen[-1] > 6 * prepared.manifest()["train_rows"]  # more than one example per row
+    assert (tmp_path / "train" / "learning_curve.png").stat().st_size > 1000
     assert _losses(h)[1] < _losses(h)[0]
 
     keys = _keys(result.adapter_dir / "adapter_model.safetensors")
@@ -220,7 +232,7 @@ def test_a_stopped_run_started_again_continues_from_its_last_checkpoint(ray_clus
     assert not any("resumed_from_step" in h for h in fresh.history)
 
 
-def test_bf16_without_deepspeed_keeps_full_and_freeze_weights_fp32_under_autocast():
+def test_bf16_without_deepspeed_keeps_full_and_freeze_weights_fp32_under_autocast(monkeypatch):
     import torch
 
     from ray_ft.train.steppers import compute_context, weights_dtype
@@ -231,9 +243,10 @@ def test_bf16_without_deepspeed_keeps_full_and_freeze_weights_fp32_under_autocas
     zero2 = TrainConfig(precision="bf16", finetuning_type="full", deepspeed={"stage": 2})
     assert weights_dtype(lora) == torch.bfloat16  # frozen base; peft keeps the adapters fp32
     assert weights_dtype(full) == weights_dtype(freeze) == weights_dtype(zero2) == torch.float32
-    assert weights_dtype(TrainConfig(finetuning_type="full")) == torch.float32  # auto on CPU: fp32
+    assert weights_dtype(TrainConfig(finetuning_type="full")) == torch.float32
     lin = torch.nn.Linear(4, 4)
-    for cfg, want in ((full, torch.bfloat16), (freeze, torch.bfloat16), (lora, torch.float32), (zero2, torch.float32)):
+    # Every matmul in bf16 under bf16 (lora too: its fp32 adapters under autocast); DeepSpeed owns its own.
+    for cfg, want in ((full, torch.bfloat16), (freeze, torch.bfloat16), (lora, torch.bfloat16), (zero2, torch.float32)):
         with compute_context(cfg):
             assert lin(torch.ones(1, 4)).dtype == want, cfg.finetuning_type
     # Why: a small update survives in an fp32 weight and is rounded away in a bf16 one.

@@ -2,7 +2,7 @@ import pytest
 
 from ray_ft.config import TrainConfig, parse_job
 from ray_ft.errors import RayFTError
-from ray_ft.pipeline import trained_model
+from ray_ft.served import trained_model
 from ray_ft.train.validation import prompt_part, rank_slice
 
 
@@ -59,3 +59,18 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, method)
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-4)
+
+
+def test_batched_validation_answers_equal_one_by_one_answers(tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ray_ft.train.validation import greedy_answers
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, 1000, (n,), generator=g).tolist() for n in (7, 19, 3, 12, 19)]  # ragged
+    one_by_one = greedy_answers(model, tok, prompts, 8, batch_size=1, device="cpu")
+    batched = greedy_answers(model, tok, prompts, 8, batch_size=4, device="cpu")  # left padded, 2 calls
+    assert batched == one_by_one and len(set(one_by_one)) > 1
