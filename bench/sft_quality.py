@@ -91,14 +91,14 @@ def main() -> None:
 
     print(f"\n{args.samples} training examples (the same in every variant), one epoch; {len(dev)} dev questions over "
           f"{len({r.passage_id for r in dev})} passages, gold passage, whole; reference: {ref}")
-    print("| cutoff:precision | contexts shortened | train tokens | train s | final loss | EM (CMRC) | F1 (CMRC) "
+    print("| cutoff:precision | contexts shortened (all built examples) | train tokens | train s | final loss | EM (CMRC) | F1 (CMRC) "
           "| EM (seed) | origin | F1 vs reference (paired) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for variant, r in results.items():
         em, f1 = r["cmrc_em_ci95"], r["cmrc_f1_ci95"]
         diff = r.get("cmrc_f1_vs_ref")
         vs = f"{100 * diff[0]:+.1f} [{100 * diff[1]:+.1f}, {100 * diff[2]:+.1f}]" if diff else "—"
-        print(f"| {variant} | {r['shortened_context']}/{args.samples} | {r['train_tokens']} | {r['timings']['train_s']:.0f} "
+        print(f"| {variant} | {r['shortened_context']} | {r['train_tokens']} | {r['timings']['train_s']:.0f} "
               f"| {r['final_loss']:.3f} | {100 * r['cmrc_em']:.1f} [{100 * em[0]:.1f}, {100 * em[1]:.1f}] "
               f"| {100 * r['cmrc_f1']:.1f} [{100 * f1[0]:.1f}, {100 * f1[1]:.1f}] | {100 * r['em']:.1f} "
               f"| {100 * r['origin']:.1f} | {vs} |")
