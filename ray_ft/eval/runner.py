@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,9 +113,6 @@ def run_by_passage(items: list[dict], ask, concurrency: int, on_done=None) -> li
     scratch), and it only ever needs room for about `concurrency` passages: sending every first
     question before any second one needed the whole eval set's passages to stay cached (652
     CMRC2018 questions over 170 ~1,000-token passages are ~4 GB of SmolLM2 KV cache)."""
-    from collections import deque
-    from concurrent.futures import FIRST_COMPLETED, wait
-
     by_passage: dict[str, list[int]] = {}
     for i, it in enumerate(items):
         by_passage.setdefault(it["passage_id"], []).append(i)
