@@ -26,10 +26,11 @@ def served_models(cfg: JobConfig, trained: str | Path | None) -> tuple[dict[str,
     from ray_ft.serve.adapters import adapter_location, has_adapter
 
     adapters, whole = {}, {}
-    if trained and has_adapter(trained) and finetuned_served_as(cfg) == "merged":
-        whole[cfg.name] = str(merged_for_serving(cfg, adapter_location(trained)))
-    elif trained and has_adapter(trained):
-        adapters[cfg.name] = adapter_location(trained)
+    if trained and has_adapter(trained):
+        if finetuned_served_as(cfg) == "merged":
+            whole[cfg.name] = str(merged_for_serving(cfg, adapter_location(trained)))
+        else:
+            adapters[cfg.name] = adapter_location(trained)
     elif trained:
         whole[cfg.name] = str(Path(trained).resolve())
     adapters.update({label: adapter_location(path) for label, path in cfg.eval.adapters.items()})
