@@ -57,7 +57,13 @@ def stage_prepare(cfg: JobConfig, force: bool = False) -> PreparedData:
         log.info("reusing %s (same data config, input and files)", prepared.root)
         return prepared
     d = cfg.data
-    source = read_source(d.source, d.format, d.on_error, d.bad_answer)
+    if d.documents:  # listed now (a missing path fails in a second); read and written on Ray Data
+        from ray_ft.data.documents import list_documents
+
+        list_documents(d.documents)
+        source = None
+    else:
+        source = read_source(d.source, d.format, d.on_error, d.bad_answer)
     eval_data = read_eval_source(cfg)
     model_dir = resolve_model(cfg.model.name)
     check_chat_template(AutoTokenizer.from_pretrained(model_dir))

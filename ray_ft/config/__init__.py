@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from ray_ft.config.base import SafeName, _Strict
 from ray_ft.config.data import DataConfig, NodeGroupConfig, RetrievalAugmentConfig
+from ray_ft.config.generation import QAEndpointConfig, QAFilterConfig, QAGenerationConfig
 from ray_ft.config.evaluation import EndpointConfig, EvalConfig, JudgeConfig
 from ray_ft.config.serve import (
     AutoscalingSettings, DeploymentSettings, EmbedderBatching, IngressDeploymentSettings,
@@ -29,7 +30,8 @@ from ray_ft.errors import RayFTError
 __all__ = [
     "AutoscalingSettings", "DEEPSPEED_OWNED_KEYS", "DataConfig", "DeepSpeedConfig", "DeploymentSettings",
     "EmbedConfig", "EmbedderBatching", "EndpointConfig", "EvalConfig", "HardNegativeConfig",
-    "IngressDeploymentSettings", "JobConfig", "JudgeConfig", "ModelConfig", "NodeGroupConfig", "RayConfig",
+    "IngressDeploymentSettings", "JobConfig", "JudgeConfig", "ModelConfig", "NodeGroupConfig", "QAEndpointConfig",
+    "QAFilterConfig", "QAGenerationConfig", "RayConfig",
     "RetrievalAugmentConfig", "RetrievalSettings", "ServeConfig", "ServeDeployments", "TrainConfig",
     "VLLMConfig", "load_job", "parse_job",
 ]
@@ -119,6 +121,10 @@ class JobConfig(_Strict):
                                  "without one there is no validation metric to stop on")
         if self.embed.enabled:
             self._check_finetuned_embedder_use()
+            if self.data.documents:
+                raise ValueError("embed.enabled with data.documents: the embedder's training pairs would "
+                                 "have to come from the generated QA set, which is not wired yet; fine-tune "
+                                 "the embedder in a task: embedding job on data/generated_qa.jsonl")
         if self.serve.node_group not in self.data.node_groups:
             raise ValueError(f"serve.node_group '{self.serve.node_group}' is not one of data.node_groups "
                              f"{sorted(self.data.node_groups)}")
@@ -209,7 +215,8 @@ def _resolve_path(src: str, base_dir: Path) -> str:
 def _resolve_source(cfg: JobConfig, base_dir: Path) -> JobConfig:
     data = cfg.data.model_copy(update={
         "source": _resolve_path(cfg.data.source, base_dir),
-        "kb_sources": [_resolve_path(p, base_dir) for p in cfg.data.kb_sources]})
+        "kb_sources": [_resolve_path(p, base_dir) for p in cfg.data.kb_sources],
+        "documents": [_resolve_path(p, base_dir) for p in cfg.data.documents]})
     embed = cfg.embed.model_copy(update={"source": _resolve_path(cfg.embed.source, base_dir)})
     update = {"data": data, "embed": embed}
     if cfg.eval.source is not None:

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from ray_ft.config.base import _Strict, safe_keys
+from ray_ft.config.generation import QAGenerationConfig
 
 
 class NodeGroupConfig(_Strict):
@@ -127,6 +128,19 @@ class DataConfig(_Strict):
         "data/nodes/NAME.jsonl and `serve.node_group` picks one.",
     )
     retrieval_augment: RetrievalAugmentConfig = Field(default_factory=RetrievalAugmentConfig)
+    documents: list[str] = Field(
+        [], description="Your own documents instead of a QA corpus: PDF, HTML, Markdown and text files, "
+        "folders of them, globs, or s3:// / gs:// URIs (relative paths: against the job file). Set, "
+        "they are cut into nodes (document_nodes), an LLM writes QA pairs per node (qa_generation) "
+        "into data/generated_qa.jsonl, and those pairs replace data.source; the knowledge base holds "
+        "every node.",
+    )
+    document_nodes: NodeGroupConfig = Field(
+        default_factory=lambda: NodeGroupConfig(kind="chunk", chunk_size=800, chunk_overlap=100),
+        description="How data.documents are cut into the nodes questions are written for (and that the "
+        "knowledge base holds); within a PDF page or under one heading.",
+    )
+    qa_generation: QAGenerationConfig = Field(default_factory=QAGenerationConfig)
 
     @field_validator("node_groups")
     @classmethod
@@ -145,6 +159,11 @@ class DataConfig(_Strict):
         if self.packing_len is not None and self.packing_len < self.cutoff_len:
             raise ValueError(f"packing_len={self.packing_len} < cutoff_len={self.cutoff_len}: an example of "
                              "cutoff_len tokens would fit no row")
+        if self.documents and "source" in self.model_fields_set:
+            raise ValueError("data.source and data.documents are two ways to give the training data: "
+                             "set one (with documents the QA pairs are generated)")
+        if self.documents and self.format in ("alpaca", "messages"):
+            raise ValueError("data.documents generate QA pairs; data.format must be auto or qa_rows")
         if self.retrieval_augment.enabled and self.format in ("alpaca", "messages"):
             raise ValueError("retrieval_augment needs a QA source (squad or qa_rows): instruction "
                              "data has no questions and passages to retrieve for")

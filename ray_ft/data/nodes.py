@@ -7,6 +7,7 @@ A node is `{node_id, text, metadata: {passage_id, ...}}`; node ids are stable (`
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def build_nodes(documents: list[dict], group: NodeGroupConfig | str) -> list[dic
     nodes = []
     for doc in documents:
         pid, text = doc["passage_id"], doc["text"]
-        meta = {"passage_id": pid}
+        meta = {**doc.get("metadata", {}), "passage_id": pid}  # a document node's place comes along
         if group.kind == "passage":
             nodes.append({"node_id": pid, "text": text, "metadata": meta})
         elif group.kind == "line":
@@ -72,4 +73,43 @@ def build_nodes(documents: list[dict], group: NodeGroupConfig | str) -> list[dic
         else:
             for i, (a, b) in enumerate(chunk_spans(text, group.chunk_size, group.chunk_overlap)):
                 nodes.append({"node_id": f"{pid}:c{i}", "text": text[a:b], "metadata": {**meta, "start": a}})
+    return nodes
+
+
+def node_id_of(document: str, offset: int) -> str:
+    """A document node's id: stable across runs and machines (the document's listed name and the
+    node's character offset in it), so generated questions and caches keep pointing at it."""
+    return hashlib.sha1(f"{document}\0{offset}".encode("utf-8")).hexdigest()[:16]
+
+
+def _pieces(text: str, group: NodeGroupConfig) -> list[tuple[int, str]]:
+    """(offset in `text`, piece) of one section cut by the node group."""
+    if group.kind == "passage":
+        return [(0, text)]
+    if group.kind == "chunk":
+        return [(a, text[a:b]) for a, b in chunk_spans(text, group.chunk_size, group.chunk_overlap)]
+    parts = [ln.strip() for ln in text.splitlines()] if group.kind == "line" else split_sentences(text)
+    out, pos = [], 0
+    for part in (p for p in parts if p):
+        at = text.find(part, pos)
+        out.append((at, part))
+        pos = at + len(part)
+    return out
+
+
+def document_nodes(doc, group: NodeGroupConfig) -> list[dict]:
+    """The nodes of a `Document`, cut within each section (a PDF page, the text under one
+    heading), each `{node_id, text, metadata: {document, source, kind, start, page?, heading?}}`."""
+    nodes = []
+    for sec in doc.sections:
+        for offset, piece in _pieces(sec.text, group):
+            piece = piece.strip()
+            if not piece:
+                continue
+            meta = {"document": doc.name, "source": doc.source, "kind": doc.kind, "start": sec.start + offset}
+            if sec.page is not None:
+                meta["page"] = sec.page
+            if sec.heading:
+                meta["heading"] = sec.heading
+            nodes.append({"node_id": node_id_of(doc.name, sec.start + offset), "text": piece, "metadata": meta})
     return nodes

@@ -92,7 +92,11 @@ def data_config_hash(cfg: JobConfig) -> str:
     h = hashlib.sha256()
     h.update(json.dumps({"data": cfg.data.model_dump(), "model": cfg.model.model_dump(),
                          "num_shards": cfg.num_shards}, sort_keys=True).encode())
-    for src in [cfg.data.source, *cfg.data.kb_sources]:
+    if cfg.data.documents:  # the generated pairs replace data.source
+        from ray_ft.data.from_documents import generation_key
+
+        h.update(generation_key(cfg).encode())
+    for src in [*([] if cfg.data.documents else [cfg.data.source]), *cfg.data.kb_sources]:
         h.update(hashlib.sha256(source_fingerprint(src)).digest())
     if cfg.eval.source is not None:  # only when set: jobs without one keep their hash
         e = cfg.eval
@@ -161,6 +165,12 @@ def prepare(cfg: JobConfig, out_root: Path, source: SourceData | None = None,
     a second).
     """
     d = cfg.data
+    generated = None
+    if d.documents:
+        from ray_ft.data.from_documents import generated_corpus
+
+        generated = generated_corpus(cfg)
+        source = generated.source
     source = source or read_source(d.source, d.format, d.on_error, d.bad_answer)
     eval_data = eval_data or read_eval_source(cfg)
     if d.retrieval_augment.enabled and not source.is_qa:
@@ -174,12 +184,17 @@ def prepare(cfg: JobConfig, out_root: Path, source: SourceData | None = None,
     if d.dev_size:
         train, dev = split_by_group(train, group_of, d.dev_size, d.seed + 1)
     kb_docs = read_text_documents(d.kb_sources) if d.kb_sources else []
+    if generated is not None:
+        kb_docs = generated.kb_docs + kb_docs
+    source_name = "data/generated_qa.jsonl" if generated is not None else d.source
 
     with staged_dir(out_root) as tmp:
         rows, radit = _train_rows(cfg, source, train)
         plan = ShardPlan(example_settings(cfg), model_dir, d.max_samples, d.packing, cfg.num_shards, d.num_workers,
                          d.packing_len)
-        stats = write_train_set(rows, plan, tmp / "train", tmp / "sft_train.jsonl", d.source)
+        if generated is not None:
+            write_jsonl_atomic(tmp / "generated_qa.jsonl", generated.rows)
+        stats = write_train_set(rows, plan, tmp / "train", tmp / "sft_train.jsonl", source_name)
         if dev:
             stats["dev_questions"] = _write_val(cfg, dev, source.is_qa, model_dir, tmp / "val.parquet")
         if source.is_qa or eval_data is not None:
@@ -188,11 +203,12 @@ def prepare(cfg: JobConfig, out_root: Path, source: SourceData | None = None,
             write_jsonl_atomic(tmp / "test.jsonl", [EXPORTERS[d.sft_format](c) for c in test])
             stats["test_conversations"] = len(test)
         manifest = {
-            "source": d.source, "format": source.format, "config_hash": data_config_hash(cfg),
+            "source": "data.documents" if generated is not None else d.source, "format": source.format, "config_hash": data_config_hash(cfg),
             "model": model_dir, "read": asdict(source.report), "records": len(items),
             "groups": len({group_of(r) for r in items}), "train_groups": len({group_of(r) for r in train}),
             "train_questions": len(train), "heldout_questions": len(test),
             **({"eval_set": _eval_set_entry(cfg, eval_data, leakage)} if eval_data is not None else {}),
+            **({"qa_generation": generated.stats} if generated is not None else {}),
             **({"retrieval_augment": radit} if radit else {}), **stats,
         }
         manifest["files"] = file_hashes(tmp)
@@ -225,11 +241,13 @@ def _write_eval_and_kb(cfg: JobConfig, held: list[QARecord], kb_docs: list[dict]
     write_jsonl_atomic(out / "eval.jsonl", eval_order(held, cfg.data.seed))
     passages = {r.passage_id: r.context for r in held}
     docs = [{"passage_id": pid, "text": text} for pid, text in sorted(passages.items())]
-    seen = set(passages)
+    at = {doc["passage_id"]: i for i, doc in enumerate(docs)}
     for doc in kb_docs:  # a document given twice (or equal to a held-out passage) is kept once
-        if doc["passage_id"] not in seen:
-            seen.add(doc["passage_id"])
+        if doc["passage_id"] not in at:
+            at[doc["passage_id"]] = len(docs)
             docs.append(doc)
+        elif "metadata" in doc and "metadata" not in docs[at[doc["passage_id"]]]:
+            docs[at[doc["passage_id"]]] = doc  # a held-out node keeps its document, page, heading
     write_jsonl_atomic(out / "knowledge_base.jsonl", docs)
     nodes = {}
     for name, group in cfg.data.node_groups.items():

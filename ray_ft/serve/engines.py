@@ -10,18 +10,10 @@ import uuid
 import numpy as np
 
 from ray_ft.config import VLLMConfig
-from ray_ft.devices import cpu_has_native_bf16
+from ray_ft.engine_args import cpu_engine_env, resolve_dtype
 from ray_ft.errors import RayFTError
 from ray_ft.serve.adapters import fetch_adapter
 from ray_ft.serve.protocols import Completion, Hit
-
-
-def resolve_dtype(vcfg: VLLMConfig, use_gpu: bool) -> str:
-    """"auto": bf16 on GPU and on CPUs with native bf16 (measured faster than fp32 there, base and
-    LoRA: bench/vllm_cpu_lora.py); fp32 on other CPUs, where bf16 is emulated."""
-    if vcfg.dtype != "auto":
-        return vcfg.dtype
-    return "bfloat16" if use_gpu or cpu_has_native_bf16() else "float32"
 
 
 class UnknownModelError(RayFTError):
@@ -51,11 +43,7 @@ class VLLMGenerator:
     def __init__(self, model_dir: str, base_name: str, adapters: dict[str, str], vcfg: VLLMConfig,
                  system_prompt: str, use_gpu: bool):
         if not use_gpu:
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(vcfg.kv_cache_space_gb)
-            # Use every core the engine is given; vLLM's "auto" binding keeps one core in reserve,
-            # which halves throughput on a 2-core machine.
-            n = os.cpu_count() or 1
-            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{n - 1}" if n > 1 else "0")
+            os.environ.update(cpu_engine_env(vcfg))
         from transformers import AutoTokenizer
         from vllm import AsyncEngineArgs
         from vllm.lora.request import LoRARequest

@@ -21,12 +21,12 @@ def test_vector_index_top_k_order_and_scores():
 
 
 def test_dtype_auto_follows_the_device(monkeypatch):
-    from ray_ft.serve import engines
+    from ray_ft import engine_args
 
     assert resolve_dtype(VLLMConfig(), use_gpu=True) == "bfloat16"
-    monkeypatch.setattr(engines, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(engine_args, "cpu_has_native_bf16", lambda: True)
     assert resolve_dtype(VLLMConfig(), use_gpu=False) == "bfloat16"
-    monkeypatch.setattr(engines, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(engine_args, "cpu_has_native_bf16", lambda: False)
     assert resolve_dtype(VLLMConfig(), use_gpu=False) == "float32"
     assert resolve_dtype(VLLMConfig(dtype="bfloat16"), use_gpu=False) == "bfloat16"
 
