@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
 
-from ray_ft.data.sources import KEPT_EXAMPLES, is_uri, read_bytes
+from ray_ft.data.sources import KEPT_EXAMPLES, decode_text, is_uri, read_bytes
 from ray_ft.errors import RayFTError
 
 log = logging.getLogger(__name__)
@@ -151,16 +151,11 @@ def _with_offsets(parts: list[tuple[str, int | None, str | None]]) -> list[Secti
 
 
 def _decode(source: str, data: bytes) -> str:
-    if not data.strip():
-        raise RayFTError(f"{source}: file is empty")
+    """UTF-8 text (sources.decode_text), refusing binary data that happens to decode."""
     nul = data.find(b"\0")
-    if nul >= 0:
+    if nul >= 0 and data.strip():
         raise RayFTError(f"{source}: binary data, not text (NUL byte at offset {nul})")
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        raise RayFTError(f"{source}: line {line}: not UTF-8 text (byte {err.start})") from None
+    return decode_text(source, data)
 
 
 def _pdf_sections(source: str, data: bytes) -> list[tuple[str, int | None, str | None]]:
