@@ -201,3 +201,18 @@ def test_serve_models_names_must_be_free():
     with pytest.raises(RayFTError, match=r"serve.models name \['SmolLM2-135M-Instruct'\]"):
         parse_job({"name": "x", "serve": {"models": {"SmolLM2-135M-Instruct": "f"}}})
     assert parse_job({"name": "x", "serve": {"models": {"merged": "f"}}}).serve.models == {"merged": "f"}
+
+
+def test_documents_replace_the_source_and_survive_a_round_trip(tmp_path):
+    (tmp_path / "docs").mkdir()
+    job = tmp_path / "job.yaml"
+    job.write_text("name: d\ndata:\n  documents: [docs]\n  qa_generation: {questions_per_node: 3}\n")
+    cfg = load_job(job)
+    assert cfg.data.documents == [str(tmp_path / "docs")]
+    # a Ray Train worker re-validates the dumped config: every field is "set" there
+    assert JobConfig.model_validate(cfg.model_dump()).data.documents == cfg.data.documents
+    for data, message in (({"documents": ["d"], "source": "x.csv"}, "data.source and data.documents"),
+                          ({"documents": ["d"], "format": "alpaca"}, "data.format must be auto or qa_rows"),
+                          ({"qa_generation": {"question_prompt": "{context}"}}, "question_prompt must use exactly")):
+        with pytest.raises(RayFTError, match=message):
+            parse_job({"name": "d", "data": data})

@@ -214,7 +214,8 @@ def _resolve_path(src: str, base_dir: Path) -> str:
 
 def _resolve_source(cfg: JobConfig, base_dir: Path) -> JobConfig:
     data = cfg.data.model_copy(update={
-        "source": _resolve_path(cfg.data.source, base_dir),
+        # with documents, data.source is unused and stays the default (DataConfig checks it is)
+        "source": cfg.data.source if cfg.data.documents else _resolve_path(cfg.data.source, base_dir),
         "kb_sources": [_resolve_path(p, base_dir) for p in cfg.data.kb_sources],
         "documents": [_resolve_path(p, base_dir) for p in cfg.data.documents]})
     embed = cfg.embed.model_copy(update={"source": _resolve_path(cfg.embed.source, base_dir)})

@@ -159,7 +159,9 @@ class DataConfig(_Strict):
         if self.packing_len is not None and self.packing_len < self.cutoff_len:
             raise ValueError(f"packing_len={self.packing_len} < cutoff_len={self.cutoff_len}: an example of "
                              "cutoff_len tokens would fit no row")
-        if self.documents and "source" in self.model_fields_set:
+        # compared with the default, not model_fields_set: a dumped and re-read config (a Ray
+        # Train worker's) carries every field as set
+        if self.documents and self.source != type(self).model_fields["source"].default:
             raise ValueError("data.source and data.documents are two ways to give the training data: "
                              "set one (with documents the QA pairs are generated)")
         if self.documents and self.format in ("alpaca", "messages"):

@@ -202,7 +202,8 @@ def generate_qa(nodes: list[dict], writer, gen: QAGenerationConfig, language: st
     counts = GenerationCounts(nodes=len(nodes), questions_requested=len(nodes) * gen.questions_per_node)
     t = time.perf_counter()
     asked: list[tuple[int, str]] = []
-    for out in writer.write(question_requests(nodes, gen, language)):
+    questions = writer.write(question_requests(nodes, gen, language))
+    for out in questions:
         counts.generated_tokens += int(out.get("generated_tokens") or 0)
         if out.get("error"):
             counts.drop("question_requests_failed", out["error"])
@@ -215,7 +216,8 @@ def generate_qa(nodes: list[dict], writer, gen: QAGenerationConfig, language: st
     counts.questions_parsed = len(asked)
     answers = writer.write(answer_requests(nodes, asked, gen, language))
     counts.wall_s = time.perf_counter() - t
-    counts.retries = max([int(a.get("retries") or 0) for a in answers] + [0])
+    # an endpoint actor counts its re-sends cumulatively, one actor per step
+    counts.retries = sum(max([int(o.get("retries") or 0) for o in step] + [0]) for step in (questions, answers))
     return _filtered(nodes, answers, gen.filters, counts), counts
 
 
