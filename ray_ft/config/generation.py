@@ -38,6 +38,10 @@ class QAFilterConfig(_Strict):
     min_support: float = Field(
         0.6, ge=0.0, le=1.0, description="Share of the answer's words (Latin text) or characters "
         "(CJK) that must occur in the node; below it the answer is not supported by the node.")
+    self_contained: bool = Field(
+        True, description="Drop questions that point at the passage instead of naming their subject "
+        "(\"the passage\", \"this text\", \"文中\"): asked of a retriever over the whole corpus they "
+        "have no answer.")
     near_duplicate_ratio: float = Field(
         90.0, ge=50.0, le=100.0, description="A question whose rapidfuzz ratio to a kept question of the "
         "same node is at least this is a near duplicate (100: exact repeats only, after normalising).")

@@ -3,7 +3,7 @@
     nodes -> step 1: "write n questions this node answers" (JSON {"questions": [...]})
           -> step 2: per question, "answer it from the node alone" (JSON {"answer": "..."})
           -> filters, each drop counted: unparseable reply, too short / too long, the question
-             holds its answer, the answer is not supported by the node, duplicate / near-duplicate
+             points at "the passage" instead of naming its subject, the question holds its answer, the answer is not supported by the node, duplicate / near-duplicate
              question
           -> rows {id, question, context, answer, node_id, document, page?, heading?}
 
@@ -73,6 +73,11 @@ def _json_object(reply: str) -> dict | None:
 
 # --- filters ---------------------------------------------------------------------------------
 
+# A question that points at its passage ("according to the passage") instead of naming what it
+# asks about cannot be answered by retrieving from the whole corpus.
+_POINTS_AT_PASSAGE = re.compile(
+    r"\b(?:the|this|that|given|above)\s+(?:passage|text|document|excerpt|paragraph|article|section)s?\b"
+    r"|\bthe\s+author\b|这段(?:文字|话|材料)|(?:文中|本文|原文|材料中|上文)", re.IGNORECASE)
 _CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
 
@@ -115,6 +120,7 @@ class GenerationCounts:
     answer_too_short: int = 0
     answer_too_long: int = 0
     question_contains_answer: int = 0
+    question_not_self_contained: int = 0
     answer_not_supported: int = 0
     duplicate_question: int = 0
     near_duplicate_question: int = 0
@@ -145,6 +151,8 @@ def check_pair(question: str, answer: str, node: str, f: QAFilterConfig, counts:
         counts.drop("answer_too_short", pair)
     elif len(answer) > f.max_answer_chars:
         counts.drop("answer_too_long", pair)
+    elif f.self_contained and _POINTS_AT_PASSAGE.search(question):
+        counts.drop("question_not_self_contained", pair)
     elif normalized(answer) and normalized(answer) in normalized(question):
         counts.drop("question_contains_answer", pair)
     elif support(answer, node) < f.min_support:

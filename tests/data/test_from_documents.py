@@ -20,8 +20,8 @@ from tests.conftest import ROOT
 
 DROPS_AFTER_ANSWERING = ("answer_replies_unparseable", "answer_requests_failed", "question_too_short",
                          "question_too_long", "answer_too_short", "answer_too_long",
-                         "question_contains_answer", "answer_not_supported", "duplicate_question",
-                         "near_duplicate_question")
+                         "question_contains_answer", "question_not_self_contained", "answer_not_supported",
+                         "duplicate_question", "near_duplicate_question")
 
 
 class Recording:

@@ -21,7 +21,8 @@ NODES = [
 
 QUESTIONS = {  # node -> step-1 reply
     0: json.dumps({"questions": ["Where was the Marren built?", "How many passengers does the Marren carry?",
-                                 "Why?", "In which year, 2009, was the Marren built?", "x" * 301]}),
+                                 "Why?", "In which year, 2009, was the Marren built?", "x" * 301,
+                                 "What does the passage say about the Marren?"]}),
     1: json.dumps({"questions": ["How long is a return ticket valid?", "How long is the return ticket valid?",
                                  "What does a return ticket cost?", "Where was the Marren built?",
                                  "Who sells return tickets?"]}),
@@ -36,6 +37,7 @@ ANSWERS = {  # question -> step-2 reply
     "What does a return ticket cost?": '{"answer": 12.5}',
     "Who sells return tickets?": '{"answer": "The harbour police at the ferry museum, every Sunday."}',
     "Why?": '{"answer": "Because."}',
+    "What does the passage say about the Marren?": '{"answer": "built in 2009"}',
     "x" * 301: '{"answer": "x"}',
 }
 
@@ -61,7 +63,7 @@ class TableWriter:
 
 
 def test_every_filter_drops_its_case_and_counts_it():
-    gen = QAGenerationConfig(questions_per_node=5)
+    gen = QAGenerationConfig(questions_per_node=6)
     writer = TableWriter()
     rows, counts = generate_qa(NODES, writer, gen, "en")
     assert [(r["node_id"], r["question"], r["answer"]) for r in rows] == [
@@ -70,16 +72,18 @@ def test_every_filter_drops_its_case_and_counts_it():
         ("n1", "How long is a return ticket valid?", "30 days"),
     ]
     c = counts.to_dict()
-    assert (c["nodes"], c["questions_requested"], c["questions_parsed"]) == (4, 20, 10)
+    assert (c["nodes"], c["questions_requested"], c["questions_parsed"]) == (4, 24, 11)
     assert c["question_requests_failed"] == 1 and c["question_replies_unparseable"] == 1
     assert c["question_too_short"] == 1 and c["question_too_long"] == 1  # "Why?", "xxx..."
     assert c["question_contains_answer"] == 1  # "... 2009, ..." -> "2009"
+    assert c["question_not_self_contained"] == 1  # "What does the passage say ...?"
     assert c["near_duplicate_question"] == 1  # "the return ticket" after "a return ticket", same node
     assert c["answer_replies_unparseable"] == 1  # {"answer": 12.5}
     assert c["duplicate_question"] == 1  # node 1 asks node 0's question again
     assert c["answer_not_supported"] == 1  # the harbour police are not in node 1
-    assert c["kept"] == 3 and c["generated_tokens"] == 3 * 20 + 10 * 5
+    assert c["kept"] == 3 and c["generated_tokens"] == 3 * 20 + 11 * 5
     dropped = sum(c[k] for k in ("question_too_short", "question_too_long", "question_contains_answer",
+                                 "question_not_self_contained",
                                  "near_duplicate_question", "answer_replies_unparseable",
                                  "duplicate_question", "answer_not_supported"))
     assert c["kept"] + dropped == c["questions_parsed"]
@@ -88,16 +92,21 @@ def test_every_filter_drops_its_case_and_counts_it():
     assert rows[0]["page"] == 2 and rows[2]["heading"] == "Fares > Returns" and rows[2]["document"] == "fares.md"
     assert len({r["id"] for r in rows}) == 3
     # step 2 asked only for the parsed questions, each with its node as context
-    assert len(writer.calls) == 2 and len(writer.calls[1]) == 10
+    assert len(writer.calls) == 2 and len(writer.calls[1]) == 11
     assert all(NODES[r["node"]]["text"] in r["messages"][0]["content"] for r in writer.calls[1])
 
 
 def test_short_answers_and_long_answers_have_their_own_counts():
-    gen = QAGenerationConfig(questions_per_node=5, filters={"min_answer_chars": 8, "max_answer_chars": 16})
+    gen = QAGenerationConfig(questions_per_node=6, filters={"min_answer_chars": 8, "max_answer_chars": 16})
     rows, counts = generate_qa(NODES[:2], TableWriter(), gen, "en")
     assert counts.answer_too_short == 2  # "2009", "30 days"
     assert counts.answer_too_long == 3  # "At the Kelby yard." twice, the harbour police
     assert [r["answer"] for r in rows] == ["420 passengers", "For 30 days."]  # no near duplicate left
+    assert counts.question_not_self_contained == 1
+    off = QAGenerationConfig(questions_per_node=6, filters={"self_contained": False})
+    rows, counts = generate_qa(NODES[:1], TableWriter(), off, "en")
+    assert counts.question_not_self_contained == 0 and "What does the passage say about the Marren?" in {
+        r["question"] for r in rows}
 
 
 def test_requests_ask_for_the_schema_and_the_language():
