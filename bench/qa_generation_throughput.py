@@ -1,8 +1,8 @@
 """QA generation throughput: Ray Data batch inference vs one request at a time, same engine.
 
 Both sides write questions and answers for the same nodes (the shipped corpus jobs/documents/ cut
-as jobs/docs_radit.yaml cuts it) with SmolLM2-135M-Instruct on vLLM's CPU build, the same engine
-arguments, greedy decoding and the same JSON schemas:
+as jobs/docs_radit.yaml cuts it) with that job's writer (qa_generation.model) on vLLM's CPU build,
+its engine arguments and prompts, greedy decoding and the same JSON schemas:
 
   batch      RayDataVLLMWriter: ray.data.llm's vLLM processor, qa_generation.batch_size rows per
              batch; the wall time includes both engine starts (one per step).
@@ -32,13 +32,11 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def corpus_nodes(n: int) -> list[dict]:
-    from ray_ft.config import load_job
+def corpus_nodes(group, n: int) -> list[dict]:
     from ray_ft.data.documents import list_documents, parse_document
     from ray_ft.data.nodes import document_nodes
     from ray_ft.data.sources import read_bytes
 
-    group = load_job(ROOT / "jobs" / "docs_radit.yaml").data.document_nodes
     nodes = [nd for s, name in list_documents([str(ROOT / "jobs" / "documents")])
              for nd in document_nodes(parse_document(s, name, read_bytes(s)), group)]
     return nodes[:n]
@@ -91,17 +89,19 @@ def main() -> None:
 
     import ray
 
-    from ray_ft.config import QAGenerationConfig, VLLMConfig
+    from ray_ft.config import QAGenerationConfig, load_job
     from ray_ft.data.qa_writers import EndpointWriter, RayDataVLLMWriter
     from ray_ft.engine_args import cpu_engine_env, resolve_dtype
     from ray_ft.models import resolve_model
 
     ray.init(num_cpus=4, include_dashboard=False)
-    nodes = corpus_nodes(args.nodes)
-    model_dir = str(resolve_model("SmolLM2-135M-Instruct"))
-    vcfg = VLLMConfig()
-    gen = QAGenerationConfig(questions_per_node=args.questions_per_node, batch_size=16)
-    sides = [run_side("batch (Ray Data vLLM)", nodes, RayDataVLLMWriter(model_dir, vcfg, gen, "You are a helpful assistant.",
+    job = load_job(ROOT / "jobs" / "docs_radit.yaml")
+    nodes = corpus_nodes(job.data.document_nodes, args.nodes)
+    writer_name = job.data.qa_generation.model or job.model.name
+    model_dir = str(resolve_model(writer_name))
+    vcfg = job.serve.vllm
+    gen = job.data.qa_generation.model_copy(update={"questions_per_node": args.questions_per_node})
+    sides = [run_side("batch (Ray Data vLLM)", nodes, RayDataVLLMWriter(model_dir, vcfg, gen, job.model.system_prompt,
                                                                       False), gen)]
     engine = {"dtype": resolve_dtype(vcfg, False), "max_model_len": vcfg.max_model_len,
               "max_num_seqs": max(vcfg.max_num_seqs, gen.batch_size), "enforce_eager": vcfg.enforce_eager}
@@ -116,7 +116,7 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(30)
-    print(f"\nnodes={len(nodes)} questions_per_node={args.questions_per_node} model=SmolLM2-135M-Instruct "
+    print(f"\nnodes={len(nodes)} questions_per_node={args.questions_per_node} writer={writer_name} "
           f"dtype={engine['dtype']} cpus={os.cpu_count()}")
     print(f"{'side':40s} {'requests':>8s} {'kept':>5s} {'tokens':>7s} {'wall_s':>7s} {'req/s':>6s} {'q/s':>6s}")
     for s in sides:

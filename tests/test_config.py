@@ -155,6 +155,10 @@ def test_every_job_file_loads():
     rag, smoke = load_job(ROOT / "jobs" / "rag_eval.yaml"), load_job(ROOT / "jobs" / "cmrc_lora_smoke.yaml")
     assert rag.data == smoke.data and rag.model == smoke.model and rag.num_shards == smoke.num_shards
     assert rag.eval.adapter == "runs/cmrc_lora_smoke/train/adapter" and rag.eval.judge.enabled
+    # docs_radit: the shipped documents, written into QA pairs by the packaged 0.5B writer.
+    docs = load_job(ROOT / "jobs" / "docs_radit.yaml")
+    assert docs.data.documents == [str(ROOT / "jobs" / "documents")] and docs.data.retrieval_augment.enabled
+    assert docs.data.qa_generation.model == "Qwen2.5-Coder-0.5B-Instruct" and docs.data.max_samples is None
     # radit: one job fine-tunes the embedder, then builds its SFT data and serves with it.
     radit = load_job(ROOT / "jobs" / "radit.yaml")
     assert radit.data.retrieval_augment.enabled and radit.data.format == "qa_rows" and radit.embed.enabled
