@@ -32,8 +32,11 @@ def main(port: int, entrypoints: list[str]) -> None:
             t = time.perf_counter()
             sub = submit_when_ready(client, entrypoint)
             status = wait_until_finished(client, sub, 900)
+            logs = client.get_job_logs(sub)
+            # engine shutdown lines from the replicas may follow the report, so it is looked for in
+            # the whole log, not only in the tail
             jobs.append({"entrypoint": entrypoint, "status": str(status), "seconds": round(time.perf_counter() - t, 1),
-                         "log_tail": client.get_job_logs(sub)[-4000:]})
+                         "log_tail": logs[-4000:], "printed_report": "| metric | base | finetuned |" in logs})
         # Ray Train's node_rank groups workers by IP, and both nodes share 127.0.0.1's IP here:
         # ask the State API on which node (raylet) each training worker actor lived.
         from ray.util.state import list_actors, list_nodes
