@@ -80,7 +80,7 @@ def test_models_list_and_pull(smollm_dir):
     code, out, _ = ray_ft("models", "list")
     assert code == 0
     rows = {line.split()[0]: line for line in out.splitlines()}
-    assert set(rows) == {"SmolLM2-135M-Instruct", "all-MiniLM-L6-v2"}
+    assert set(rows) == {"SmolLM2-135M-Instruct", "all-MiniLM-L6-v2", "Qwen2.5-Coder-0.5B-Instruct"}
     assert str(smollm_dir) in rows["SmolLM2-135M-Instruct"]
     code, out, _ = ray_ft("models", "pull", "SmolLM2-135M-Instruct")
     assert code == 0 and out.strip() == str(smollm_dir)

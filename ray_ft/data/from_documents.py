@@ -78,8 +78,9 @@ def generated_corpus(cfg: JobConfig) -> GeneratedCorpus:
         if pid not in seen:
             seen.add(pid)
             kb_docs.append({"passage_id": pid, "text": n["text"], "metadata": {"node_id": n["node_id"], **n["metadata"]}})
-    stats = {"documents": asdict(report), "nodes": len(nodes), "knowledge_base_nodes": len(kb_docs),
-             "nodes_asked": len(asked), "writer": _writer_name(cfg), **counts}
+    # the counts' own "nodes" is the nodes asked; here "nodes" is every node of the documents
+    stats = {**counts, "documents": asdict(report), "nodes": len(nodes), "knowledge_base_nodes": len(kb_docs),
+             "nodes_asked": len(asked), "writer": _writer_name(cfg)}
     return GeneratedCorpus(rows, source, kb_docs, stats)
 
 
