@@ -110,8 +110,8 @@ def main() -> None:
     print(f"vLLM server up in {time.perf_counter() - t:.0f} s", flush=True)
     try:
         for name, conc in (("one-by-one (endpoint, 1 in flight)", 1), ("endpoint, 16 in flight", 16)):
-            g = gen.model_copy(update={"endpoint": {"base_url": url, "model": "writer", "concurrency": conc}})
-            g = QAGenerationConfig.model_validate(g.model_dump())
+            g = QAGenerationConfig.model_validate(
+                {**gen.model_dump(), "endpoint": {"base_url": url, "model": "writer", "concurrency": conc}})
             sides.append(run_side(name, nodes, EndpointWriter(g), g))
     finally:
         proc.terminate()

@@ -13,6 +13,8 @@ import argparse
 import csv
 from pathlib import Path
 
+from ray_ft.io import write_text_atomic
+
 ROOT = Path(__file__).resolve().parents[2]
 FINQA = ROOT.parent / "shared" / "datasets" / "financial-qa-10k" / "financial_qa_10k.csv"
 
@@ -22,19 +24,16 @@ def main() -> None:
     ap.add_argument("--tickers", nargs="+", default=["NKE", "WMT", "DAL", "AMD"])
     ap.add_argument("--out", default=str(ROOT / "runs" / "finqa_documents"))
     args = ap.parse_args()
-    passages: dict[str, list[str]] = {t: [] for t in args.tickers}
+    # dict keys: distinct passages in first-seen order
+    passages: dict[str, dict[str, None]] = {t: {} for t in args.tickers}
     with FINQA.open(encoding="utf-8", newline="") as f:
         for row in csv.DictReader(f):
             text = " ".join((row["context"] or "").split())
-            if row["ticker"] in passages and text and text not in passages[row["ticker"]]:
-                passages[row["ticker"]].append(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+            if row["ticker"] in passages and text:
+                passages[row["ticker"]].setdefault(text)
     for ticker, texts in passages.items():
-        path = out / f"{ticker}_10-K.txt"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(f"{ticker} annual report (Form 10-K) excerpts\n\n" + "\n\n".join(texts) + "\n", encoding="utf-8")
-        tmp.rename(path)
+        path = Path(args.out) / f"{ticker}_10-K.txt"
+        write_text_atomic(path, f"{ticker} annual report (Form 10-K) excerpts\n\n" + "\n\n".join(texts) + "\n")
         print(f"{path}: {len(texts)} passages, {path.stat().st_size} bytes")
 
 

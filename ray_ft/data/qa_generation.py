@@ -3,8 +3,8 @@
     nodes -> step 1: "write n questions this node answers" (JSON {"questions": [...]})
           -> step 2: per question, "answer it from the node alone" (JSON {"answer": "..."})
           -> filters, each drop counted: unparseable reply, too short / too long, the question
-             points at "the passage" instead of naming its subject, the question holds its answer, the answer is not supported by the node, duplicate / near-duplicate
-             question
+             points at "the passage" instead of naming its subject, the question holds its
+             answer, the answer is not supported by the node, duplicate / near-duplicate question
           -> rows {id, question, context, answer, node_id, document, page?, heading?}
 
 Both steps go through one `QAWriter` (vLLM in Ray Data, or an endpoint), a batch at a time.
