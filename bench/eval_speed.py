@@ -28,13 +28,13 @@ import numpy as np
 import torch
 
 from ray_ft.data.readers import read_qa_source
-from ray_ft.eval.metrics import (
+from ray_ft.metrics.qa import (
     clipped_cosine, cmrc_exact_match, cmrc_f1, exact_match, origin_char_score, origin_score,
 )
 from ray_ft.eval.scoring import score_rows
 from ray_ft.io import read_jsonl
 from ray_ft.models import resolve_model
-from ray_ft.serve.engines import SentenceTransformerEmbedder
+from ray_ft.embedder import SentenceTransformerEmbedder
 
 CMRC = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cmrc2018" / "cmrc2018_dev.json"
 

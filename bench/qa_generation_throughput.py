@@ -4,8 +4,9 @@ Both sides write questions and answers for the same nodes (the shipped corpus jo
 as jobs/docs_radit.yaml cuts it) with that job's writer (qa_generation.model) on vLLM's CPU build,
 its engine arguments and prompts, greedy decoding and the same JSON schemas:
 
-  batch      RayDataVLLMWriter: ray.data.llm's vLLM processor, qa_generation.batch_size rows per
-             batch; the wall time includes both engine starts (one per step).
+  batch      VLLMWriter: one vLLM engine in a Ray Data actor writes each batch of
+             qa_generation.batch_size nodes' questions, then their answers; the wall time includes
+             the engine's start.
   one-by-one the same vLLM engine behind its OpenAI server, called through EndpointWriter with
              concurrency 1 (the next request leaves when the last reply is in); the server is
              started before the clock runs, so this side's time holds no engine start.
@@ -90,8 +91,8 @@ def main() -> None:
     import ray
 
     from ray_ft.config import QAGenerationConfig, load_job
-    from ray_ft.data.qa_writers import EndpointWriter, RayDataVLLMWriter
-    from ray_ft.engine_args import cpu_engine_env, resolve_dtype
+    from ray_ft.data.qa_writers import EndpointWriter, VLLMWriter
+    from ray_ft.engine_args import cpu_engine_env
     from ray_ft.models import resolve_model
 
     ray.init(num_cpus=4, include_dashboard=False)
@@ -101,10 +102,9 @@ def main() -> None:
     model_dir = str(resolve_model(writer_name))
     vcfg = job.serve.vllm
     gen = job.data.qa_generation.model_copy(update={"questions_per_node": args.questions_per_node})
-    sides = [run_side("batch (Ray Data vLLM)", nodes, RayDataVLLMWriter(model_dir, vcfg, gen, job.model.system_prompt,
-                                                                      False), gen)]
-    engine = {"dtype": resolve_dtype(vcfg, False), "max_model_len": vcfg.max_model_len,
-              "max_num_seqs": max(vcfg.max_num_seqs, gen.batch_size), "enforce_eager": vcfg.enforce_eager}
+    writer = VLLMWriter(model_dir, vcfg, job.model.system_prompt, False)
+    sides = [run_side("batch (Ray Data vLLM)", nodes, writer, gen)]
+    engine = writer.engine_kwargs(gen)  # the server runs the batch side's engine settings
     t = time.perf_counter()
     proc, url = start_server(model_dir, engine, cpu_engine_env(vcfg))
     print(f"vLLM server up in {time.perf_counter() - t:.0f} s", flush=True)
@@ -112,7 +112,7 @@ def main() -> None:
         for name, conc in (("one-by-one (endpoint, 1 in flight)", 1), ("endpoint, 16 in flight", 16)):
             g = QAGenerationConfig.model_validate(
                 {**gen.model_dump(), "endpoint": {"base_url": url, "model": "writer", "concurrency": conc}})
-            sides.append(run_side(name, nodes, EndpointWriter(g), g))
+            sides.append(run_side(name, nodes, EndpointWriter(), g))
     finally:
         proc.terminate()
         proc.wait(30)

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 from ray_ft.models import resolve_model
-from ray_ft.serve.engines import SentenceTransformerEmbedder, VectorIndex
+from ray_ft.embedder import SentenceTransformerEmbedder
+from ray_ft.serve.engines import VectorIndex
 from ray_ft.serve.retrieval import BM25Index, reciprocal_rank_fusion
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"

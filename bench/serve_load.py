@@ -94,7 +94,7 @@ def model_ceiling(questions: list[str], dtype: str, threads: int) -> dict:
     import torch
 
     from ray_ft.models import resolve_model
-    from ray_ft.serve.engines import SentenceTransformerEmbedder
+    from ray_ft.embedder import SentenceTransformerEmbedder
 
     torch.set_num_threads(threads or os.cpu_count() or 1)
     emb = SentenceTransformerEmbedder(str(resolve_model("all-MiniLM-L6-v2")), dtype=dtype)

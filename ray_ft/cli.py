@@ -60,7 +60,7 @@ def _cmd_train(args) -> int:
 
     cfg = load_job(args.job)
     if cfg.task == "embedding":
-        from ray_ft.eval.retrieval_eval import to_markdown
+        from ray_ft.metrics.retriever import to_markdown
         from ray_ft.pipeline import stage_embed
 
         summary = stage_embed(cfg, resume=not args.force)

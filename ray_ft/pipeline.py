@@ -183,8 +183,8 @@ def stage_embed_data(cfg: JobConfig):
 def stage_embed(cfg: JobConfig, resume: bool = True) -> dict:
     """Embedding data -> retrieval eval of the base -> contrastive training on Ray Train ->
     retrieval eval of the result. Writes embed/{data,model,metrics.jsonl,retrieval.*}."""
-    from ray_ft.eval.retrieval_eval import evaluate_retriever, to_markdown
-    from ray_ft.serve.engines import SentenceTransformerEmbedder
+    from ray_ft.metrics.retriever import evaluate_retriever, to_markdown
+    from ray_ft.embedder import SentenceTransformerEmbedder
     from ray_ft.train.embed import run_embed_training
 
     e = cfg.embed

@@ -89,7 +89,7 @@ def test_run_with_an_embed_stage_serves_and_retrieves_with_the_fine_tuned_embedd
     on one Financial-QA slice; the embedder never trains on the passages the eval retrieves from."""
     import numpy as np
 
-    from ray_ft.serve.engines import SentenceTransformerEmbedder
+    from ray_ft.embedder import SentenceTransformerEmbedder
 
     src = finqa_slice(tmp_path / "qa.csv", 48)
     instruction = "Represent this sentence for searching relevant passages: "

@@ -69,7 +69,7 @@ class QAGenerationConfig(_Strict):
     max_question_tokens: int = Field(48, ge=8, description="Tokens per question in the reply budget.")
     max_answer_tokens: int = Field(96, ge=8, description="Tokens of one answer reply.")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="Sampling temperature of both steps.")
-    batch_size: int = Field(16, ge=1, description="Rows per Ray Data batch sent to one engine.")
+    batch_size: int = Field(16, ge=1, description="Nodes per Ray Data batch: one engine writes their questions, then the answers.")
     concurrency: int = Field(1, ge=1, description="vLLM engine replicas (Ray Data actors).")
     cpus_per_engine: float = Field(1.0, gt=0, description="Logical CPUs reserved per engine actor (CPU runs).")
     filters: QAFilterConfig = Field(default_factory=QAFilterConfig)

@@ -8,7 +8,6 @@ requests of each batch in flight through one bucket.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -105,9 +104,10 @@ def _retry_after(resp: httpx.Response) -> float | None:
 
 
 class EndpointCaller:
-    """Ray Data actor: each batch's requests go out `concurrency` at a time; a request that still
-    fails after its retries comes back with an empty reply and the reason in `error`, except a
-    4xx other than 429 (a wrong model name, a refused schema), which stops the job."""
+    """The endpoint as a `Complete` engine: a list of requests goes out `concurrency` at a time; a
+    request that still fails after its retries comes back with an empty reply and the reason in
+    `error`, except a 4xx other than 429 (a wrong model name, a refused schema), which stops the
+    job. `retries` on each reply is this caller's count so far."""
 
     def __init__(self, endpoint: dict, temperature: float):
         bucket = TokenBucket(endpoint["requests_per_second"], endpoint["burst"])
@@ -117,19 +117,18 @@ class EndpointCaller:
         self.pool = ThreadPoolExecutor(endpoint["concurrency"])
         self.temperature = temperature
 
-    def _one(self, messages: str, schema: str, max_tokens: int) -> tuple[str, str]:
+    def _one(self, request: dict) -> dict:
         try:
-            return self.client.chat(json.loads(messages), int(max_tokens), self.temperature, json.loads(schema)), ""
+            reply, error = self.client.chat(request["messages"], request["max_tokens"], self.temperature,
+                                            request["schema"]), ""
         except RayFTError as err:
             if "attempt(s)" not in str(err):
                 raise
-            return "", str(err)
+            reply, error = "", str(err)
+        return {"reply": reply, "error": error, "generated_tokens": 0}
 
-    def __call__(self, batch):
-        done = list(self.pool.map(self._one, batch["messages"], batch["schema"], batch["max_tokens"]))
-        batch = batch.drop(columns=["messages", "schema", "max_tokens"])
-        batch["reply"] = [r for r, _ in done]
-        batch["error"] = [e for _, e in done]
-        batch["generated_tokens"] = 0
-        batch["retries"] = self.client.stats["retries"]
-        return batch
+    def __call__(self, requests: list[dict]) -> list[dict]:
+        done = list(self.pool.map(self._one, requests))
+        for d in done:
+            d["retries"] = self.client.stats["retries"]
+        return done

@@ -7,7 +7,8 @@
              answer, the answer is not supported by the node, duplicate / near-duplicate question
           -> rows {id, question, context, answer, node_id, document, page?, heading?}
 
-Both steps go through one `QAWriter` (vLLM in Ray Data, or an endpoint), a batch at a time.
+Both steps run where the engine is, a batch of nodes at a time (`two_steps` in a Ray Data actor
+of a `QAWriter`: vLLM, or an endpoint); the driver counts and filters what comes back.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import re
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 from ray_ft.config import QAFilterConfig, QAGenerationConfig
 
@@ -187,21 +189,54 @@ class Deduper:
 
 # --- the two steps ---------------------------------------------------------------------------
 
+# One row per outcome of either step, the columns every writer returns: a step-1 row per node
+# (`questions`: how many were parsed, -1 for an unparseable reply) and a step-2 row per question
+# (`q`: its place among the node's questions).
+OUTCOME_COLUMNS = ("step", "node", "q", "question", "reply", "error", "generated_tokens", "retries", "questions")
+
+Complete = Callable[[list[dict]], list[dict]]
+"""An engine: requests {messages, schema, max_tokens} -> one {reply, error, generated_tokens,
+retries?} each, in order."""
+
+
 def question_requests(nodes: list[dict], gen: QAGenerationConfig, language: str) -> list[dict]:
+    """Step 1 for `nodes` ({node, text}): write n questions per node."""
     template = gen.question_prompt or QUESTION_PROMPTS[language]
     n = gen.questions_per_node
-    return [{"node": i, "messages": [{"role": "user", "content": template.format(context=nd["text"], n=n)}],
+    return [{"messages": [{"role": "user", "content": template.format(context=nd["text"], n=n)}],
              "schema": questions_schema(n, gen.filters.max_question_chars),
-             "max_tokens": n * gen.max_question_tokens + 16} for i, nd in enumerate(nodes)]
+             "max_tokens": n * gen.max_question_tokens + 16} for nd in nodes]
 
 
-def answer_requests(nodes: list[dict], asked: list[tuple[int, str]], gen: QAGenerationConfig,
+def answer_requests(texts: dict[int, str], asked: list[tuple[int, int, str]], gen: QAGenerationConfig,
                     language: str) -> list[dict]:
+    """Step 2 for `asked` ((node, q, question)): answer from the node alone."""
     template = gen.answer_prompt or ANSWER_PROMPTS[language]
-    return [{"node": i, "question": q,
-             "messages": [{"role": "user", "content": template.format(context=nodes[i]["text"], question=q)}],
+    return [{"messages": [{"role": "user", "content": template.format(context=texts[i], question=q)}],
              "schema": answer_schema(gen.filters.max_answer_chars), "max_tokens": gen.max_answer_tokens}
-            for i, q in asked]
+            for i, _, q in asked]
+
+
+def two_steps(nodes: list[dict], complete: Complete, gen: QAGenerationConfig, language: str) -> list[dict]:
+    """Both steps for a batch of nodes ({node, text}) on one engine: its questions, then the
+    answers to every question parsed. Runs where the engine is (a Ray Data actor)."""
+    rows, asked = [], []
+    for nd, out in zip(nodes, complete(question_requests(nodes, gen, language))):
+        qs = None if out.get("error") else parse_questions(out["reply"])
+        qs = None if qs is None else qs[:gen.questions_per_node]
+        rows.append(_outcome("questions", nd["node"], -1, "", out, -1 if qs is None else len(qs)))
+        asked += [(nd["node"], k, q) for k, q in enumerate(qs or [])]
+    if asked:
+        texts = {nd["node"]: nd["text"] for nd in nodes}
+        for (i, k, q), out in zip(asked, complete(answer_requests(texts, asked, gen, language))):
+            rows.append(_outcome("answers", i, k, q, out, 0))
+    return rows
+
+
+def _outcome(step: str, node: int, q: int, question: str, out: dict, questions: int) -> dict:
+    return {"step": step, "node": int(node), "q": q, "question": question, "reply": out.get("reply") or "",
+            "error": out.get("error") or "", "generated_tokens": int(out.get("generated_tokens") or 0),
+            "retries": int(out.get("retries") or 0), "questions": questions}
 
 
 def generate_qa(nodes: list[dict], writer, gen: QAGenerationConfig, language: str
@@ -209,30 +244,26 @@ def generate_qa(nodes: list[dict], writer, gen: QAGenerationConfig, language: st
     """QA rows for `nodes` (in node order, questions in the order written) and the counts."""
     counts = GenerationCounts(nodes=len(nodes), questions_requested=len(nodes) * gen.questions_per_node)
     t = time.perf_counter()
-    asked: list[tuple[int, str]] = []
-    questions = writer.write(question_requests(nodes, gen, language))
-    for out in questions:
-        counts.generated_tokens += int(out.get("generated_tokens") or 0)
-        if out.get("error"):
-            counts.drop("question_requests_failed", out["error"])
-            continue
-        qs = parse_questions(out["reply"])
-        if qs is None:
-            counts.drop("question_replies_unparseable", out["reply"] or out.get("error", ""))
-            continue
-        asked += [(int(out["node"]), q) for q in qs[:gen.questions_per_node]]
-    counts.questions_parsed = len(asked)
-    answers = writer.write(answer_requests(nodes, asked, gen, language))
+    outcomes = writer.write([{"node": i, "text": nd["text"]} for i, nd in enumerate(nodes)], gen, language)
     counts.wall_s = time.perf_counter() - t
-    # an endpoint actor counts its re-sends cumulatively, one actor per step
-    counts.retries = sum(max([int(o.get("retries") or 0) for o in step] + [0]) for step in (questions, answers))
+    outcomes.sort(key=lambda o: (o["node"], o["step"] != "questions", o["q"]))  # batches finish in any order
+    answers = []
+    for out in outcomes:
+        counts.generated_tokens += int(out["generated_tokens"])
+        counts.retries = max(counts.retries, int(out["retries"]))  # an endpoint actor counts cumulatively
+        if out["step"] == "answers":
+            answers.append(out)
+        elif out["error"]:
+            counts.drop("question_requests_failed", out["error"])
+        elif out["questions"] < 0:
+            counts.drop("question_replies_unparseable", out["reply"])
+    counts.questions_parsed = len(answers)
     return _filtered(nodes, answers, gen.filters, counts), counts
 
 
 def _filtered(nodes: list[dict], answers: list[dict], f: QAFilterConfig, counts: GenerationCounts) -> list[dict]:
     rows, dedupe = [], Deduper(f.near_duplicate_ratio)
     for out in answers:
-        counts.generated_tokens += int(out.get("generated_tokens") or 0)
         node, question = nodes[int(out["node"])], out["question"]
         if out.get("error"):
             counts.drop("answer_requests_failed", out["error"])

@@ -21,7 +21,7 @@ class EmbedBatch:
     def __init__(self, model_dir: str, threads: int = 1):
         import torch
 
-        from ray_ft.serve.engines import SentenceTransformerEmbedder
+        from ray_ft.embedder import SentenceTransformerEmbedder
 
         torch.set_num_threads(threads)
         self.embedder = SentenceTransformerEmbedder(model_dir, batch_size=EMBED_BATCH)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from ray_ft.errors import RayFTError
 from ray_ft.eval.clients import ChatModel
-from ray_ft.eval.metrics import clipped_cosine
+from ray_ft.metrics.qa import clipped_cosine
 from ray_ft.eval.scoring import EmbedFn
 
 

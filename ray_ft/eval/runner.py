@@ -25,10 +25,11 @@ from ray_ft.config import EvalConfig
 from ray_ft.errors import RayFTError
 from ray_ft.eval.clients import ChatModel, RAGClient, RequestRejected
 from ray_ft.eval.judge import JudgeSettings, judge_rows
-from ray_ft.eval.learning_curve import curve_points, plot_learning_curve
-from ray_ft.eval.learning_curve import to_markdown as learning_curve_markdown
-from ray_ft.eval.retrieval import SENTENCE_SPLITTERS
-from ray_ft.eval.report import plot_loss, plot_metrics, summarize, to_markdown
+from ray_ft.train.learning_curve import curve_points, plot_learning_curve
+from ray_ft.train.learning_curve import to_markdown as learning_curve_markdown
+from ray_ft.metrics.retrieval import SENTENCE_SPLITTERS
+from ray_ft.plots import plot_loss
+from ray_ft.eval.report import plot_metrics, summarize, to_markdown
 from ray_ft.eval.scoring import score_rows
 from ray_ft.io import write_jsonl_atomic, write_text_atomic
 from ray_ft.serve.prompting import RAGPrompt

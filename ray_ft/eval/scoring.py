@@ -12,10 +12,10 @@ from typing import Callable
 
 import numpy as np
 
-from ray_ft.eval.metrics import (
+from ray_ft.metrics.qa import (
     clipped_cosine, cmrc_exact_match, cmrc_f1, exact_match, origin_char_score, origin_score,
 )
-from ray_ft.eval.retrieval import context_recall, context_relevance, mrr_at_k, ndcg_at_k, recall_at_k
+from ray_ft.metrics.retrieval import context_recall, context_relevance, mrr_at_k, ndcg_at_k, recall_at_k
 
 EmbedFn = Callable[[list[str]], np.ndarray]
 
@@ -28,7 +28,7 @@ SCORE_COLUMNS: dict[str, str] = {
     "origin": "origin (seed, words)",
     "origin_char": "origin (chars)",
 }
-# Retrieved mode only: how good the contexts the generator saw were (ray_ft.eval.retrieval).
+# Retrieved mode only: how good the contexts the generator saw were (ray_ft.metrics.retrieval).
 RETRIEVAL_COLUMNS: dict[str, str] = {
     "context_hit": "context hit",
     "recall_at_k": "recall@k",

@@ -28,7 +28,8 @@ from ray_ft.config import EmbedderBatching, JobConfig, NodeGroupConfig, Retrieva
 from ray_ft.data.nodes import build_nodes
 from ray_ft.errors import RayFTError
 from ray_ft.paths import inside
-from ray_ft.serve.engines import SentenceTransformerEmbedder, VectorIndex, VLLMGenerator
+from ray_ft.embedder import SentenceTransformerEmbedder
+from ray_ft.serve.engines import VectorIndex, VLLMGenerator
 from ray_ft.serve.ingress import IngressSettings, RAGService, build_api
 from ray_ft.serve.prompting import rag_prompt_of
 from ray_ft.serve.resilience import Deadline, call_with_retries

@@ -1,5 +1,6 @@
-"""Engines behind the protocols: vLLM generator (CPU or CUDA build), sentence-transformers
-embedder, exact-cosine vector index. None of them knows about Ray Serve."""
+"""Engines behind the protocols: vLLM generator (CPU or CUDA build) and exact-cosine vector index
+(the sentence-transformers embedder is `ray_ft.embedder`, shared with data and training). None
+of them knows about Ray Serve."""
 
 from __future__ import annotations
 
@@ -148,23 +149,6 @@ class VLLMGenerator:
 
     def shutdown(self) -> None:
         self.engine.shutdown()
-
-
-class SentenceTransformerEmbedder:
-    """Embeds with a sentence-transformers folder (pooling and normalisation from its modules)."""
-
-    def __init__(self, model_dir: str, device: str = "cpu", batch_size: int = 64, dtype: str = "float32"):
-        import torch
-        from sentence_transformers import SentenceTransformer
-
-        self.model = SentenceTransformer(model_dir, device=device,
-                                         model_kwargs={"torch_dtype": getattr(torch, dtype)})
-        self.batch_size = batch_size
-
-    def embed(self, texts: list[str]) -> np.ndarray:
-        vecs = self.model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
-                                 convert_to_tensor=True, show_progress_bar=False)
-        return vecs.float().cpu().numpy()  # numpy has no bfloat16
 
 
 class VectorIndex:

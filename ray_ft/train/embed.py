@@ -102,7 +102,7 @@ def _validation_scores(model, tok, val: dict, ecfg: EmbedConfig, device) -> dict
     """recall@1 / MRR@k / nDCG@k of the current model on the validation pairs (rank 0 only)."""
     import torch
 
-    from ray_ft.eval.retrieval_eval import evaluate_retriever
+    from ray_ft.metrics.retriever import evaluate_retriever
 
     inner = model.module if hasattr(model, "module") else model
 

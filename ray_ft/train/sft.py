@@ -331,8 +331,8 @@ def run_training(cfg: JobConfig, prepared: PreparedData, model_dir: Path, out_di
         prune_superseded_runs(Path(storage), f"sft_{cfg.name}", run_name)
     merged = merge_adapter(model_dir, final, out_dir / "merged") if tcfg.export_merged else None
     if history:
-        from ray_ft.eval.learning_curve import plot_learning_curve
-        from ray_ft.eval.report import plot_loss
+        from ray_ft.train.learning_curve import plot_learning_curve
+        from ray_ft.plots import plot_loss
 
         plot_loss(history, out_dir / "loss.png")
         plot_learning_curve(history, out_dir / "learning_curve.png")

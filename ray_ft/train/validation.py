@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 
 from ray_ft.data.tokenize import IGNORE_INDEX
-from ray_ft.eval.metrics import cmrc_f1, exact_match, origin_score
+from ray_ft.metrics.qa import cmrc_f1, exact_match, origin_score
 
 
 def rank_slice(n: int, rank: int, world: int) -> list[tuple[int, float]]:

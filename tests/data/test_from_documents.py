@@ -25,14 +25,16 @@ DROPS_AFTER_ANSWERING = ("answer_replies_unparseable", "answer_requests_failed",
 
 
 class Recording:
-    """The real writer, with its requests and replies kept for the test to check."""
+    """The real writer, with the outcome rows of both steps kept (with the schema each asked for)."""
 
     def __init__(self, inner):
         self.inner, self.seen = inner, []
 
-    def write(self, requests):
-        out = self.inner.write(requests)
-        self.seen += list(zip([r["schema"] for r in requests], out))
+    def write(self, nodes, gen, language):
+        out = self.inner.write(nodes, gen, language)
+        schemas = {"questions": questions_schema(gen.questions_per_node, gen.filters.max_question_chars),
+                   "answers": answer_schema(gen.filters.max_answer_chars)}
+        self.seen += [(schemas[o["step"]], o) for o in out]
         return out
 
 

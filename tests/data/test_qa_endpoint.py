@@ -129,12 +129,12 @@ def test_generation_through_ray_data_against_the_stub(stub, ray_cluster):
                                                      "requests_per_second": 8.0, "burst": 1})
     stub.fail = [(503, {})]
     t = time.monotonic()
-    rows, counts = generate_qa(NODES, EndpointWriter(gen), gen, "en")
+    rows, counts = generate_qa(NODES, EndpointWriter(), gen, "en")
     assert [(r["node_id"], r["question"], r["answer"]) for r in rows] == [
         (f"n{i}", f"When does pier {i} open?", f"at {6 + i} o'clock") for i in range(5)]
     assert counts.question_contains_answer == 5  # "Does pier 1 open at 7 o'clock?"
     assert counts.retries == 1 and len(stub.seen) == 5 + 1 + 10
-    # the rate limit (one bucket per step's actor): 10 answer requests at 8/s with a burst of 1
+    # the rate limit (one bucket in the one actor): 10 answer requests at 8/s with a burst of 1
     # are spread over at least 9/8 s, though 4 could be in flight at once
     sent = sorted(s for s, _, _ in stub.seen[-10:])
     assert sent[-1] - sent[0] >= 9 / 8 - 0.05
@@ -145,6 +145,6 @@ def test_an_endpoint_that_keeps_failing_is_counted_not_fatal(stub, ray_cluster):
     gen = QAGenerationConfig(endpoint={"base_url": stub.url, "model": "writer", "max_retries": 1,
                                                      "concurrency": 1})
     stub.fail = [(503, {})] * 2  # node 0's question request fails twice, then the stub recovers
-    rows, counts = generate_qa(NODES[:2], EndpointWriter(gen), gen, "en")
+    rows, counts = generate_qa(NODES[:2], EndpointWriter(), gen, "en")
     assert counts.question_requests_failed == 1 and "HTTP 503 on 2 attempt(s)" in counts.examples["question_requests_failed"]
     assert {r["node_id"] for r in rows} == {"n1"}

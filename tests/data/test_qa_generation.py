@@ -1,4 +1,4 @@
-"""The two generation steps and every filter, driven by hand-made replies (a writer in the test
+"""The two generation steps and every filter, driven by hand-made replies (an engine in the test
 that answers from a table), so each drop reason is exercised and counted."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 
 from ray_ft.config import QAGenerationConfig
 from ray_ft.data.qa_generation import (
-    answer_schema, generate_qa, normalized, parse_answer, parse_questions, questions_schema, support)
+    answer_schema, generate_qa, normalized, parse_answer, parse_questions, questions_schema, support, two_steps)
 
 NODES = [
     {"node_id": "n0", "text": "The Marren was built in 2009 at the Kelby yard. It carries 420 passengers.",
@@ -43,22 +43,29 @@ ANSWERS = {  # question -> step-2 reply
 
 
 class TableWriter:
-    """Answers each request from the tables above; node 3's question request fails."""
+    """An engine answering each request from the tables above, run through the real two steps
+    (as a writer's Ray Data actor runs them); node 3's question request fails."""
 
     def __init__(self):
         self.calls = []
 
-    def write(self, requests):
+    def write(self, nodes, gen, language):
+        return two_steps(nodes, self.complete, gen, language)
+
+    def complete(self, requests):
         self.calls.append(requests)
         out = []
         for r in requests:
-            assert r["messages"][0]["role"] == "user" and "{" not in r["messages"][0]["content"][:20]
-            if "question" in r:
-                out.append({**r, "reply": ANSWERS[r["question"]], "error": "", "generated_tokens": 5})
-            elif r["node"] == 3:
-                out.append({**r, "reply": "", "error": "HTTP 503 on 5 attempt(s)", "generated_tokens": 0})
+            content = r["messages"][0]["content"]
+            assert r["messages"][0]["role"] == "user" and "{" not in content[:20]
+            if "answer" in r["schema"]["properties"]:
+                question = max((q for q in ANSWERS if q in content), key=len)
+                out.append({"reply": ANSWERS[question], "error": "", "generated_tokens": 5})
+            elif NODES[3]["text"] in content:
+                out.append({"reply": "", "error": "HTTP 503 on 5 attempt(s)", "generated_tokens": 0})
             else:
-                out.append({**r, "reply": QUESTIONS[r["node"]], "error": "", "generated_tokens": 20})
+                node = next(i for i, n in enumerate(NODES) if n["text"] in content)
+                out.append({"reply": QUESTIONS[node], "error": "", "generated_tokens": 20})
         return out
 
 
@@ -93,7 +100,8 @@ def test_every_filter_drops_its_case_and_counts_it():
     assert len({r["id"] for r in rows}) == 3
     # step 2 asked only for the parsed questions, each with its node as context
     assert len(writer.calls) == 2 and len(writer.calls[1]) == 11
-    assert all(NODES[r["node"]]["text"] in r["messages"][0]["content"] for r in writer.calls[1])
+    assert [next(i for i, n in enumerate(NODES) if n["text"] in r["messages"][0]["content"])
+            for r in writer.calls[1]] == [0] * 6 + [1] * 5
 
 
 def test_short_answers_and_long_answers_have_their_own_counts():

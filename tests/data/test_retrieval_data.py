@@ -21,7 +21,7 @@ def test_top_n_orders_by_score_then_index():
 @pytest.mark.slow
 def test_embedding_on_two_actors_matches_the_local_embedder(ray_cluster, minilm_dir):
     from ray_ft.data.retrieval import embed_corpus_and_queries
-    from ray_ft.serve.engines import SentenceTransformerEmbedder
+    from ray_ft.embedder import SentenceTransformerEmbedder
 
     texts = [f"Document {i} is about {topic}." for i, topic in enumerate(["rivers", "mountains", "taxes", "cats"] * 80)]
     vecs, qvecs = embed_corpus_and_queries(texts, ["mountains", "cats"], str(minilm_dir), "topic: ", workers=2)
@@ -75,7 +75,7 @@ def test_retrieval_augmented_examples(ray_cluster, cmrc_slice, tmp_path, smollm_
 @pytest.mark.skipif(not FINQA.is_file(), reason="needs ../shared/datasets/financial-qa-10k")
 def test_hard_negatives_come_from_the_window_and_are_harder_than_random(ray_cluster, minilm_dir, tmp_path):
     from ray_ft.data.hard_negatives import mine_hard_negatives
-    from ray_ft.serve.engines import SentenceTransformerEmbedder
+    from ray_ft.embedder import SentenceTransformerEmbedder
 
     pairs, _ = read_qa_csv(FINQA, on_error="skip")
     pairs = pairs[:300]

@@ -10,7 +10,7 @@ from ray_ft.eval.judge import (
     parse_json_object, string_list,
 )
 from ray_ft.errors import RayFTError
-from ray_ft.eval.metrics import clipped_cosine
+from ray_ft.metrics.qa import clipped_cosine
 from tests.eval.fakes import CharCountEmbedder
 
 

@@ -2,7 +2,8 @@
 
 import pytest
 
-from ray_ft.eval.report import plot_loss, plot_metrics, summarize, to_markdown
+from ray_ft.eval.report import plot_metrics, summarize, to_markdown
+from ray_ft.plots import plot_loss
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -107,8 +108,8 @@ def test_gain_over_base_is_paired_on_the_same_questions():
 
 
 def test_learning_curve_table_and_plot(tmp_path):
-    from ray_ft.eval.learning_curve import curve_points, plot_learning_curve
-    from ray_ft.eval.learning_curve import to_markdown as curve_markdown
+    from ray_ft.train.learning_curve import curve_points, plot_learning_curve
+    from ray_ft.train.learning_curve import to_markdown as curve_markdown
 
     history = [{"step": s, "examples_seen": 8 * s, "loss": 1.0 / s} for s in range(1, 13)]
     for h in history[3::4]:  # validations at steps 4, 8, 12

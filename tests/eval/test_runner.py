@@ -9,7 +9,7 @@ import pytest
 
 from ray_ft.config import parse_job
 from ray_ft.eval.clients import OpenAIChat, RAGClient
-from ray_ft.eval.metrics import clipped_cosine
+from ray_ft.metrics.qa import clipped_cosine
 from ray_ft.eval.runner import EvalTarget, PromptSettings, run_eval
 
 DOCS = [

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ray_ft.eval.metrics import clipped_cosine, cmrc_f1
+from ray_ft.metrics.qa import clipped_cosine, cmrc_f1
 from ray_ft.eval.scoring import embed_unique, score_rows
 from tests.eval.fakes import CharCountEmbedder
 
@@ -55,7 +55,7 @@ def test_score_rows_matches_the_metric_functions_row_by_row():
 
 @pytest.mark.slow
 def test_batched_scores_equal_the_seed_per_pair_loop_with_minilm(minilm_dir):
-    from ray_ft.serve.engines import SentenceTransformerEmbedder
+    from ray_ft.embedder import SentenceTransformerEmbedder
 
     embedder = SentenceTransformerEmbedder(str(minilm_dir))
     preds = ["Paris", "the river Nile", "", "8,849 metres", "Apple", "Paris"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ray_ft.serve.app import EmbedderDeployment
-from ray_ft.serve.engines import SentenceTransformerEmbedder
+from ray_ft.embedder import SentenceTransformerEmbedder
 
 REQUESTS = [["a cat on a mat"], ["stock prices fell", "the river floods"], ["mount everest"],
             ["quarterly revenue"], ["a kitten sleeps", "rain in spring", "bond yields"], ["tea"]]

@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from ray_ft.eval.retrieval import context_recall, context_relevance, mrr_at_k, ndcg_at_k, recall_at_k
+from ray_ft.metrics.retrieval import context_recall, context_relevance, mrr_at_k, ndcg_at_k, recall_at_k
 
 EmbedFn = Callable[[list[str]], np.ndarray]
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from ray_ft.eval.metrics import (
+from ray_ft.metrics.qa import (
     clipped_cosine, cmrc_exact_match, cmrc_f1, cmrc_tokens, exact_match, origin_char_score,
     origin_score, percentile,
 )

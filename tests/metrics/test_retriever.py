@@ -2,7 +2,7 @@
 
 import pytest
 
-from ray_ft.eval.retrieval_eval import evaluate_retriever, to_markdown
+from ray_ft.metrics.retriever import evaluate_retriever, to_markdown
 from tests.eval.fakes import CharCountEmbedder
 
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from ray_ft.eval.retrieval import (
+from ray_ft.metrics.retrieval import (
     context_recall, context_relevance, mrr_at_k, ndcg_at_k, recall_at_k, split_sentences,
 )
 

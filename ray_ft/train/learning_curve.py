@@ -53,7 +53,7 @@ def plot_learning_curve(history: list[dict], path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ray_ft.eval.report import write_png
+    from ray_ft.plots import write_png
 
     points = curve_points(history)
     if not points:

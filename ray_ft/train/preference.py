@@ -1,0 +1,125 @@
+"""Preference objectives: DPO (against a frozen reference) and ORPO (no reference).
+
+A preference batch holds each pair as two rows, chosen then rejected, sharing the prompt: rows
+[0, n) are the chosen completions of pairs 0..n-1 and rows [n, 2n) the rejected ones, with the
+prompt masked in `labels` (-100), as SFT masks it.
+
+    DPO   logits_i = beta * ((log pi(c_i) - log ref(c_i)) - (log pi(r_i) - log ref(r_i)))
+          loss     = mean_i[ -(1 - eps) * log sigmoid(logits_i) - eps * log sigmoid(-logits_i) ]
+          (Rafailov et al. 2023; eps > 0 is the label-smoothed "conservative" DPO)
+    ORPO  loss     = mean_i[ NLL(c_i) - lambda * log sigmoid(log odds(c_i) - log odds(r_i)) ]
+          with odds(y) = p / (1 - p), p = exp(mean token log-prob of y) (Hong et al. 2024)
+
+log pi(y) is the sum of the completion's token log-probs. For LoRA the reference is the same
+model with its adapter disabled (peft's `disable_adapter()`), so DPO holds no second copy of the
+weights; the rewards beta * (log pi - log ref) are what validation reports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ray_ft.data.tokenize import IGNORE_INDEX
+
+
+@dataclass(frozen=True)
+class PreferenceOutput:
+    """One batch's loss and, per pair, the implicit rewards (DPO) or log odds (ORPO)."""
+
+    loss: object  # scalar tensor
+    chosen_rewards: object  # [pairs]
+    rejected_rewards: object  # [pairs]
+
+    @property
+    def accuracy(self) -> float:
+        return float((self.chosen_rewards > self.rejected_rewards).float().mean())
+
+    @property
+    def margin(self) -> float:
+        return float((self.chosen_rewards - self.rejected_rewards).mean())
+
+
+def completion_logps(logits, labels):
+    """Per row: the sum of the log-probs of the labelled tokens and how many there are.
+    `logits` [rows, len, vocab] predict position t+1 from t; `labels` [rows, len]."""
+    import torch
+
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    token = logps.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (token * mask).sum(-1), mask.sum(-1)
+
+
+def sequence_logps(model, inputs: dict):
+    """(sum of completion log-probs, completion tokens) per row of a preference batch."""
+    inputs = dict(inputs)
+    labels = inputs.pop("labels")
+    logits = model(**{k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}).logits
+    return completion_logps(logits, labels)
+
+
+def reference_logps(model, inputs: dict):
+    """The reference's completion log-probs: the LoRA model with its adapter switched off."""
+    import torch
+
+    if not hasattr(model, "disable_adapter"):
+        raise ValueError("DPO's reference is the base model with the adapter disabled: train.finetuning_type "
+                         "must be lora")
+    with torch.no_grad(), model.disable_adapter():
+        return sequence_logps(model, inputs)[0]
+
+
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float,
+             label_smoothing: float = 0.0) -> PreferenceOutput:
+    """DPO over per-pair summed log-probs (tensors [pairs])."""
+    import torch.nn.functional as F
+
+    chosen = beta * (policy_chosen - ref_chosen)
+    rejected = beta * (policy_rejected - ref_rejected)
+    logits = chosen - rejected
+    losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    return PreferenceOutput(losses.mean(), chosen.detach(), rejected.detach())
+
+
+def orpo_loss(chosen_logps, chosen_tokens, rejected_logps, rejected_tokens, lam: float) -> PreferenceOutput:
+    """ORPO over per-pair summed log-probs and token counts (tensors [pairs])."""
+    import torch
+    import torch.nn.functional as F
+
+    mean_c = chosen_logps / chosen_tokens
+    mean_r = rejected_logps / rejected_tokens
+    # log(p / (1 - p)) for p = exp(mean): log1p(-exp(x)) is exact for x near 0
+    log_odds_c = mean_c - torch.log1p(-torch.exp(mean_c))
+    log_odds_r = mean_r - torch.log1p(-torch.exp(mean_r))
+    losses = -mean_c - lam * F.logsigmoid(log_odds_c - log_odds_r)
+    return PreferenceOutput(losses.mean(), log_odds_c.detach(), log_odds_r.detach())
+
+
+def preference_loss(model, inputs: dict, method: str, beta: float, label_smoothing: float,
+                    orpo_lambda: float) -> PreferenceOutput:
+    """The objective of `method` ("dpo" | "orpo") for a batch of 2n rows (chosen, then rejected)."""
+    logps, tokens = sequence_logps(model, inputs)
+    n = logps.shape[0] // 2
+    if method == "orpo":
+        return orpo_loss(logps[:n], tokens[:n], logps[n:], tokens[n:], orpo_lambda)
+    ref = reference_logps(model, inputs)
+    return dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], beta, label_smoothing)
+
+
+def pair_batch(rows: list[dict], pad_id: int) -> dict:
+    """A preference batch from tokenized pairs ({prompt_ids, chosen_ids, rejected_ids}): every
+    pair's prompt + chosen, then every pair's prompt + rejected, right-padded, prompt masked."""
+    import torch
+
+    seqs = [(r["prompt_ids"], r[key]) for key in ("chosen_ids", "rejected_ids") for r in rows]
+    width = max(len(p) + len(c) for p, c in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (p, c) in enumerate(seqs):
+        n = len(p) + len(c)
+        ids[i, :n] = torch.tensor([*p, *c])
+        labels[i, len(p):n] = torch.tensor(c)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
