@@ -13,8 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from ray_ft.data.records import Conversation, Turn, passage_id_of
-from ray_ft.data.sources import Problems, RecordError
-from ray_ft.errors import RayFTError
+from ray_ft.data.sources import Problems, RecordError, read_records
 
 
 def _text(obj: dict, key: str, required: bool = True) -> str:
@@ -100,13 +99,4 @@ PARSERS = {"alpaca": alpaca_conversation, "messages": messages_conversation}
 def read_conversations(name: str, records: Iterable[tuple[str, object]], fmt: str,
                        problems: Problems) -> list[Conversation]:
     """Conversations of `records` ((position, object) pairs) in format `fmt`."""
-    parse = PARSERS[fmt]
-    out: list[Conversation] = []
-    seen: set[str] = set()
-    for where, obj in records:
-        problems.keep(out, seen, f"{name}: {where}", lambda obj=obj, where=where: parse(obj, where),
-                      record_id=obj.get("id") if isinstance(obj, dict) else None)
-    problems.report.records_read = len(out)
-    if not out:
-        raise RayFTError(f"{name}: no usable {fmt} records found")
-    return out
+    return read_records(name, records, PARSERS[fmt], problems, fmt)

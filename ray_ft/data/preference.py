@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from ray_ft.data.records import passage_id_of
 from ray_ft.data.sources import (
-    Problems, ReadReport, RecordError, decode_text, iter_json_records, read_bytes)
+    Problems, ReadReport, RecordError, decode_text, iter_json_records, read_bytes, read_records)
 from ray_ft.data.tokenize import IGNORE_INDEX, tokenize_conversation
 from ray_ft.errors import RayFTError
 
@@ -98,15 +98,7 @@ def preference_pair(obj: object, where: str) -> PreferencePair:
 def read_preference_pairs(name: str, records: Iterable[tuple[str, object]], problems: Problems
                           ) -> list[PreferencePair]:
     """Pairs of `records` ((position, object) pairs)."""
-    out: list[PreferencePair] = []
-    seen: set[str] = set()
-    for where, obj in records:
-        problems.keep(out, seen, f"{name}: {where}", lambda obj=obj, where=where: preference_pair(obj, where),
-                      record_id=obj.get("id") if isinstance(obj, dict) else None)
-    problems.report.records_read = len(out)
-    if not out:
-        raise RayFTError(f"{name}: no usable preference records found")
-    return out
+    return read_records(name, records, preference_pair, problems, "preference")
 
 
 def tokenize_pair(tokenizer, pair: PreferencePair, default_system: str) -> dict:

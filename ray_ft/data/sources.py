@@ -72,6 +72,20 @@ class Problems:
             self.report.skipped_examples.append(message)
 
 
+def read_records(name: str, records, parse, problems: Problems, what: str) -> list:
+    """`parse(obj, where)` of each (position, object) pair of `records`, under `problems`' policy;
+    an error when none is usable."""
+    out: list = []
+    seen: set[str] = set()
+    for where, obj in records:
+        problems.keep(out, seen, f"{name}: {where}", lambda obj=obj, where=where: parse(obj, where),
+                      record_id=obj.get("id") if isinstance(obj, dict) else None)
+    problems.report.records_read = len(out)
+    if not out:
+        raise RayFTError(f"{name}: no usable {what} records found")
+    return out
+
+
 def is_uri(source: str) -> bool:
     return "://" in source
 
