@@ -89,7 +89,8 @@ def _cmd_eval(args) -> int:
 
 def _cmd_run(args) -> int:
     from ray_ft.config import load_job
-    from ray_ft.eval import report, retrieval_eval
+    from ray_ft.eval import report
+    from ray_ft.metrics import retriever as retrieval_eval
     from ray_ft.pipeline import run_all
 
     cfg = load_job(args.job)

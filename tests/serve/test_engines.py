@@ -3,9 +3,8 @@ import pytest
 
 from ray_ft.config import VLLMConfig
 from ray_ft.data.nodes import build_nodes
-from ray_ft.serve.engines import (
-    EmbeddingRetriever, SentenceTransformerEmbedder, VectorIndex, resolve_dtype,
-)
+from ray_ft.embedder import SentenceTransformerEmbedder
+from ray_ft.serve.engines import EmbeddingRetriever, VectorIndex, resolve_dtype
 from ray_ft.serve.protocols import Embedder, Retriever
 
 
