@@ -6,6 +6,9 @@
     ray-ft train JOB.yaml        prepare + train (task: embedding -> fine-tune the embedder)
     ray-ft eval JOB.yaml         serve base + the trained adapter (+ endpoints) and evaluate
     ray-ft models list | pull NAME
+    ray-ft pairs JOB.yaml        serve the trained adapter, answer the training questions, write the
+                                 low-scoring answers as preference pairs (runs/NAME/pairs/pairs.jsonl)
+    ray-ft recipes               the training recipes (train.method) and what each does
     ray-ft serve JOB.yaml        serve a finished run (base, adapters, retriever) until Ctrl-C
 
 Bad input ends with one line on stderr (`error: <file>: <record>: <field>: ...`) and exit code 2.
@@ -67,7 +70,9 @@ def _cmd_train(args) -> int:
         print("\n" + to_markdown(summary["before"], summary["after"]))
         print(f"model: {summary['model_dir']}\nloss: {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}")
         return 0
-    result = stage_train(cfg, stage_prepare(cfg), resume=not args.force)
+    # A preference recipe learns from its pairs file; the SFT shards are not its input.
+    prepared = stage_prepare(cfg) if cfg.train.method == "sft" else None
+    result = stage_train(cfg, prepared, resume=not args.force)
     kind = "adapter" if cfg.train.finetuning_type == "lora" else "model"
     print(f"{kind}: {result.adapter_dir} (step {result.exported_step})\n"
           f"loss: {result.first_loss:.4f} -> {result.final_loss:.4f}")
@@ -110,6 +115,25 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _cmd_pairs(args) -> int:
+    from ray_ft.config import load_job
+    from ray_ft.pipeline import run_pairs
+
+    cfg = load_job(args.job)
+    path, mined = run_pairs(cfg)
+    print(json.dumps(mined.summary()))
+    print(f"pairs: {path} (set train.preference.source to it, with train.method: dpo or orpo)")
+    return 0
+
+
+def _cmd_recipes(args) -> int:
+    from ray_ft.recipes import RECIPES
+
+    for r in RECIPES.values():
+        print(f"{r.name:<10} {r.selected_by:<36} {r.description}")
+    return 0
+
+
 def _cmd_serve(args) -> int:
     from ray_ft.config import load_job
     from ray_ft.serve.entry import serve_until_stopped
@@ -127,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("prepare", _cmd_prepare, "only the data stage"),
         ("train", _cmd_train, "prepare + train"),
         ("eval", _cmd_eval, "serve the trained adapter and evaluate"),
+        ("pairs", _cmd_pairs, "preference pairs from the trained model's wrong answers to training questions"),
     ):
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("job", help="YAML job file")
@@ -147,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     pull = msub.add_parser("pull", help="fetch and convert a model into the cache")
     pull.add_argument("name")
     models.set_defaults(fn=_cmd_models)
+    sub.add_parser("recipes", help="the training recipes and the config that selects each").set_defaults(
+        fn=_cmd_recipes)
     serve_p = sub.add_parser("serve", help="serve a finished run until Ctrl-C (graceful shutdown)")
     serve_p.add_argument("job", help="YAML job file of a run whose data (and adapter) exist")
     serve_p.set_defaults(fn=_cmd_serve)

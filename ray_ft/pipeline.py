@@ -72,12 +72,17 @@ def stage_prepare(cfg: JobConfig, force: bool = False) -> PreparedData:
 
 
 def stage_train(cfg: JobConfig, prepared: PreparedData, resume: bool = True):
-    """LoRA/freeze/full SFT; a stopped run of the same config and data continues from its latest
-    checkpoint (`resume=False`: from step 0)."""
-    from ray_ft.train.sft import run_training
+    """The `train.method` recipe (`ray_ft.recipes`); a stopped run of the same config and data
+    continues from its latest checkpoint (`resume=False`: from step 0)."""
+    from ray_ft.recipes import RECIPES
 
+    if cfg.train.method in ("dpo", "orpo"):  # a bad pairs file fails in a second, before Ray starts
+        from ray_ft.data.preference import read_preference_source
+
+        read_preference_source(cfg.train.preference.source, cfg.data.on_error)
     init_ray(cfg)  # reused data did not start it; Ray's auto-init would ignore cfg.ray
-    return run_training(cfg, prepared, resolve_model(cfg.model.name), cfg.run_dir / "train", resume=resume)
+    run = RECIPES[cfg.train.method].load()
+    return run(cfg, prepared, resolve_model(cfg.model.name), cfg.run_dir / "train", resume=resume)
 
 
 def stage_serve(cfg: JobConfig, prepared: PreparedData, trained: str | Path | None) -> str:
@@ -163,6 +168,34 @@ def run_eval_only(cfg: JobConfig) -> list[dict]:
         return stage_eval(cfg, prepared, url, history, trained)
     finally:
         stop_serving(cfg)
+
+
+def run_pairs(cfg: JobConfig):
+    """`ray-ft pairs`: serve the trained adapter (or the base, `train.preference.mining.model`),
+    have it answer the training questions, and write its low-scoring answers as preference pairs
+    to run_dir/pairs/pairs.jsonl. Returns (that path, the MinedPairs)."""
+    from ray_ft.eval.clients import RAGClient
+    from ray_ft.eval.pairs import mine_pairs, write_pairs
+    from ray_ft.serve.app import stop_serving
+    from ray_ft.serve.prompting import rag_prompt_of
+
+    mining = cfg.train.preference.mining
+    trained = trained_model(cfg) if mining.model == "finetuned" else None  # fail before starting anything
+    if mining.model == "finetuned" and trained is None:
+        raise RayFTError("train.preference.mining.model=finetuned, but eval.models leaves out finetuned")
+    prepared = stage_prepare(cfg)
+    if not prepared.train_questions_file.is_file():
+        raise RayFTError(f"{prepared.train_questions_file}: no training questions: pairs need a QA data.source "
+                         "(squad or qa_rows); data prepared by an older ray_ft needs `ray-ft prepare --force`")
+    items = read_jsonl(prepared.train_questions_file)[: mining.max_questions]
+    served = cfg.name if trained else cfg.model.name
+    url = stage_serve(cfg, prepared, trained)
+    try:
+        client = RAGClient(url, api_key_env=cfg.serve.auth_token_env)
+        mined = mine_pairs(client, items, served, rag_prompt_of(cfg), mining, cfg.serve.max_tokens)
+    finally:
+        stop_serving(cfg)
+    return write_pairs(mined, cfg.run_dir / "pairs", served, mining), mined
 
 
 def stage_embed_data(cfg: JobConfig):
@@ -258,7 +291,7 @@ def _prepare_stage(cfg: JobConfig, log_, run: _Timed) -> PreparedData:
 
 
 def _train_stage(cfg: JobConfig, log_, run: _Timed, prepared: PreparedData):
-    from ray_ft.train.sft import TrainResult
+    from ray_ft.train.result import TrainResult
 
     rec = log_.fresh("train")
     if rec is not None:

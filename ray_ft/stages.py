@@ -36,6 +36,16 @@ def stage_inputs(cfg: JobConfig) -> dict[str, tuple[str, ...]]:
             "train": ("prepare",), "eval": ("train", *embed)}
 
 
+def train_config_key(cfg: JobConfig) -> dict:
+    """The train config, and the pairs file's content for a preference recipe."""
+    from ray_ft.data.sources import source_fingerprint
+
+    key: dict = cfg.train.model_dump()
+    if cfg.train.method in ("dpo", "orpo"):
+        key = {"train": key, "pairs": hashlib.sha256(source_fingerprint(cfg.train.preference.source)).hexdigest()}
+    return key
+
+
 def stage_hash(cfg: JobConfig, stage: str, memo: dict[str, str] | None = None) -> str:
     """The stage's own config (and input files) chained with the hashes of the stages it reads.
     `memo` keeps hashes already computed (each reads the data source's bytes or a model's file
@@ -50,7 +60,7 @@ def stage_hash(cfg: JobConfig, stage: str, memo: dict[str, str] | None = None) -
     own = {
         "embed": lambda: {"embed": cfg.embed.model_dump(), "data": embed_config_hash(cfg)},
         "prepare": lambda: data_config_hash(cfg),  # data + model config, source bytes, embedder files
-        "train": lambda: cfg.train.model_dump(),
+        "train": lambda: train_config_key(cfg),
         # Models named by path are read by eval too: a re-trained adapter there means new numbers.
         "eval": lambda: {"serve": cfg.serve.model_dump(), "eval": cfg.eval.model_dump(),
                          "models": served_model_fingerprints(cfg)},

@@ -100,3 +100,15 @@ def test_model_without_chat_template_fails_before_ray(tmp_path, smollm_dir):
     code, _, err = ray_ft("prepare", str(_job(tmp_path, data, name=str(bare))))
     _assert_one_line(code, err, "bare_model' has no chat template")
     assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_recipes_lists_every_registered_method_and_a_bad_pairs_file_is_one_line(tmp_path):
+    code, out, _ = ray_ft("recipes")
+    assert code == 0
+    assert [line.split()[0] for line in out.splitlines()] == ["sft", "dpo", "orpo", "embedding"]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "Which port?", "chosen": "Kelby.", "rejected": "Kelby."}\n')
+    job = tmp_path / "dpo.yaml"
+    job.write_text(f"name: d\noutput_dir: {tmp_path / 'runs'}\ntrain:\n  method: dpo\n  preference:\n"
+                   f"    source: {pairs.name}\n")
+    _assert_one_line(*ray_ft("train", str(job))[::2], f"{pairs}: line 1", "are the same reply")

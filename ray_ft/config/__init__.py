@@ -112,7 +112,12 @@ class JobConfig(_Strict):
                 f"data.num_shards={self.data.num_shards} < train.num_workers="
                 f"{self.train.num_workers}: some workers would get no data"
             )
-        if self.task == "sft" and self.data.dev_size == 0:
+        preference = self.train.method in ("dpo", "orpo")
+        if preference and self.train.preference.dev_size == 0:
+            if self.train.metric_for_best != "val_loss" or self.train.early_stopping_patience:
+                raise ValueError(f"train.metric_for_best={self.train.metric_for_best} / early_stopping_patience "
+                                 "need dev pairs (train.preference.dev_size > 0)")
+        if self.task == "sft" and not preference and self.data.dev_size == 0:
             if self.train.metric_for_best != "val_loss":
                 raise ValueError(f"train.metric_for_best={self.train.metric_for_best} needs a dev split "
                                  "(data.dev_size > 0): validation answers come from it")
@@ -220,6 +225,9 @@ def _resolve_source(cfg: JobConfig, base_dir: Path) -> JobConfig:
         "documents": [_resolve_path(p, base_dir) for p in cfg.data.documents]})
     embed = cfg.embed.model_copy(update={"source": _resolve_path(cfg.embed.source, base_dir)})
     update = {"data": data, "embed": embed}
+    if cfg.train.preference.source is not None:
+        pref = cfg.train.preference.model_copy(update={"source": _resolve_path(cfg.train.preference.source, base_dir)})
+        update["train"] = cfg.train.model_copy(update={"preference": pref})
     if cfg.eval.source is not None:
         update["eval"] = cfg.eval.model_copy(update={"source": _resolve_path(cfg.eval.source, base_dir)})
     return cfg.model_copy(update=update)

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from ray_ft.config.base import _Strict
+from ray_ft.recipes import LLM_RECIPES
 
 
 class DeepSpeedConfig(_Strict):
@@ -37,7 +38,56 @@ DEEPSPEED_OWNED_KEYS = {
 }
 
 
+class PairMiningConfig(_Strict):
+    """`ray-ft pairs JOB.yaml`: preference pairs from the served model's own answers to the
+    training questions (never the held-out ones), with each question's own passage as context."""
+
+    model: Literal["finetuned", "base"] = Field(
+        "finetuned", description="Who answers: the job's trained adapter (train/adapter) or the base model.",
+    )
+    max_f1: float = Field(
+        0.5, gt=0.0, le=1.0, description="An answer scoring below this CMRC F1 against the references "
+        "becomes a pair (rejected = the answer, chosen = the reference).",
+    )
+    samples: int = Field(
+        1, ge=1, le=8, description="Answers per question: the greedy one, then samples at `temperature` "
+        "(distinct answers only).",
+    )
+    temperature: float = Field(0.8, gt=0.0, le=2.0, description="Temperature of the extra samples.")
+    max_questions: int | None = Field(None, ge=1, description="Ask only the first n training questions.")
+    concurrency: int = Field(8, ge=1, description="Requests in flight.")
+
+
+class PreferenceConfig(_Strict):
+    """Preference tuning (`train.method: dpo | orpo`): the pairs it learns from and its objective."""
+
+    source: str | None = Field(
+        None, description="Preference pairs: JSON array or JSONL of {prompt | messages, chosen, rejected} "
+        "(TRL / LLaMA-Factory layout; local path relative to the job file, or a URI). Required for dpo/orpo.",
+    )
+    dev_size: float = Field(
+        0.1, ge=0.0, lt=0.5, description="Share of the pairs (by prompt) held out to score reward accuracy "
+        "and margin during training (0: none).",
+    )
+    beta: float = Field(0.1, gt=0.0, description="DPO: strength of the KL penalty toward the reference.")
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=0.5, description="DPO: assumed share of flipped labels (conservative DPO).",
+    )
+    orpo_lambda: float = Field(0.1, gt=0.0, description="ORPO: weight of the odds-ratio term beside the NLL.")
+    val_max_pairs: int = Field(64, ge=1, description="Dev pairs scored at each validation.")
+    mining: PairMiningConfig = Field(default_factory=PairMiningConfig)
+
+
+SFT_METRICS = ("val_loss", "val_exact_match", "val_origin", "val_f1")
+PREFERENCE_METRICS = ("val_loss", "val_reward_accuracy", "val_reward_margin")
+
+
 class TrainConfig(_Strict):
+    method: str = Field(
+        "sft", description="Training recipe (`ray-ft recipes` lists them): sft (supervised; lora, freeze "
+        "or full), dpo (direct preference optimisation against the adapter-disabled base), orpo "
+        "(odds-ratio preference optimisation, no reference).",
+    )
     finetuning_type: Literal["lora", "freeze", "full"] = Field(
         "lora", description="lora: train a peft adapter; freeze: train only the top "
         "`freeze_trainable_layers` decoder layers; full: train every weight.",
@@ -97,7 +147,8 @@ class TrainConfig(_Strict):
     val_generate_batch_size: int = Field(
         16, ge=1, description="Validation questions answered per `generate` call (left padded).",
     )
-    metric_for_best: Literal["val_loss", "val_exact_match", "val_origin", "val_f1"] = Field(
+    metric_for_best: Literal["val_loss", "val_exact_match", "val_origin", "val_f1", "val_reward_accuracy",
+                             "val_reward_margin"] = Field(
         "val_loss", description="Which validation number picks the exported checkpoint "
         "(loss: lowest; the others: highest).",
     )
@@ -115,12 +166,27 @@ class TrainConfig(_Strict):
         "(safetensors), for engines that cannot load adapters.",
     )
     tensorboard: bool = Field(True, description="Write TensorBoard event files to train/tensorboard.")
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
 
     @model_validator(mode="after")
     def _check_combinations(self) -> "TrainConfig":
+        if self.method not in LLM_RECIPES:
+            raise ValueError(f"method={self.method!r} is not a recipe; choose one of {sorted(LLM_RECIPES)}")
+        if self.method in ("dpo", "orpo"):
+            if self.preference.source is None:
+                raise ValueError(f"method={self.method} needs preference.source (a pairs file)")
+            if self.metric_for_best not in PREFERENCE_METRICS:
+                raise ValueError(f"metric_for_best={self.metric_for_best} is an sft metric; {self.method} "
+                                 f"reports {list(PREFERENCE_METRICS)}")
+        elif self.metric_for_best not in SFT_METRICS:
+            raise ValueError(f"metric_for_best={self.metric_for_best} is a preference metric; sft reports "
+                             f"{list(SFT_METRICS)}")
+        if self.method == "dpo" and self.finetuning_type != "lora":
+            raise ValueError("method=dpo needs finetuning_type=lora: its reference is the base with the "
+                             "adapter disabled (no second copy of the weights)")
         if self.early_stopping_patience and not self.eval_every_n_steps:
             raise ValueError("early_stopping_patience needs eval_every_n_steps")
-        if self.metric_for_best != "val_loss" and self.val_generate_samples == 0:
+        if self.metric_for_best in SFT_METRICS[1:] and self.val_generate_samples == 0:
             raise ValueError(f"metric_for_best={self.metric_for_best} needs val_generate_samples > 0")
         if self.attn_implementation == "flash_attention_2" and not self.use_gpu:
             raise ValueError("attn_implementation=flash_attention_2 needs use_gpu (flash-attn runs on CUDA only)")

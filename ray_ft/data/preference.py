@@ -16,8 +16,12 @@ and both completions' ids (reply + end-of-turn tokens), so the prompt is stored 
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from ray_ft.data.records import passage_id_of
 from ray_ft.data.sources import (
@@ -125,3 +129,83 @@ def read_preference_source(source: str, on_error: str = "raise") -> tuple[list[P
     pairs = read_preference_pairs(source, iter_json_records(source, text, Problems(on_error, report)),
                                   Problems(on_error, report))
     return pairs, report
+
+
+PAIR_COLUMNS = ("id", "prompt_ids", "chosen_ids", "rejected_ids")
+
+
+@dataclass(frozen=True)
+class PairShards:
+    """Tokenized pairs: the training rows as parquet (Ray Data reads them into the workers) and
+    the dev rows in memory (they travel in the loop config, like SFT's dev split)."""
+
+    train_dir: Path
+    train_rows: int
+    dev_rows: list[dict]
+    manifest: dict
+
+
+class TokenizePairs:
+    """Ray Data batch UDF: pairs -> {id, prompt_ids, chosen_ids, rejected_ids, length}, where
+    length is the longer of the two sequences (prompt + completion)."""
+
+    def __init__(self, model_dir: str, default_system: str):
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(model_dir)
+        self.default_system = default_system
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        out: dict[str, list] = {k: [] for k in (*PAIR_COLUMNS, "split", "length")}
+        for row in batch.to_pylist():
+            pair = PreferencePair(row["id"], "", row["system"], tuple(json.loads(row["prompt"])),
+                                  row["chosen"], row["rejected"])
+            ids = tokenize_pair(self.tok, pair, self.default_system)
+            for k in PAIR_COLUMNS[1:]:
+                out[k].append(ids[k])
+            out["id"].append(row["id"])
+            out["split"].append(row["split"])
+            out["length"].append(len(ids["prompt_ids"]) + max(len(ids["chosen_ids"]), len(ids["rejected_ids"])))
+        return pa.table(out)
+
+
+def write_pair_shards(train: list[PreferencePair], dev: list[PreferencePair], model_dir: str,
+                      default_system: str, max_len: int, out_dir: Path, num_shards: int) -> PairShards:
+    """Tokenize `train` and `dev` on Ray Data (in the given order), drop pairs longer than
+    `max_len` tokens (counted), write the training rows to `out_dir/train/*.parquet` (temp folder,
+    then rename) and return the dev rows."""
+    import ray
+
+    rows = [{"id": p.id, "split": split, "system": p.system, "prompt": json.dumps(list(p.prompt)),
+             "chosen": p.chosen, "rejected": p.rejected}
+            for split, pairs in (("train", train), ("dev", dev)) for p in pairs]
+    options = ray.data.DataContext.get_current().execution_options
+    before, options.preserve_order = options.preserve_order, True  # order kept -> same shards
+    try:
+        tokenized = ray.data.from_items(rows, override_num_blocks=max(1, min(num_shards * 2, len(rows)))).map_batches(
+            TokenizePairs, fn_constructor_kwargs={"model_dir": model_dir, "default_system": default_system},
+            batch_size=64, batch_format="pyarrow", concurrency=1, num_cpus=1).materialize()
+        kept = tokenized.filter(expr=f"length <= {max_len}").materialize()
+        counts = {split: kept.filter(expr=f"split == '{split}'").count() for split in ("train", "dev")}
+        if counts["train"] < num_shards:
+            raise RayFTError(f"{counts['train']} preference pairs fit data.cutoff_len={max_len}; "
+                             f"{num_shards} training workers need at least one each")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        final = out_dir / "train"
+        tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".train."))
+        kept.filter(expr="split == 'train'").select_columns(list(PAIR_COLUMNS)).repartition(num_shards) \
+            .write_parquet(str(tmp))
+        for i, f in enumerate(sorted(tmp.glob("*.parquet"))):
+            f.rename(tmp / f"part-{i:05d}.parquet")
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        dev_rows = [{k: (r[k] if k == "id" else [int(x) for x in r[k]]) for k in PAIR_COLUMNS}
+                    for r in kept.filter(expr="split == 'dev'").take_all()]
+    finally:
+        options.preserve_order = before
+    manifest = {"train_pairs": counts["train"], "dev_pairs": counts["dev"],
+                "dropped_over_cutoff_len": len(rows) - counts["train"] - counts["dev"]}
+    return PairShards(final, counts["train"], dev_rows, manifest)

@@ -61,6 +61,11 @@ class PreparedData:
         return self.root / "eval.jsonl"
 
     @property
+    def train_questions_file(self) -> Path:
+        """QA sources: the training questions (after the dev split), grouped by passage."""
+        return self.root / "train_questions.jsonl"
+
+    @property
     def test_file(self) -> Path:
         """Instruction data only: the held-out conversations (there is no QA eval set)."""
         return self.root / "test.jsonl"
@@ -197,6 +202,8 @@ def prepare(cfg: JobConfig, out_root: Path, source: SourceData | None = None,
         stats = write_train_set(rows, plan, tmp / "train", tmp / "sft_train.jsonl", source_name)
         if dev:
             stats["dev_questions"] = _write_val(cfg, dev, source.is_qa, model_dir, tmp / "val.parquet")
+        if source.is_qa:  # what `ray-ft pairs` asks the trained model (never a held-out question)
+            write_jsonl_atomic(tmp / "train_questions.jsonl", eval_order(train, d.seed))
         if source.is_qa or eval_data is not None:
             stats.update(_write_eval_and_kb(cfg, test, kb_docs, tmp))
         else:

@@ -24,10 +24,10 @@ from ray_ft.config import EmbedConfig, JobConfig
 from ray_ft.errors import RayFTError
 from ray_ft.io import read_jsonl
 from ray_ft.train import metrics as tm
-from ray_ft.train.checkpoints import (
-    HISTORY_FILE, fit_and_export, ordered_ingest, prune_superseded_runs, report_checkpoint,
-    resumable_run_name,
-)
+from ray_ft.train import faults
+from ray_ft.train.checkpoints import HISTORY_FILE, report_checkpoint
+from ray_ft.train.launch import Launch, Workers, launch
+from ray_ft.train.loop import step_seed
 from ray_ft.train.steppers import TRAINER_STATE
 
 log = logging.getLogger(__name__)
@@ -90,12 +90,6 @@ def group_passages(batch: dict, group_size: int, rng: random.Random) -> list[str
             [negs[rng.randrange(len(negs))] for _ in range(group_size - 1)]
         out.extend([str(pos[0]), *map(str, picked)])
     return out
-
-
-def _step_seed(seed: int, rank: int, step: int) -> int:
-    """Randomness of one step (negative sampling, dropout) from (seed, rank, step) alone, so a
-    run resumed from a checkpoint draws exactly what the uninterrupted run would have."""
-    return (seed * 1_000_003 + rank * 10_007 + step) % (2**31)
 
 
 def _validation_scores(model, tok, val: dict, ecfg: EmbedConfig, device) -> dict:
@@ -175,7 +169,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 continue
             if i >= per_epoch:
                 break
-            seed = _step_seed(ecfg.seed, rank, step)
+            seed = step_seed(ecfg.seed, rank, step)  # negatives and dropout: a resumed run draws the same
             torch.manual_seed(seed)
             queries = [ecfg.query_instruction + str(q) for q in batch["query"]]
             passages = group_passages(batch, ecfg.train_group_size, random.Random(seed))
@@ -207,7 +201,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if rank == 0:
                 log.info("[embed] " + " ".join(
                     f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-            _maybe_inject_failure(loop_config, step, rank)
+            faults.maybe_fail(loop_config.get("test_faults"), step, rank)
             if evaluate:
                 report_checkpoint(history, rank, save)  # CheckpointConfig keeps the best ones
             else:
@@ -236,14 +230,6 @@ def _resume(encoder, optim, sched) -> tuple[int, list[dict]]:
         history = read_jsonl(d / HISTORY_FILE)
     log.info("[embed] resumed from %s at step %d", ckpt.path, state["step"])
     return state["step"], history
-
-
-def _maybe_inject_failure(loop_config: dict, step: int, rank: int) -> None:
-    """Failure tests only: raise once on rank 0 after `fail_at_step` (a marker file says "once")."""
-    fail_at, marker = loop_config.get("fail_at_step"), loop_config.get("fail_marker")
-    if fail_at and step == fail_at and rank == 0 and not Path(marker).exists():
-        Path(marker).write_text("failed once")
-        raise RuntimeError(f"injected failure after step {step}")
 
 
 def write_sentence_transformer(model, tok, base_dir: Path, out: Path, pooling: str) -> None:
@@ -285,17 +271,12 @@ def _write_triplets(triplets: list[dict], out_dir: Path) -> Path:
 
 
 def run_embed_training(cfg: JobConfig, triplets: list[dict], model_dir: Path, out_dir: Path,
-                       val: dict | None = None, fail_at_step: int | None = None,
-                       resume: bool = True) -> EmbedTrainResult:
+                       val: dict | None = None, resume: bool = True) -> EmbedTrainResult:
     """Fit on Ray Train; the best (by validation MRR, else the last) sentence-transformers folder
     lands in `out_dir/model`. `val` = {"questions", "contexts"} scored every
-    `embed.eval_every_n_steps` and at the end. `fail_at_step` is for failure tests: the first
-    attempt's rank 0 raises after that step and Ray Train restarts from the latest checkpoint.
-    A run of the same config, data and model that stopped before the end continues from its
-    latest checkpoint (`resume=False`: from step 0)."""
+    `embed.eval_every_n_steps` and at the end. A run of the same config, data and model that
+    stopped before the end continues from its latest checkpoint (`resume=False`: from step 0)."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     ecfg = cfg.embed
     per_worker = len(triplets) // ecfg.num_workers
@@ -305,27 +286,16 @@ def run_embed_training(cfg: JobConfig, triplets: list[dict], model_dir: Path, ou
                          f"on each of {ecfg.num_workers} workers")
     out_dir.mkdir(parents=True, exist_ok=True)
     score = f"val_mrr_at_{ecfg.eval_top_k}" if val else None
-    storage = str((out_dir / "ray").resolve())
     triplets_key = hashlib.sha256(json.dumps(triplets, sort_keys=True).encode()).hexdigest()
-    run_name = resumable_run_name("embed", {"embed": ecfg.model_dump(), "triplets": triplets_key, "val": val,
-                                            "model": str(model_dir)}, storage, fresh=not resume)
-    trainer = TorchTrainer(
+    spec = Launch(
         train_loop_per_worker,
-        train_loop_config={"job": cfg.model_dump(), "model_dir": str(model_dir),
-                           "triplets_per_worker": per_worker, "val": val,
-                           "fail_at_step": fail_at_step, "fail_marker": str(out_dir / ".failed_once")},
-        scaling_config=ScalingConfig(
-            num_workers=ecfg.num_workers, use_gpu=ecfg.use_gpu,
-            resources_per_worker={"CPU": ecfg.cpus_per_worker} if not ecfg.use_gpu else None),
-        run_config=RunConfig(
-            name=run_name, storage_path=storage,
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=ecfg.keep_checkpoints, checkpoint_score_attribute=score,
-                checkpoint_score_order="max"),
-            failure_config=FailureConfig(max_failures=ecfg.max_failures)),
+        loop_config={"job": cfg.model_dump(), "model_dir": str(model_dir), "triplets_per_worker": per_worker,
+                     "val": val},
+        workers=Workers(ecfg.num_workers, ecfg.use_gpu, ecfg.cpus_per_worker),
+        run_prefix="embed",
+        identity={"embed": ecfg.model_dump(), "triplets": triplets_key, "val": val, "model": str(model_dir)},
         datasets={"train": ray.data.read_parquet(str(_write_triplets(triplets, out_dir)))},
-        dataset_config=ordered_ingest(),
-    )
-    final, history, chosen = fit_and_export(trainer, out_dir, "model", best_by=score, drop=(TRAINER_STATE,))
-    prune_superseded_runs(Path(storage), "embed", run_name)
+        export_name="model", keep_checkpoints=ecfg.keep_checkpoints, max_failures=ecfg.max_failures,
+        best_by=score, best_mode="max", drop=(TRAINER_STATE,))
+    final, history, chosen = launch(spec, out_dir, resume)
     return EmbedTrainResult(final, history, chosen.get("step"))

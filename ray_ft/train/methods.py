@@ -94,6 +94,16 @@ def save_export(model, tok, folder: Path, finetuning_type: str) -> None:
     tok.save_pretrained(folder)
 
 
+def save_trained(stepper, tok, folder: Path, finetuning_type: str, rank: int) -> None:
+    """A checkpoint's `export/` folder from a stepper: rank 0 writes, and under ZeRO-3 every rank
+    takes part in gathering the sharded weights first."""
+    trainable = [p for p in stepper.module.parameters() if p.requires_grad] \
+        if finetuning_type == "lora" else list(stepper.module.parameters())
+    with stepper.gathered(trainable):
+        if rank == 0:
+            save_export(stepper.module, tok, folder / "export", finetuning_type)
+
+
 def load_trained_weights(model, folder: Path, finetuning_type: str) -> None:
     """Put the weights a checkpoint folder holds back into `model` (before any wrapping)."""
     from safetensors.torch import load_file

@@ -26,9 +26,10 @@ from ray_ft.data.tokenize import IGNORE_INDEX
 class PreferenceOutput:
     """One batch's loss and, per pair, the implicit rewards (DPO) or log odds (ORPO)."""
 
-    loss: object  # scalar tensor
+    loss: object  # scalar tensor: the mean of pair_losses
     chosen_rewards: object  # [pairs]
     rejected_rewards: object  # [pairs]
+    pair_losses: object  # [pairs], detached
 
     @property
     def accuracy(self) -> float:
@@ -39,27 +40,42 @@ class PreferenceOutput:
         return float((self.chosen_rewards - self.rejected_rewards).mean())
 
 
-def completion_logps(logits, labels):
-    """Per row: the sum of the log-probs of the labelled tokens and how many there are.
-    `logits` [rows, len, vocab] predict position t+1 from t; `labels` [rows, len]."""
+def token_logps(logits, targets):
+    """Per row: the summed log-probs of the `targets` tokens (IGNORE_INDEX: not counted) under
+    `logits` [rows, n, vocab] (logits[:, t] predicts targets[:, t]), and how many count. logsumexp
+    instead of a log_softmax: the [rows, n, vocab] result is never materialised."""
     import torch
 
-    targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
-    logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    token = logps.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    logits = logits.float()
+    token = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     return (token * mask).sum(-1), mask.sum(-1)
 
 
-def sequence_logps(model, inputs: dict):
-    """(sum of completion log-probs, completion tokens) per row of a preference batch."""
-    inputs = dict(inputs)
-    labels = inputs.pop("labels")
-    logits = model(**{k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}).logits
-    return completion_logps(logits, labels)
+def completion_logps(logits, labels):
+    """Per row: the sum of the log-probs of the labelled tokens and how many there are.
+    `logits` [rows, len, vocab] predict position t+1 from t; `labels` [rows, len]."""
+    return token_logps(logits[:, :-1], labels[:, 1:])
 
 
-def reference_logps(model, inputs: dict):
+def sequence_logps(model, inputs: dict, trained_only: bool | None = None):
+    """(sum of completion log-probs, completion tokens) per row of a preference batch.
+    `trained_only`: ask the model for the logits of the completion positions only (transformers'
+    `logits_to_keep`, as the SFT loss does: the head and softmax skip the prompt); None: when the
+    model supports it (a DDP wrapper hides that: decide on the bare model and pass it)."""
+    from ray_ft.train.loss import supports_logits_to_keep, trained_positions
+
+    labels = inputs["labels"]
+    forward = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+    if trained_only is None:
+        trained_only = supports_logits_to_keep(model)
+    if not trained_only:
+        return completion_logps(model(**forward).logits, labels)
+    positions = trained_positions(labels)
+    return token_logps(model(**forward, logits_to_keep=positions).logits, labels[:, positions + 1])
+
+
+def reference_logps(model, inputs: dict, trained_only: bool | None = None):
     """The reference's completion log-probs: the LoRA model with its adapter switched off."""
     import torch
 
@@ -67,7 +83,7 @@ def reference_logps(model, inputs: dict):
         raise ValueError("DPO's reference is the base model with the adapter disabled: train.finetuning_type "
                          "must be lora")
     with torch.no_grad(), model.disable_adapter():
-        return sequence_logps(model, inputs)[0]
+        return sequence_logps(model, inputs, trained_only)[0]
 
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float,
@@ -79,7 +95,7 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
     rejected = beta * (policy_rejected - ref_rejected)
     logits = chosen - rejected
     losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
-    return PreferenceOutput(losses.mean(), chosen.detach(), rejected.detach())
+    return PreferenceOutput(losses.mean(), chosen.detach(), rejected.detach(), losses.detach())
 
 
 def orpo_loss(chosen_logps, chosen_tokens, rejected_logps, rejected_tokens, lam: float) -> PreferenceOutput:
@@ -93,17 +109,21 @@ def orpo_loss(chosen_logps, chosen_tokens, rejected_logps, rejected_tokens, lam:
     log_odds_c = mean_c - torch.log1p(-torch.exp(mean_c))
     log_odds_r = mean_r - torch.log1p(-torch.exp(mean_r))
     losses = -mean_c - lam * F.logsigmoid(log_odds_c - log_odds_r)
-    return PreferenceOutput(losses.mean(), log_odds_c.detach(), log_odds_r.detach())
+    return PreferenceOutput(losses.mean(), log_odds_c.detach(), log_odds_r.detach(), losses.detach())
 
 
 def preference_loss(model, inputs: dict, method: str, beta: float, label_smoothing: float,
-                    orpo_lambda: float) -> PreferenceOutput:
-    """The objective of `method` ("dpo" | "orpo") for a batch of 2n rows (chosen, then rejected)."""
-    logps, tokens = sequence_logps(model, inputs)
+                    orpo_lambda: float, reference=None, trained_only: bool | None = None) -> PreferenceOutput:
+    """The objective of `method` ("dpo" | "orpo") for a batch of 2n rows (chosen, then rejected).
+    `model` may be a DDP/DeepSpeed wrapper; `reference` is the bare peft model whose adapter is
+    switched off for DPO's reference pass (default: `model` itself); `trained_only` as in
+    `sequence_logps`."""
+    ref = None if method == "orpo" else reference_logps(reference if reference is not None else model, inputs,
+                                                        trained_only)
+    logps, tokens = sequence_logps(model, inputs, trained_only)
     n = logps.shape[0] // 2
     if method == "orpo":
         return orpo_loss(logps[:n], tokens[:n], logps[n:], tokens[n:], orpo_lambda)
-    ref = reference_logps(model, inputs)
     return dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], beta, label_smoothing)
 
 

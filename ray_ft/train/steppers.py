@@ -3,7 +3,7 @@
 Both present the same small interface to the training loop, so the loop, validation, checkpoints
 and resume are written once:
 
-    loss = stepper.forward(inputs)            # mean loss of one micro-batch
+    loss = stepper.forward(inputs)            # the recipe's loss of one micro-batch (`loss_of`)
     stepper.backward(loss, boundary)          # boundary: last micro-batch of an optimizer step
     grad_norm = stepper.step()                # at a boundary: clip, optimizer, scheduler
     stepper.module                            # the bare model (generate, save)
@@ -122,12 +122,12 @@ def _optimizer_and_scheduler(params, tcfg: TrainConfig, n_steps: int):
 class TorchStepper:
     """AdamW + scheduler + clipping; DDP (via Ray Train's `prepare_model`) when world > 1."""
 
-    def __init__(self, model, tcfg: TrainConfig, n_steps: int):
+    def __init__(self, model, tcfg: TrainConfig, n_steps: int, loss_of=None):
         import ray.train.torch
 
         self.module = model
         self.tcfg = tcfg
-        self.loss_of = training_loss(model)
+        self.loss_of = loss_of or training_loss(model)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optim, self.sched = _optimizer_and_scheduler(self.params, tcfg, n_steps)
         self.model = ray.train.torch.prepare_model(model)
@@ -179,11 +179,11 @@ class DeepSpeedStepper:
     """DeepSpeed engine (ZeRO-2/3) around the same optimizer and scheduler; the engine accumulates
     gradients and clips itself, so `step()` is called after every micro-batch's backward."""
 
-    def __init__(self, model, tcfg: TrainConfig, n_steps: int, world_size: int):
+    def __init__(self, model, tcfg: TrainConfig, n_steps: int, world_size: int, loss_of=None):
         import deepspeed
 
         self.tcfg = tcfg
-        self.loss_of = training_loss(model)
+        self.loss_of = loss_of or training_loss(model)
         params = [p for p in model.parameters() if p.requires_grad]
         optim, sched = _optimizer_and_scheduler(params, tcfg, n_steps)
         self.config = deepspeed_config(tcfg, world_size)
@@ -234,7 +234,9 @@ class DeepSpeedStepper:
             raise RuntimeError(f"{folder}: no DeepSpeed state to resume from")
 
 
-def make_stepper(model, tcfg: TrainConfig, n_steps: int, world_size: int):
+def make_stepper(model, tcfg: TrainConfig, n_steps: int, world_size: int, loss_of=None):
+    """`loss_of(wrapped_model, inputs)`: the recipe's objective (default: the causal-LM loss on
+    the answer tokens); `stepper.forward` returns what it returns."""
     if tcfg.deepspeed.stage:
-        return DeepSpeedStepper(model, tcfg, n_steps, world_size)
-    return TorchStepper(model, tcfg, n_steps)
+        return DeepSpeedStepper(model, tcfg, n_steps, world_size, loss_of)
+    return TorchStepper(model, tcfg, n_steps, loss_of)

@@ -8,6 +8,7 @@ import pytest
 
 from ray_ft.config import parse_job
 from tests.conftest import FINQA, finqa_slice
+from tests.train.faults import fail_once
 
 
 @pytest.mark.slow
@@ -83,7 +84,8 @@ def test_embedding_job_two_workers_saves_a_loadable_model(ray_cluster, minilm_di
 
 @pytest.mark.slow
 @pytest.mark.skipif(not FINQA.is_file(), reason="needs ../shared/datasets/financial-qa-10k")
-def test_worker_failure_resumes_from_the_checkpoint_with_the_same_losses(ray_cluster, minilm_dir, tmp_path):
+def test_worker_failure_resumes_from_the_checkpoint_with_the_same_losses(ray_cluster, minilm_dir, tmp_path,
+                                                                        monkeypatch):
     """Rank 0 dies after step 3; Ray Train restarts from the step-2 checkpoint (weights, optimizer,
     scheduler, data position, per-step seeds) and the loss curve equals an uninterrupted run's."""
     from ray_ft.data.triplets import build_triplets, read_qa_csv
@@ -98,7 +100,8 @@ def test_worker_failure_resumes_from_the_checkpoint_with_the_same_losses(ray_clu
                   "passage_max_len": 64, "eval_every_n_steps": 2, "max_failures": 1},
     })
     clean = run_embed_training(cfg, triplets, minilm_dir, tmp_path / "clean")
-    failed = run_embed_training(cfg, triplets, minilm_dir, tmp_path / "failed", fail_at_step=3)
+    fail_once(monkeypatch, tmp_path / "failed" / ".failed_once", after_step=3, how="raise")
+    failed = run_embed_training(cfg, triplets, minilm_dir, tmp_path / "failed")
 
     assert (tmp_path / "failed" / ".failed_once").is_file()  # the failure did happen
     assert [h["step"] for h in failed.history] == [1, 2, 3, 4, 5]

@@ -127,3 +127,15 @@ def test_dpo_needs_an_adapter_for_its_reference(tiny_model_dir, tmp_path):
         reference_logps(model, batch)
     # ORPO needs no reference: it trains any model
     assert preference_loss(model, batch, "orpo", 0.1, 0.0, 0.1).loss.item() > 0
+
+
+def test_logits_at_completion_positions_only_give_the_same_log_probs(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    batch = _pairs(AutoTokenizer.from_pretrained(tiny_model_dir), tmp_path, 3)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        full, n_full = sequence_logps(model, batch, trained_only=False)
+        kept, n_kept = sequence_logps(model, batch, trained_only=True)
+    assert torch.allclose(full, kept, atol=1e-4) and n_full.tolist() == n_kept.tolist()
+    assert n_full.tolist() == [7, 7, 7, 10, 10, 10]  # "Kelby harbour." / "The moon, on Tuesdays." + "<|im_end|>\n"

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from ray_ft.config import TrainConfig, parse_job
 from ray_ft.train.sft import run_training, steps_per_epoch, total_steps
 from ray_ft.train.steppers import deepspeed_config
+from tests.train.faults import fail_once, no_faults
 from tests.train.sft_data import write_prepared
 
 
@@ -175,7 +176,7 @@ def test_deepspeed_zero_on_cpu_two_workers(ray_cluster, tiny_model_dir, tmp_path
 
 
 @pytest.mark.slow
-def test_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, tiny_model_dir, tmp_path):
+def test_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, tiny_model_dir, tmp_path, monkeypatch):
     """Rank 1 is SIGKILLed after step 3; Ray Train restarts both workers from the step-2
     checkpoint (weights, optimizer, scheduler, data position) and the run ends where an
     undisturbed run ends."""
@@ -183,7 +184,8 @@ def test_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, tiny_model_
     cfg = _job(tmp_path, tiny_model_dir, num_workers=2, learning_rate=3e-2, max_steps=6,
                per_device_train_batch_size=2, eval_every_n_steps=2, lr_scheduler_type="cosine")
     clean = run_training(cfg, prepared, tiny_model_dir, tmp_path / "clean")
-    killed = run_training(cfg, prepared, tiny_model_dir, tmp_path / "killed", kill_at_step=3, kill_rank=1)
+    fail_once(monkeypatch, tmp_path / "killed" / ".killed_once", after_step=3, rank=1)
+    killed = run_training(cfg, prepared, tiny_model_dir, tmp_path / "killed")
 
     assert "killed rank 1 after step 3" in (tmp_path / "killed" / ".killed_once").read_text()
     resumed = [h for h in killed.history if "resumed_from_step" in h]
@@ -196,7 +198,8 @@ def test_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, tiny_model_
 
 
 @pytest.mark.slow
-def test_a_stopped_run_started_again_continues_from_its_last_checkpoint(ray_cluster, tiny_model_dir, tmp_path):
+def test_a_stopped_run_started_again_continues_from_its_last_checkpoint(ray_cluster, tiny_model_dir, tmp_path,
+                                                                        monkeypatch):
     """No restarts left (max_failures 0): the kill after step 5 ends the run with an error, as a
     Ctrl-C or a dead driver would. Started again with the same config and data (what `ray-ft run`
     does next), it continues from the step-4 checkpoint; started once more after it finished, it
@@ -205,8 +208,10 @@ def test_a_stopped_run_started_again_continues_from_its_last_checkpoint(ray_clus
     cfg = _job(tmp_path, tiny_model_dir, num_workers=2, learning_rate=3e-2, max_steps=6, max_failures=0,
                per_device_train_batch_size=2, eval_every_n_steps=2, lr_scheduler_type="cosine")
     out = tmp_path / "stopped"
+    fail_once(monkeypatch, out / ".killed_once", after_step=5, rank=1)
     with pytest.raises(Exception):
-        run_training(cfg, prepared, tiny_model_dir, out, kill_at_step=5, kill_rank=1)
+        run_training(cfg, prepared, tiny_model_dir, out)
+    no_faults(monkeypatch)
     assert "killed rank 1 after step 5" in (out / ".killed_once").read_text()
     assert not (out / "adapter").exists()
 
