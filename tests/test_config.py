@@ -165,6 +165,14 @@ def test_every_job_file_loads():
     assert Path(radit.data.source).is_absolute() and radit.data.source.endswith("financial_qa_10k.csv")
     assert radit.data.retrieval_augment.embedder == radit.serve.embedder == "runs/radit/embed/model"
     assert radit.serve.retrieval.query_instruction == radit.embed.query_instruction != ""
+    # cmrc_dpo tunes the smoke job's merged SFT on the pairs `ray-ft pairs` writes from it, and is
+    # evaluated on the smoke job's held-out questions.
+    dpo = load_job(ROOT / "jobs" / "cmrc_dpo.yaml")
+    assert dpo.train.method == "dpo" and smoke.train.export_merged
+    assert dpo.model.name == f"runs/{smoke.name}/train/merged"
+    assert dpo.train.preference.source == str(ROOT / "runs" / smoke.name / "pairs" / "pairs.jsonl")
+    assert {k: getattr(dpo.data, k) for k in ("source", "val_size", "seed", "language")} == \
+        {k: getattr(smoke.data, k) for k in ("source", "val_size", "seed", "language")}
     # financial_embed's embedder recipe is the one radit runs as its first stage.
     fin = load_job(ROOT / "jobs" / "financial_embed.yaml").embed
     keys = {"model", "source", "seed", "test_size", "neg_num", "query_instruction", "learning_rate", "max_steps"}
