@@ -161,10 +161,6 @@ class ServeConfig(_Strict):
     embedder: str = Field(
         "all-MiniLM-L6-v2", description="Embedding model (packaged name, HF id or local folder)."
     )
-    knowledge_base: Literal["eval_passages"] = Field(
-        "eval_passages", description="Documents the retriever indexes: the held-out passages "
-        "(plus any data.kb_sources documents)."
-    )
     node_group: str = Field(
         "passage", description="Which of `data.node_groups` the retriever indexes (passage, line, "
         "sentence, chunk by default).",

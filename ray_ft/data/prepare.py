@@ -303,10 +303,3 @@ def load_eval_records(prepared: PreparedData, n: int | None) -> list[dict]:
 
 def load_knowledge_base(prepared: PreparedData) -> list[dict]:
     return read_jsonl(prepared.knowledge_base_file)
-
-
-def load_nodes(prepared: PreparedData, group: str) -> list[dict]:
-    path = prepared.nodes_file(group)
-    if not path.is_file():
-        raise RayFTError(f"{path}: no nodes for node group '{group}'; re-run `ray-ft prepare`")
-    return read_jsonl(path)

@@ -80,11 +80,6 @@ def build_model(model_dir: str, tcfg: TrainConfig, dtype, packed: bool = False):
     return model, num_params
 
 
-def trainable_state(model) -> dict:
-    """Parameters that train (what a checkpoint must restore besides the optimizer)."""
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def save_export(model, tok, folder: Path, finetuning_type: str) -> None:
     """lora: adapter_model.safetensors + adapter_config.json only; else a whole model folder."""
     if finetuning_type == "lora":
