@@ -42,7 +42,7 @@ def finetuned_served_as(cfg: JobConfig) -> str:
     """"merged" or "unmerged": how the fine-tuned adapter is served (`serve.finetuned_adapter`;
     auto: merged on CPU, unmerged on GPU)."""
     mode = cfg.serve.finetuned_adapter
-    return ("unmerged" if cfg.train.use_gpu else "merged") if mode == "auto" else mode
+    return ("unmerged" if cfg.serve_on_gpu else "merged") if mode == "auto" else mode
 
 
 def merged_for_serving(cfg: JobConfig, adapter: str) -> Path:
@@ -70,7 +70,7 @@ def merged_for_serving(cfg: JobConfig, adapter: str) -> Path:
 def served_descriptions(cfg: JobConfig, trained_kind: str | None) -> dict[str, str]:
     """How each served label runs, for the report. `trained_kind`: "adapter" or "model" (what the
     fine-tuned folder holds), None when no fine-tuned model is served."""
-    device = "GPU" if cfg.train.use_gpu else "CPU"
+    device = "GPU" if cfg.serve_on_gpu else "CPU"
     out = {"base": f"vLLM ({device})"}
     if trained_kind == "adapter":
         out["finetuned"] = ("LoRA adapter merged into the base weights, on an engine of its own"

@@ -228,3 +228,13 @@ def test_documents_replace_the_source_and_survive_a_round_trip(tmp_path):
                           ({"qa_generation": {"question_prompt": "{context}"}}, "question_prompt must use exactly")):
         with pytest.raises(RayFTError, match=message):
             parse_job({"name": "d", "data": data})
+
+
+def test_serving_reads_its_own_use_gpu_and_falls_back_to_trainings():
+    from ray_ft.served import finetuned_served_as
+
+    assert parse_job({"name": "x", "train": {"use_gpu": True}}).serve_on_gpu
+    cpu_serving = parse_job({"name": "x", "train": {"use_gpu": True}, "serve": {"use_gpu": False}})
+    assert not cpu_serving.serve_on_gpu and finetuned_served_as(cpu_serving) == "merged"
+    gpu_serving = parse_job({"name": "x", "serve": {"use_gpu": True}})
+    assert gpu_serving.serve_on_gpu and not gpu_serving.train.use_gpu and finetuned_served_as(gpu_serving) == "unmerged"

@@ -152,6 +152,11 @@ class JobConfig(_Strict):
         return str(self.run_dir / "embed" / "model")
 
     @property
+    def serve_on_gpu(self) -> bool:
+        """vLLM engines (serving, QA generation) on GPUs: serve.use_gpu, else train.use_gpu."""
+        return self.train.use_gpu if self.serve.use_gpu is None else self.serve.use_gpu
+
+    @property
     def num_shards(self) -> int:
         """Training shards: data.num_shards, else one per training worker."""
         return self.data.num_shards or self.train.num_workers

@@ -172,6 +172,10 @@ class ServeConfig(_Strict):
         "runs/NAME/train/merged, a full fine-tune), packaged name or HF id. Evaluated with the others "
         "by `ray-ft run`/`eval`. A freeze/full job's own trained model is added under the job's name.",
     )
+    use_gpu: bool | None = Field(
+        None, description="One GPU per vLLM engine (and for QA generation on Ray Data); None: as "
+        "train.use_gpu.",
+    )
     finetuned_adapter: Literal["auto", "unmerged", "merged"] = Field(
         "auto", description="How the job's fine-tuned LoRA adapter is served: unmerged on the base "
         "engine (vLLM LoRA; the base and every adapter share one engine) or merged into the base "

@@ -151,4 +151,4 @@ def writer_for(cfg, model_dir: str | None) -> QAWriter:
     """The engine `data.qa_generation` picks: its endpoint, else vLLM in Ray Data."""
     if cfg.data.qa_generation.endpoint is not None:
         return EndpointWriter()
-    return VLLMWriter(model_dir, cfg.serve.vllm, cfg.model.system_prompt, cfg.train.use_gpu)
+    return VLLMWriter(model_dir, cfg.serve.vllm, cfg.model.system_prompt, cfg.serve_on_gpu)

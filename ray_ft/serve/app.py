@@ -258,13 +258,13 @@ def build_rag_app(cfg: JobConfig, model_dir: str, embedder_dir: str, adapters: d
            embedder_identity(embedder_dir, s.embedder_dtype))
 
     def engine(name: str | None, folder: str, served: str, engine_adapters: dict[str, str]):
-        # Each engine holds its own weights and KV cache: one GPU each with train.use_gpu.
+        # Each engine holds its own weights and KV cache: one GPU each with serve.use_gpu.
         return GeneratorDeployment.options(
             **({"name": name} if name else {}),
-            ray_actor_options={"num_cpus": s.generator_cpus, "num_gpus": 1 if cfg.train.use_gpu else 0},
+            ray_actor_options={"num_cpus": s.generator_cpus, "num_gpus": 1 if cfg.serve_on_gpu else 0},
             **d.generator.serve_options(),
         ).bind(model_dir=folder, base_name=served, adapters=engine_adapters, vcfg=s.vllm,
-               system_prompt=s.system_prompt or cfg.model.system_prompt, use_gpu=cfg.train.use_gpu)
+               system_prompt=s.system_prompt or cfg.model.system_prompt, use_gpu=cfg.serve_on_gpu)
 
     generator = engine(None, model_dir, cfg.model.name, adapters)
     engines = {served: engine(name, folder, served, {})
