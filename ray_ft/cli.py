@@ -71,7 +71,7 @@ def _cmd_train(args) -> int:
         print(f"model: {summary['model_dir']}\nloss: {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}")
         return 0
     # A preference recipe learns from its pairs file; the SFT shards are not its input.
-    prepared = stage_prepare(cfg) if cfg.train.method == "sft" else None
+    prepared = None if cfg.train.is_preference else stage_prepare(cfg)
     result = stage_train(cfg, prepared, resume=not args.force)
     kind = "adapter" if cfg.train.finetuning_type == "lora" else "model"
     print(f"{kind}: {result.adapter_dir} (step {result.exported_step})\n"

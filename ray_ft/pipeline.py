@@ -76,7 +76,7 @@ def stage_train(cfg: JobConfig, prepared: PreparedData, resume: bool = True):
     continues from its latest checkpoint (`resume=False`: from step 0)."""
     from ray_ft.recipes import RECIPES
 
-    if cfg.train.method in ("dpo", "orpo"):  # a bad pairs file fails in a second, before Ray starts
+    if cfg.train.is_preference:  # a bad pairs file fails in a second, before Ray starts
         from ray_ft.data.preference import read_preference_source
 
         read_preference_source(cfg.train.preference.source, cfg.data.on_error)

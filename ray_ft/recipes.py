@@ -38,4 +38,5 @@ _ALL = (
            "contrastive InfoNCE fine-tuning of the sentence-transformers embedder"),
 )
 RECIPES: dict[str, Recipe] = {r.name: r for r in _ALL}
+PREFERENCE_RECIPES = ("dpo", "orpo")  # learn from train.preference.source pairs, not the SFT shards
 LLM_RECIPES = tuple(name for name, r in RECIPES.items() if r.selected_by.startswith("train.method"))

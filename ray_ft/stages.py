@@ -41,7 +41,7 @@ def train_config_key(cfg: JobConfig) -> dict:
     from ray_ft.data.sources import source_fingerprint
 
     key: dict = cfg.train.model_dump()
-    if cfg.train.method in ("dpo", "orpo"):
+    if cfg.train.is_preference:
         key = {"train": key, "pairs": hashlib.sha256(source_fingerprint(cfg.train.preference.source)).hexdigest()}
     return key
 

@@ -112,7 +112,7 @@ class JobConfig(_Strict):
                 f"data.num_shards={self.data.num_shards} < train.num_workers="
                 f"{self.train.num_workers}: some workers would get no data"
             )
-        preference = self.train.method in ("dpo", "orpo")
+        preference = self.train.is_preference
         if preference and self.train.preference.dev_size == 0:
             if self.train.metric_for_best != "val_loss" or self.train.early_stopping_patience:
                 raise ValueError(f"train.metric_for_best={self.train.metric_for_best} / early_stopping_patience "

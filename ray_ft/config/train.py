@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from ray_ft.config.base import _Strict
-from ray_ft.recipes import LLM_RECIPES
+from ray_ft.recipes import LLM_RECIPES, PREFERENCE_RECIPES
 
 
 class DeepSpeedConfig(_Strict):
@@ -168,11 +168,16 @@ class TrainConfig(_Strict):
     tensorboard: bool = Field(True, description="Write TensorBoard event files to train/tensorboard.")
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
 
+    @property
+    def is_preference(self) -> bool:
+        """A preference recipe (dpo, orpo): it learns from `preference.source` pairs."""
+        return self.method in PREFERENCE_RECIPES
+
     @model_validator(mode="after")
     def _check_combinations(self) -> "TrainConfig":
         if self.method not in LLM_RECIPES:
             raise ValueError(f"method={self.method!r} is not a recipe; choose one of {sorted(LLM_RECIPES)}")
-        if self.method in ("dpo", "orpo"):
+        if self.is_preference:
             if self.preference.source is None:
                 raise ValueError(f"method={self.method} needs preference.source (a pairs file)")
             if self.metric_for_best not in PREFERENCE_METRICS:

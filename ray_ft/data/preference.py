@@ -23,7 +23,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ray_ft.data.evalset import normalized
 from ray_ft.data.records import passage_id_of
+from ray_ft.data.shards import name_parts
 from ray_ft.data.sources import (
     Problems, ReadReport, RecordError, decode_text, iter_json_records, read_bytes, read_records)
 from ray_ft.data.tokenize import IGNORE_INDEX, tokenize_conversation
@@ -91,7 +93,7 @@ def preference_pair(obj: object, where: str) -> PreferencePair:
     if own is not None and not isinstance(own, str):
         raise RecordError("field 'system' is not a string")
     chosen, rejected = _reply(obj, "chosen"), _reply(obj, "rejected")
-    if " ".join(chosen.split()) == " ".join(rejected.split()):
+    if normalized(chosen) == normalized(rejected):
         raise RecordError("fields 'chosen' and 'rejected' are the same reply")
     rid = obj.get("id")
     rid = str(rid) if isinstance(rid, (str, int)) and str(rid) != "" else where.replace("line ", "L")
@@ -197,8 +199,7 @@ def write_pair_shards(train: list[PreferencePair], dev: list[PreferencePair], mo
         tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".train."))
         kept.filter(expr="split == 'train'").select_columns(list(PAIR_COLUMNS)).repartition(num_shards) \
             .write_parquet(str(tmp))
-        for i, f in enumerate(sorted(tmp.glob("*.parquet"))):
-            f.rename(tmp / f"part-{i:05d}.parquet")
+        name_parts(tmp)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)

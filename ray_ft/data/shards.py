@@ -50,6 +50,13 @@ def build_examples(rows: list[dict], plan: ShardPlan):
     ).materialize()
 
 
+def name_parts(folder: Path) -> None:
+    """part-00000.parquet, ...: Ray names files after the dataset's random id; fixed names make
+    equal runs equal folders."""
+    for i, f in enumerate(sorted(folder.glob("*.parquet"))):
+        f.rename(folder / f"part-{i:05d}.parquet")
+
+
 def write_train_set(rows: list[dict], plan: ShardPlan, out_dir: Path, sft_file: Path, source: str) -> dict:
     """Write `out_dir/*.parquet` and `sft_file`; return the manifest's training numbers."""
     import ray
@@ -90,9 +97,7 @@ def _write_train_set(rows: list[dict], plan: ShardPlan, out_dir: Path, sft_file:
         raise RayFTError(f"{source}: {len(row_lengths)} training rows cannot fill {plan.num_shards} shards "
                          "(data.num_shards, or one per training worker)")
     rows_ds.repartition(plan.num_shards).write_parquet(str(out_dir))
-    # Ray names files after the dataset's random id; fixed names make equal runs equal folders.
-    for i, f in enumerate(sorted(out_dir.glob("*.parquet"))):
-        f.rename(out_dir / f"part-{i:05d}.parquet")
+    name_parts(out_dir)
     cutoff = plan.settings.cutoff_len
     return {
         "built_examples": len(all_lengths),

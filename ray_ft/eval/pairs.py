@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ray_ft.config.train import PairMiningConfig
+from ray_ft.data.evalset import normalized
 from ray_ft.eval.clients import RAGClient, RequestRejected
 from ray_ft.eval.runner import run_by_passage
 from ray_ft.io import write_jsonl_atomic, write_text_atomic
@@ -39,10 +40,6 @@ class MinedPairs:
         return {k: v for k, v in asdict(self).items() if k != "pairs"} | {"pairs": len(self.pairs)}
 
 
-def _normal(text: str) -> str:
-    return " ".join(text.split())
-
-
 def mine_pairs(client: RAGClient, items: list[dict], served_name: str, prompt: RAGPrompt,
                mining: PairMiningConfig, max_tokens: int) -> MinedPairs:
     """Ask every item, keep the low-scoring answers as pairs (in item order)."""
@@ -56,7 +53,7 @@ def mine_pairs(client: RAGClient, items: list[dict], served_name: str, prompt: R
                 log.warning("pairs: question %s not answered: %s", it["id"], err)
                 refused += 1
                 continue
-            if out["answer"].strip() and _normal(out["answer"]) not in {_normal(a) for a in answers}:
+            if out["answer"].strip() and normalized(out["answer"]) not in {normalized(a) for a in answers}:
                 answers.append(out["answer"])
         return i, answers, refused
 
@@ -70,7 +67,7 @@ def mine_pairs(client: RAGClient, items: list[dict], served_name: str, prompt: R
         messages = prompt.messages([it["context"]], it["question"])
         for k, answer in enumerate(answers):
             f1 = cmrc_f1(answer, it["answers"])
-            if f1 >= mining.max_f1 or _normal(answer) == _normal(chosen):
+            if f1 >= mining.max_f1 or normalized(answer) == normalized(chosen):
                 continue
             pairs.append({"id": f"{it['id']}#{k}", "prompt": messages, "chosen": chosen, "rejected": answer,
                           "f1": round(f1, 4), "question_id": it["id"]})
