@@ -43,7 +43,7 @@ def _cmd_prepare(args) -> int:
     from ray_ft.pipeline import stage_prepare
 
     cfg = load_job(args.job)
-    if cfg.task == "embedding":
+    if cfg.task in ("embedding", "rerank"):  # both learn from the embedding data
         from ray_ft.pipeline import stage_embed_data
 
         if args.force:
@@ -70,6 +70,11 @@ def _cmd_train(args) -> int:
         print("\n" + to_markdown(summary["before"], summary["after"]))
         print(f"model: {summary['model_dir']}\nloss: {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}")
         return 0
+    if cfg.task == "rerank":
+        from ray_ft.pipeline import stage_rerank
+
+        _print_rerank(stage_rerank(cfg, resume=not args.force))
+        return 0
     # A preference recipe learns from its pairs file; the SFT shards are not its input.
     prepared = None if cfg.train.is_preference else stage_prepare(cfg)
     result = stage_train(cfg, prepared, resume=not args.force)
@@ -79,6 +84,15 @@ def _cmd_train(args) -> int:
     if result.merged_dir:
         print(f"merged: {result.merged_dir}")
     return 0
+
+
+def _print_rerank(summary: dict) -> None:
+    from ray_ft.metrics.reranking import to_markdown
+
+    print(f"\nreranker, top {summary['candidates']} of the first stage reordered, held-out questions:\n"
+          + to_markdown(summary["test"]))
+    print(f"reranker: {summary['model_dir']} (step {summary['exported_step']})\n"
+          f"loss: {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}")
 
 
 def _cmd_eval(args) -> int:
@@ -96,7 +110,7 @@ def _cmd_run(args) -> int:
     from ray_ft.config import load_job
     from ray_ft.eval import report
     from ray_ft.metrics import retriever as retrieval_eval
-    from ray_ft.pipeline import run_all
+    from ray_ft.run import run_all
 
     cfg = load_job(args.job)
     summary = run_all(cfg, set(args.force or ()))
@@ -106,6 +120,8 @@ def _cmd_run(args) -> int:
         e = summary["embed"]
         print("\nembedder, retrieval on the held-out questions:\n" + retrieval_eval.to_markdown(e["before"], e["after"]))
         print(f"embedder: {e['model_dir']}")
+    if "rerank" in summary:
+        _print_rerank(summary["rerank"])
     if "eval" in summary:
         print("\n" + report.to_markdown(summary["eval"]))
         print(f"train loss (mean of first/last 8 steps) {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}")

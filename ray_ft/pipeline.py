@@ -20,9 +20,11 @@ from ray_ft.data.prepare import (
 from ray_ft.data.evalset import read_eval_source
 from ray_ft.data.readers import read_source
 from ray_ft.errors import RayFTError
-from ray_ft.io import read_jsonl, write_text_atomic
+from ray_ft.io import read_jsonl, write_jsonl_atomic, write_text_atomic
 from ray_ft.models import resolve_model
-from ray_ft.served import check_extra_models, served_descriptions, served_models, trained_model
+from ray_ft.served import (
+    check_extra_models, served_descriptions, served_models, served_reranker, trained_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +93,8 @@ def stage_serve(cfg: JobConfig, prepared: PreparedData, trained: str | Path | No
     init_ray(cfg)
     adapters, whole = served_models(cfg, trained)
     return deploy(cfg, str(resolve_model(cfg.model.name)), str(resolve_model(cfg.serve.embedder)),
-                  adapters, load_knowledge_base(prepared), whole, take_over=False)
+                  adapters, load_knowledge_base(prepared), whole, take_over=False,
+                  reranker_dir=served_reranker(cfg))
 
 
 def stage_eval(cfg: JobConfig, prepared: PreparedData, url: str,
@@ -141,8 +144,10 @@ def eval_notes(cfg: JobConfig, items: list[dict], manifest: dict) -> list[str]:
                        f"{leak['shared_passages']} passages, {leak['shared_questions']} questions, "
                        f"{leak['affected_questions']} eval questions affected, {leak['dropped_questions']} "
                        f"dropped (eval.leakage: {leak['policy']})")
+    rerank = (f"; reranked mode: the top {cfg.serve.rerank.candidates} reordered by the cross-encoder "
+              f"{cfg.served_reranker}" if cfg.serve.rerank.enabled else "")
     return [f"Eval set: {len(items)} questions over {passages} passages, {origin}. Retrieved context: "
-            f"top {cfg.serve.top_k} by {mode} (serve.retrieval.mode: {cfg.serve.retrieval.mode}); "
+            f"top {cfg.serve.top_k} by {mode} (serve.retrieval.mode: {cfg.serve.retrieval.mode}){rerank}; "
             f"answers greedy, at most {cfg.serve.max_tokens} tokens."]
 
 
@@ -254,97 +259,69 @@ def stage_embed(cfg: JobConfig, resume: bool = True) -> dict:
     return summary
 
 
-class _Timed:
-    """Times the stages of one `run_all` call and notes the skipped ones."""
+def first_stage_search(cfg: JobConfig):
+    """The served retriever's ranking (serve.retrieval for data.language: dense, BM25 or hybrid)
+    as a `Search` over a list of passages, for the rerank stage's candidates."""
+    from ray_ft.embedder import SentenceTransformerEmbedder
+    from ray_ft.metrics.reranking import dense_search
+    from ray_ft.serve.retrieval import BM25Index, reciprocal_rank_fusion
 
-    def __init__(self):
-        self.timings: dict[str, float] = {}
-        self.skipped: list[str] = []
+    r = cfg.serve.retrieval_for(cfg.data.language)
+    dense = None if r.mode == "bm25" else dense_search(
+        SentenceTransformerEmbedder(str(resolve_model(cfg.serve.embedder))).embed, r.query_instruction)
 
-    def __call__(self, key: str, fn):
-        t = time.perf_counter()
-        try:
-            return fn()
-        finally:
-            self.timings[key] = time.perf_counter() - t
+    def search(questions: list[str], passages: list[str], n: int) -> list[list[int]]:
+        if r.mode == "dense":
+            return dense(questions, passages, n)
+        nodes = [{"node_id": str(i), "text": p} for i, p in enumerate(passages)]
+        bm25 = BM25Index(nodes, r.bm25_k1, r.bm25_b)
+        if r.mode == "bm25":
+            return [[int(h.node_id) for h in bm25.search(q, n)] for q in questions]
+        pool = max(n, r.candidates)
+        ranked = [[nodes[i] for i in row] for row in dense(questions, passages, pool)]
+        return [[int(h.node_id) for h in reciprocal_rank_fusion(
+            [[_as_hit(node) for node in row], bm25.search(q, pool)], n, r.rrf_k)] for q, row in zip(questions, ranked)]
 
-
-def _embed_stage(cfg: JobConfig, log_, run: _Timed) -> dict:
-    """Fine-tune the embedder (stage `embed`) unless its record is fresh."""
-    if log_.fresh("embed") is not None:
-        run.skipped.append("embed")
-        return json.loads((cfg.run_dir / "embed" / "retrieval.json").read_text())
-    summary = run("embed_s", lambda: stage_embed(cfg, resume="embed" not in log_.force))
-    log_.done("embed", {"model_dir": summary["model_dir"]},
-              [Path(summary["model_dir"]), cfg.run_dir / "embed" / "retrieval.json"])
-    return summary
-
-
-def _prepare_stage(cfg: JobConfig, log_, run: _Timed) -> PreparedData:
-    prepared = PreparedData(cfg.run_dir / "data")
-    if log_.fresh("prepare") is not None and reusable(prepared, cfg):
-        run.skipped.append("prepare")
-        return prepared
-    prepared = run("prepare_s", lambda: stage_prepare(cfg, force=log_.must_run("prepare")))
-    log_.done("prepare", {}, [prepared.manifest_file])
-    return prepared
+    return search, r.mode
 
 
-def _train_stage(cfg: JobConfig, log_, run: _Timed, prepared: PreparedData):
-    from ray_ft.train.result import TrainResult
+def _as_hit(node: dict):
+    from ray_ft.serve.protocols import Hit
 
-    rec = log_.fresh("train")
-    if rec is not None:
-        run.skipped.append("train")
-        return TrainResult(Path(rec["adapter_dir"]), Path(rec["metrics_file"]),
-                           read_jsonl(Path(rec["metrics_file"])), rec["exported_step"])
-    trained = run("train_s", lambda: stage_train(cfg, prepared, resume="train" not in log_.force))
-    log_.done("train", {"adapter_dir": str(trained.adapter_dir), "metrics_file": str(trained.metrics_file),
-                        "exported_step": trained.exported_step}, [trained.adapter_dir, trained.metrics_file])
-    return trained
+    return Hit(node["node_id"], node["text"], 0.0, {})
 
 
-def _eval_stage(cfg: JobConfig, log_, run: _Timed, prepared: PreparedData, trained) -> list[dict]:
-    """Deploy the graph (the new adapter, and the fine-tuned embedder with embed.enabled), evaluate."""
-    from ray_ft.serve.app import stop_serving
+def stage_rerank(cfg: JobConfig, resume: bool = True) -> dict:
+    """Embedding data -> first-stage candidates (the served retriever, top `rerank.candidates`)
+    -> cross-encoder training on Ray Train -> the test questions' candidates in the first stage's
+    order and reranked. Writes rerank/{model,candidates,metrics.jsonl,retrieval.*}."""
+    from ray_ft.metrics.reranking import (
+        candidate_groups, first_stage_orders, rank_metrics, reranked_orders, to_markdown,
+    )
+    from ray_ft.reranker import CrossEncoderReranker
+    from ray_ft.train.rerank import run_rerank_training
 
-    summary_file = cfg.run_dir / "eval" / "summary.json"
-    if log_.fresh("eval") is not None:
-        run.skipped.append("eval")
-        return json.loads(summary_file.read_text())
-    url = run("serve_start_s", lambda: stage_serve(cfg, prepared, trained.adapter_dir))
-    try:
-        table = run("eval_s", lambda: stage_eval(cfg, prepared, url, trained.history, trained.adapter_dir))
-    finally:
-        stop_serving(cfg)
-    log_.done("eval", {}, [summary_file])
-    return table
-
-
-def run_all(cfg: JobConfig, force: set[str] | frozenset[str] = frozenset()) -> dict:
-    """Run every stage of the job in order; return the timings, the skipped stages, the embedder's
-    retrieval before/after (with an embed stage) and the eval table.
-
-    task sft: [embed ->] prepare -> train -> serve + evaluate; task embedding: embed alone.
-    Stages whose config and inputs are unchanged since they last finished are skipped
-    (`ray_ft.stages`); `force` names stages to rerun anyway (the stages reading them rerun too).
-    """
-    from ray_ft.stages import StageLog
-
-    if cfg.task == "sft":
-        check_extra_models(cfg)
-    log_ = StageLog(cfg.run_dir, cfg, force)
-    run = _Timed()
-    summary: dict = {"job": cfg.name, "task": cfg.task}
-    if cfg.task == "embedding" or cfg.embed.enabled:
-        summary["embed"] = _embed_stage(cfg, log_, run)
-    if cfg.task == "sft":
-        prepared = _prepare_stage(cfg, log_, run)
-        require_eval_set(prepared)  # before hours of training, not after
-        trained = _train_stage(cfg, log_, run, prepared)
-        table = _eval_stage(cfg, log_, run, prepared, trained)
-        summary.update({"first_loss": trained.first_loss, "final_loss": trained.final_loss,
-                        "exported_step": trained.exported_step, "manifest": prepared.manifest(), "eval": table})
-    summary.update({"timings": run.timings, "skipped": run.skipped})
-    write_text_atomic(cfg.run_dir / "run_summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
+    r = cfg.rerank
+    data = stage_embed_data(cfg)
+    search, mode = first_stage_search(cfg)
+    val, test = ([candidate_groups(search, [p.question for p in pairs], [p.context for p in pairs], r.candidates)
+                  for pairs in (data.val[:r.val_max_queries], data.test)])
+    del search  # the first stage's weights, before the trainer starts
+    out = cfg.run_dir / "rerank"
+    for name, groups in (("val", val), ("test", test)):  # what the first stage fetched, for a user to read
+        write_jsonl_atomic(out / "candidates" / f"{name}.jsonl", [g.to_dict() for g in groups])
+    init_ray(cfg)
+    t = time.perf_counter()
+    result = run_rerank_training(cfg, data.triplets, resolve_model(r.model), cfg.run_dir / "rerank", val, resume)
+    train_s = time.perf_counter() - t
+    reranker = CrossEncoderReranker(str(result.model_dir), max_len=r.max_len)
+    rows = {mode: rank_metrics(test, first_stage_orders(test)),
+            f"{mode} + rerank": rank_metrics(test, reranked_orders(test, reranker.scores))}
+    summary = {"triplets": len(data.triplets), "val_queries": len(val), "test_queries": len(test),
+               "candidates": r.candidates, "first_stage": mode, "embedder": cfg.serve.embedder, "steps": len(result.history),
+               "exported_step": result.best_step, "train_s": train_s,
+               "first_loss": result.history[0]["loss"], "final_loss": result.history[-1]["loss"],
+               "test": rows, "model_dir": str(result.model_dir)}
+    write_text_atomic(out / "retrieval.json", json.dumps(summary, indent=2))
+    write_text_atomic(out / "retrieval.md", to_markdown(rows))
     return summary

@@ -36,6 +36,8 @@ _ALL = (
            "odds-ratio preference optimisation (NLL of chosen + odds-ratio term), no reference model"),
     Recipe("embedding", "ray_ft.train.embed:run_embed_training", "task: embedding (or embed.enabled)",
            "contrastive InfoNCE fine-tuning of the sentence-transformers embedder"),
+    Recipe("rerank", "ray_ft.train.rerank:run_rerank_training", "task: rerank (or rerank.enabled)",
+           "listwise softmax training of a cross-encoder reranker on the embedding triplets' hard negatives"),
 )
 RECIPES: dict[str, Recipe] = {r.name: r for r in _ALL}
 PREFERENCE_RECIPES = ("dpo", "orpo")  # learn from train.preference.source pairs, not the SFT shards

@@ -110,3 +110,15 @@ def check_extra_models(cfg: JobConfig) -> None:
             resolve_model(name)
         except RayFTError as err:
             raise RayFTError(f"serve.models.{label}: {err}") from None
+
+
+def served_reranker(cfg: JobConfig) -> str | None:
+    """The cross-encoder folder the graph reranks with (serve.rerank), None without reranking.
+    The job's own must have been trained: a missing one is an error, not a silent first stage."""
+    name = cfg.served_reranker
+    if name is None:
+        return None
+    if name == cfg.finetuned_reranker_dir and not (Path(name) / "config.json").is_file():
+        raise RayFTError(f"serve.rerank: the job's reranker {name} is not trained yet: run `ray-ft run` "
+                         "(rerank.enabled) or `ray-ft train` on a task: rerank job first, or set serve.rerank.model")
+    return str(resolve_model(name))

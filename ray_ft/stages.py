@@ -21,7 +21,7 @@ from pathlib import Path
 from ray_ft.config import JobConfig
 from ray_ft.io import write_text_atomic
 
-STAGES = ("embed", "prepare", "train", "eval")
+STAGES = ("embed", "rerank", "prepare", "train", "eval")
 STATE_FILE = "stages.json"
 
 
@@ -32,8 +32,10 @@ def _digest(obj) -> str:
 def stage_inputs(cfg: JobConfig) -> dict[str, tuple[str, ...]]:
     """The stages each stage of this job reads from (embed only when it is part of the job)."""
     embed = ("embed",) if cfg.embed.enabled else ()
-    return {"embed": (), "prepare": embed if cfg.data.retrieval_augment.enabled else (),
-            "train": ("prepare",), "eval": ("train", *embed)}
+    # eval serves the job's own reranker only when serve.rerank names no other one
+    rerank = ("rerank",) if cfg.trains_reranker and cfg.serve.rerank.enabled and not cfg.serve.rerank.model else ()
+    return {"embed": (), "rerank": embed, "prepare": embed if cfg.data.retrieval_augment.enabled else (),
+            "train": ("prepare",), "eval": ("train", *embed, *rerank)}
 
 
 def train_config_key(cfg: JobConfig) -> dict:
@@ -59,6 +61,9 @@ def stage_hash(cfg: JobConfig, stage: str, memo: dict[str, str] | None = None) -
     upstream = {s: stage_hash(cfg, s, memo) for s in stage_inputs(cfg)[stage]}
     own = {
         "embed": lambda: {"embed": cfg.embed.model_dump(), "data": embed_config_hash(cfg)},
+        # the first stage that fetches its validation and test candidates, too
+        "rerank": lambda: {"rerank": cfg.rerank.model_dump(), "data": embed_config_hash(cfg),
+                           "first_stage": [cfg.serve.embedder, cfg.serve.retrieval.query_instruction]},
         "prepare": lambda: data_config_hash(cfg),  # data + model config, source bytes, embedder files
         "train": lambda: train_config_key(cfg),
         # Models named by path are read by eval too: a re-trained adapter there means new numbers.
@@ -71,11 +76,12 @@ def stage_hash(cfg: JobConfig, stage: str, memo: dict[str, str] | None = None) -
 
 def served_model_fingerprints(cfg: JobConfig) -> str:
     """Digest of the folders eval serves from outside the run: eval.adapters, serve.models and
-    serve.embedder (names only for packaged models and URIs)."""
+    serve.embedder, serve.rerank.model (names only for packaged models and URIs)."""
     from ray_ft.data.sources import folder_fingerprint
 
     h = hashlib.sha256()
-    for path in [*cfg.eval.adapters.values(), *cfg.serve.models.values(), cfg.serve.embedder]:
+    given = [cfg.serve.rerank.model] if cfg.serve.rerank.model else []
+    for path in [*cfg.eval.adapters.values(), *cfg.serve.models.values(), cfg.serve.embedder, *given]:
         h.update(hashlib.sha256(folder_fingerprint(path)).digest())
     return h.hexdigest()
 

@@ -105,7 +105,7 @@ def test_model_without_chat_template_fails_before_ray(tmp_path, smollm_dir):
 def test_recipes_lists_every_registered_method_and_a_bad_pairs_file_is_one_line(tmp_path):
     code, out, _ = ray_ft("recipes")
     assert code == 0
-    assert [line.split()[0] for line in out.splitlines()] == ["sft", "dpo", "orpo", "embedding"]
+    assert [line.split()[0] for line in out.splitlines()] == ["sft", "dpo", "orpo", "embedding", "rerank"]
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text('{"prompt": "Which port?", "chosen": "Kelby.", "rejected": "Kelby."}\n')
     job = tmp_path / "dpo.yaml"

@@ -238,3 +238,21 @@ def test_serving_reads_its_own_use_gpu_and_falls_back_to_trainings():
     assert not cpu_serving.serve_on_gpu and finetuned_served_as(cpu_serving) == "merged"
     gpu_serving = parse_job({"name": "x", "serve": {"use_gpu": True}})
     assert gpu_serving.serve_on_gpu and not gpu_serving.train.use_gpu and finetuned_served_as(gpu_serving) == "unmerged"
+
+
+def test_serving_a_reranker_needs_one_to_serve(tmp_path):
+    from ray_ft.errors import RayFTError
+    from ray_ft.served import served_reranker
+
+    with pytest.raises(RayFTError, match="serve.rerank.enabled: give serve.rerank.model, or set rerank.enabled"):
+        parse_job({"name": "r", "serve": {"rerank": {"enabled": True}}})
+    own = parse_job({"name": "r", "output_dir": str(tmp_path), "rerank": {"enabled": True},
+                     "serve": {"rerank": {"enabled": True}}})
+    assert own.served_reranker == str(tmp_path / "r" / "rerank" / "model") and own.trains_reranker
+    with pytest.raises(RayFTError, match="is not trained yet"):  # before anything is deployed
+        served_reranker(own)
+    (tmp_path / "r" / "rerank" / "model").mkdir(parents=True)
+    (tmp_path / "r" / "rerank" / "model" / "config.json").write_text("{}")
+    assert served_reranker(own) == str((tmp_path / "r" / "rerank" / "model").resolve())
+    assert served_reranker(parse_job({"name": "r", "rerank": {"enabled": True}})) is None  # trained, not served
+    assert parse_job({"name": "r", "task": "rerank"}).trains_reranker

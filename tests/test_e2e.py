@@ -5,7 +5,7 @@ import json
 import pytest
 
 from ray_ft.config import parse_job
-from ray_ft.pipeline import run_all
+from ray_ft.run import run_all
 from tests.conftest import FINQA, finqa_slice
 
 
@@ -85,8 +85,9 @@ def test_run_all_on_a_cmrc_slice(ray_cluster, cmrc_slice, tmp_path, smollm_dir, 
 @pytest.mark.skipif(not FINQA.is_file(), reason="needs ../shared/datasets/financial-qa-10k")
 def test_run_with_an_embed_stage_serves_and_retrieves_with_the_fine_tuned_embedder(
         ray_cluster, tmp_path, smollm_dir, minilm_dir):
-    """embed -> prepare (retrieval-augmented with that embedder) -> train -> serve it -> evaluate,
-    on one Financial-QA slice; the embedder never trains on the passages the eval retrieves from."""
+    """embed -> rerank -> prepare (retrieval-augmented with that embedder) -> train -> serve both ->
+    evaluate with and without the reranker, on one Financial-QA slice; the embedder never trains
+    on the passages the eval retrieves from."""
     import numpy as np
 
     from ray_ft.embedder import SentenceTransformerEmbedder
@@ -101,12 +102,15 @@ def test_run_with_an_embed_stage_serves_and_retrieves_with_the_fine_tuned_embedd
         "data": {"source": str(src), "format": "qa_rows", "language": "en", "val_size": 0.25, "max_samples": 4,
                  "cutoff_len": 512, "retrieval_augment": {"enabled": True, "top_k": 2, "separate_context": False}},
         "train": {"max_steps": 2, "tensorboard": False},
-        "serve": {"http_port": 8767, "max_tokens": 8},
-        "eval": {"max_samples": 3, "concurrency": 3, "modes": ["retrieved"], "plots": False},
+        "rerank": {"enabled": True, "train_group_size": 2, "per_device_batch_size": 4, "max_steps": 2,
+                   "max_len": 96, "candidates": 3},
+        "serve": {"http_port": 8767, "max_tokens": 8, "rerank": {"enabled": True, "candidates": 3, "cpus": 0.3}},
+        "eval": {"max_samples": 3, "concurrency": 3, "modes": ["retrieved", "reranked"], "plots": False},
     })
     summary = run_all(cfg)
     run = tmp_path / "runs" / "e2e_embed"
-    assert summary["skipped"] == [] and summary["embed"]["steps"] == 2
+    assert summary["skipped"] == [] and summary["embed"]["steps"] == 2 and summary["rerank"]["steps"] == 2
+    assert summary["rerank"]["model_dir"] == cfg.finetuned_reranker_dir == cfg.served_reranker
     assert summary["embed"]["model_dir"] == cfg.finetuned_embedder_dir == cfg.serve.embedder
 
     # The eval's passages are not among the embedder's training passages (excluded, and counted).
@@ -120,8 +124,17 @@ def test_run_with_an_embed_stage_serves_and_retrieves_with_the_fine_tuned_embedd
 
     # The served retriever embeds queries with the fine-tuned model and the instruction: its
     # scores are the cosines computed here with both, not the base model's.
-    rows = [json.loads(x) for x in (run / "eval" / "predictions.jsonl").read_text().splitlines()]
+    both = [json.loads(x) for x in (run / "eval" / "predictions.jsonl").read_text().splitlines()]
+    rows = [r for r in both if r["mode"] == "retrieved"]
     assert len(rows) == 6 and all(r["retrieved_scores"][0] is not None for r in rows)
+    # The reranked mode's passage is the one the job's reranker scores best of the 3 candidates,
+    # and its score is that reranker's.
+    from ray_ft.reranker import CrossEncoderReranker
+
+    reranker = CrossEncoderReranker(cfg.finetuned_reranker_dir, max_len=cfg.serve.rerank.max_len)
+    for r in (r for r in both if r["mode"] == "reranked"):
+        assert r["retrieved_scores"][0] == pytest.approx(
+            reranker.scores(r["question"], r["retrieved_texts"])[0], abs=1e-5)
 
     def cosines(model_dir, prefix):
         emb = SentenceTransformerEmbedder(str(model_dir))
@@ -136,4 +149,4 @@ def test_run_with_an_embed_stage_serves_and_retrieves_with_the_fine_tuned_embedd
 
     # Finished: every stage is skipped; an eval-only change reruns eval alone, not the embedder.
     again = run_all(cfg)
-    assert again["skipped"] == ["embed", "prepare", "train", "eval"] and again["embed"] == summary["embed"]
+    assert again["skipped"] == ["embed", "rerank", "prepare", "train", "eval"] and again["embed"] == summary["embed"]

@@ -120,7 +120,7 @@ def test_one_invocation_hashes_the_data_once_until_a_stage_finishes(tmp_path, mo
     calls = []
     real = prepare.data_config_hash
     monkeypatch.setattr(prepare, "data_config_hash", lambda c: calls.append(1) or real(c))
-    assert len(set(stage_hashes(cfg).values())) == 4 and len(calls) == 1  # read by train and eval too
+    assert len(set(stage_hashes(cfg).values())) == 5 and len(calls) == 1  # read by train and eval too
     log = StageLog(cfg.run_dir, cfg)
     assert all(log.fresh(s) == {} for s in ("prepare", "train", "eval")) and len(calls) == 2
     log.done("eval", {}, [out])
@@ -139,3 +139,26 @@ def test_train_stage_starts_the_configured_cluster_even_when_the_data_was_reused
     monkeypatch.setattr(sft, "run_training", lambda *a, **kw: calls.append(("run_training",)))
     pipeline.stage_train(_cfg(tmp_path, ray={"num_cpus": 6}), prepared=None)
     assert calls == [("init_ray", 6), ("run_training",)]
+
+
+def test_the_rerank_stage_reruns_eval_only_when_eval_serves_its_reranker(tmp_path):
+    trained = {"rerank": {"enabled": True}}
+    base = stage_hashes(_cfg(tmp_path, **trained))
+    lr = stage_hashes(_cfg(tmp_path, rerank={"enabled": True, "learning_rate": 1e-4}))
+    # trained but not served: the eval stage does not read it
+    assert lr["rerank"] != base["rerank"] and all(lr[s] == base[s] for s in ("prepare", "train", "eval"))
+    served = {"rerank": {"enabled": True}, "serve": {"rerank": {"enabled": True}}}
+    a = stage_hashes(_cfg(tmp_path, **served))
+    b = stage_hashes(_cfg(tmp_path, rerank={"enabled": True, "learning_rate": 1e-4}, serve={"rerank": {"enabled": True}}))
+    assert a["eval"] != b["eval"] and a["train"] == b["train"]
+    # the first stage that fetches the candidates is the rerank stage's input too
+    first = stage_hashes(_cfg(tmp_path, **trained, serve={"embedder": "other-embedder"}))
+    assert first["rerank"] != base["rerank"]
+    # a reranker served from outside the run: eval depends on its folder, not on the stage
+    folder = tmp_path / "ce"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    outside = _cfg(tmp_path, serve={"rerank": {"enabled": True, "model": str(folder)}})
+    before = stage_hashes(outside)["eval"]
+    (folder / "config.json").write_text('{"changed": 1}')
+    assert stage_hashes(outside)["eval"] != before

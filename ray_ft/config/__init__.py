@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from ray_ft.config.base import SafeName, _Strict
 from ray_ft.config.data import DataConfig, NodeGroupConfig, RetrievalAugmentConfig
+from ray_ft.config.rerank import RerankConfig, ServeRerankSettings
 from ray_ft.config.generation import QAEndpointConfig, QAFilterConfig, QAGenerationConfig
 from ray_ft.config.evaluation import EndpointConfig, EvalConfig, JudgeConfig
 from ray_ft.config.serve import (
@@ -32,7 +33,7 @@ __all__ = [
     "EmbedConfig", "EmbedderBatching", "EndpointConfig", "EvalConfig", "HardNegativeConfig",
     "IngressDeploymentSettings", "JobConfig", "JudgeConfig", "ModelConfig", "NodeGroupConfig", "QAEndpointConfig",
     "QAFilterConfig", "QAGenerationConfig", "RayConfig",
-    "RetrievalAugmentConfig", "RetrievalSettings", "ServeConfig", "ServeDeployments", "TrainConfig",
+    "RerankConfig", "RetrievalAugmentConfig", "RetrievalSettings", "ServeRerankSettings", "ServeConfig", "ServeDeployments", "TrainConfig",
     "VLLMConfig", "load_job", "parse_job",
 ]
 
@@ -67,8 +68,9 @@ class RayConfig(_Strict):
 class JobConfig(_Strict):
     name: SafeName = Field(..., description="Job name; also the run folder's name and the served name of the "
                            "fine-tuned model ([A-Za-z0-9][A-Za-z0-9._-]{0,127}, no '..').")
-    task: Literal["sft", "embedding"] = Field(
-        "sft", description="What `ray-ft train` fine-tunes: the LLM (sft) or the embedder (embedding)."
+    task: Literal["sft", "embedding", "rerank"] = Field(
+        "sft", description="What `ray-ft train` fine-tunes: the LLM (sft), the embedder (embedding) or the "
+        "reranker (rerank)."
     )
     output_dir: str = Field(
         "runs", description="Parent folder of the run folder (relative to the working directory)."
@@ -77,6 +79,7 @@ class JobConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    rerank: RerankConfig = Field(default_factory=RerankConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -130,6 +133,11 @@ class JobConfig(_Strict):
                 raise ValueError("embed.enabled with data.documents: the embedder's training pairs would "
                                  "have to come from the generated QA set, which is not wired yet; fine-tune "
                                  "the embedder in a task: embedding job on data/generated_qa.jsonl")
+        if "reranked" in self.eval.modes and not self.serve.rerank.enabled:
+            raise ValueError("eval.modes 'reranked' needs a served reranker (serve.rerank.enabled)")
+        if self.serve.rerank.enabled and self.serve.rerank.model is None and not self.trains_reranker:
+            raise ValueError("serve.rerank.enabled: give serve.rerank.model, or set rerank.enabled to serve "
+                             "the reranker this job trains")
         if self.serve.node_group not in self.data.node_groups:
             raise ValueError(f"serve.node_group '{self.serve.node_group}' is not one of data.node_groups "
                              f"{sorted(self.data.node_groups)}")
@@ -145,6 +153,24 @@ class JobConfig(_Strict):
             if "embedder" in section.model_fields_set and section.embedder != own:
                 raise ValueError(f"{name}={section.embedder}: with embed.enabled the job uses the embedder "
                                  f"it fine-tunes ({own}); remove {name}")
+
+    @property
+    def trains_reranker(self) -> bool:
+        """The job has a `rerank` stage (task: rerank, or rerank.enabled)."""
+        return self.task == "rerank" or self.rerank.enabled
+
+    @property
+    def finetuned_reranker_dir(self) -> str:
+        """Where the rerank stage exports the trained cross-encoder."""
+        return str(self.run_dir / "rerank" / "model")
+
+    @property
+    def served_reranker(self) -> str | None:
+        """The cross-encoder the graph serves: serve.rerank.model, else the job's own; None: no reranking."""
+        r = self.serve.rerank
+        if not r.enabled:
+            return None
+        return r.model or self.finetuned_reranker_dir
 
     @property
     def finetuned_embedder_dir(self) -> str:

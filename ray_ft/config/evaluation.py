@@ -48,10 +48,11 @@ class EvalConfig(_Strict):
         "with a warning, or stop with an error naming both files. Counted in the manifest and report.",
     )
     max_samples: int = Field(50, ge=1, description="Held-out questions to evaluate.")
-    modes: list[Literal["gold", "retrieved"]] = Field(
+    modes: list[Literal["gold", "retrieved", "reranked"]] = Field(
         ["gold", "retrieved"], min_length=1,
         description='"gold": the question\'s own passage (the 100%-recall control); '
-        '"retrieved": top-k passages from the served retriever.',
+        '"retrieved": top-k passages from the served retriever (its first stage alone); '
+        '"reranked": the retriever\'s serve.rerank.candidates reordered by the reranker, top-k kept.',
     )
     models: list[Literal["base", "finetuned"]] = Field(
         ["base", "finetuned"], min_length=1, description="Which served models to compare."

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from ray_ft.config.base import _Strict, safe_keys
+from ray_ft.config.rerank import ServeRerankSettings
 
 
 class VLLMConfig(_Strict):
@@ -116,6 +117,8 @@ class ServeDeployments(_Strict):
         description="The vLLM engine (base + adapters); a replica takes ~20-40 s to start on CPU.",
     )
     embedder: DeploymentSettings = Field(default_factory=DeploymentSettings, description="The embedding model.")
+    reranker: DeploymentSettings = Field(
+        default_factory=DeploymentSettings, description="The cross-encoder (with serve.rerank.enabled).")
     retriever: DeploymentSettings = Field(default_factory=DeploymentSettings, description="The vector index.")
     ingress: IngressDeploymentSettings = Field(
         default_factory=IngressDeploymentSettings,
@@ -210,6 +213,7 @@ class ServeConfig(_Strict):
     deployments: ServeDeployments = Field(default_factory=ServeDeployments)
     embedder_batching: EmbedderBatching = Field(default_factory=EmbedderBatching)
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
+    rerank: ServeRerankSettings = Field(default_factory=ServeRerankSettings)
     request_timeout_s: float = Field(
         300.0, gt=0, description="How long the ingress waits for the generator, retriever or "
         "embedder before answering 504 (and cancelling the call).",

@@ -93,8 +93,8 @@ class RAGClient:
             body["contexts"] = contexts
         return _post(self.http, "/v1/rag", body)
 
-    def retrieve(self, query: str, top_k: int | None = None) -> dict:
-        return _post(self.http, "/v1/retrieve", {"query": query, "top_k": top_k})
+    def retrieve(self, query: str, top_k: int | None = None, rerank: bool | None = None) -> dict:
+        return _post(self.http, "/v1/retrieve", {"query": query, "top_k": top_k, "rerank": rerank})
 
     def embed(self, texts: list[str]) -> np.ndarray:
         # base64 float32: exact, and far cheaper to encode and parse than JSON floats.

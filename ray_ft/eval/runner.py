@@ -1,7 +1,8 @@
 """Run an eval set through the served RAG graph, per model and per context mode, and score it.
 
 Modes: "gold" sends the question's own passage, the recipe's 100%-recall control; "retrieved"
-lets the served retriever pick the passages. Targets are models the ingress serves (base, the
+lets the served retriever's first stage pick the passages, "reranked" its candidates reordered by
+the served reranker (both from one deployment, per request). Targets are models the ingress serves (base, the
 fine-tuned adapter) or any OpenAI-compatible endpoint: for those the prompt is built here, with
 the same template and the same contexts (`/v1/retrieve` in retrieved mode), and sent to their
 `/chat/completions`. Requests go out concurrently so an engine batches them, ordered by passage
@@ -58,14 +59,16 @@ class PromptSettings:
 def _ask(client: RAGClient, target: EvalTarget, item: dict, mode: str, prompt: PromptSettings) -> dict:
     """One answer: `answer`, `contexts` [{node_id, text}], `model`, `latency_s`, `completion_tokens`."""
     gold = [item["context"]] if mode == "gold" else None
+    rerank = None if gold else mode == "reranked"  # one deployment serves both retrieval modes
     if target.external is None:
-        out = client.rag(item["question"], target.served_name, contexts=gold)
+        out = client.rag(item["question"], target.served_name, contexts=gold,
+                         **({} if rerank is None else {"rerank": rerank}))
         return {"answer": out["answer"], "contexts": out["contexts"], "model": out["model"],
                 "latency_s": out["retrieval_latency_s"] + out["generation_latency_s"],
                 "completion_tokens": out["completion_tokens"]}
     t0 = time.perf_counter()
     contexts = ([{"node_id": None, "text": gold[0]}] if gold
-                else client.retrieve(item["question"])["contexts"])
+                else client.retrieve(item["question"], rerank=rerank)["contexts"])
     messages = RAGPrompt(prompt.language, prompt.system_prompt, prompt.template,
                          prompt.training_template).messages(
         [c["text"] for c in contexts], item["question"])
@@ -97,7 +100,7 @@ def predict(client: RAGClient, items: list[dict], target: EvalTarget, mode: str,
             "latency_s": out["latency_s"], "completion_tokens": out["completion_tokens"],
             **({"retrieved_texts": [c["text"] for c in out["contexts"]],
                 "retrieved_scores": [c["score"] for c in out["contexts"]], "gold_context": it["context"]}
-               if mode == "retrieved" else {}),
+               if mode != "gold" else {}),
         }
 
     t0 = time.perf_counter()

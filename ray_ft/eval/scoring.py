@@ -88,6 +88,6 @@ def score_rows(rows: list[dict], embed: EmbedFn, batch_size: int = 128, splitter
         r["cosine"] = float(c) if pred.strip() else 0.0
         r["origin"] = origin_score(pred, r["context"])
         r["origin_char"] = origin_char_score(pred, r["context"])
-        if r.get("mode") == "retrieved":
+        if r.get("mode") in ("retrieved", "reranked"):
             score_retrieval(r, splitter)
     return rows

@@ -116,6 +116,45 @@ class EmbedderDeployment:
 
 
 @serve.deployment
+class RerankerDeployment:
+    """A cross-encoder behind `@serve.batch`: the (query, passages) of requests that arrive
+    together are scored in one model call (`ray_ft.reranker`)."""
+
+    def __init__(self, model_dir: str, threads: int = 0, dtype: str = "float32", max_len: int = 512,
+                 max_batch_size: int = 8, batch_wait_timeout_s: float = 0.005):
+        import torch
+
+        from ray_ft.reranker import CrossEncoderReranker
+
+        torch.set_num_threads(threads or len(os.sched_getaffinity(0)) or 1)  # as the embedder
+        self.reranker = CrossEncoderReranker(model_dir, max_len=max_len, dtype=dtype)
+        self.calls = {"model_calls": 0, "requests": 0, "pairs": 0, "model_s": 0.0}
+        self._score_batch = serve.batch(max_batch_size=max_batch_size,
+                                        batch_wait_timeout_s=batch_wait_timeout_s)(self._score_requests)
+
+    async def rerank(self, query: str, passages: list[str]) -> np.ndarray:
+        """Relevance of each passage to the query, in (0, 1)."""
+        return await self._score_batch((query, list(passages)))
+
+    async def _score_requests(self, requests: list[tuple[str, list[str]]]) -> list[np.ndarray]:
+        from ray_ft.reranker import relevance
+
+        queries = [q for q, passages in requests for _ in passages]
+        passages = [p for _, ps in requests for p in ps]
+        t0 = time.perf_counter()
+        logits = self.reranker.logits(queries, passages)  # on the loop, as the embedder (batches form)
+        self.calls["model_s"] += time.perf_counter() - t0
+        self.calls["model_calls"] += 1
+        self.calls["requests"] += len(requests)
+        self.calls["pairs"] += len(passages)
+        bounds = np.cumsum([0, *(len(ps) for _, ps in requests)])
+        return [relevance(logits[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def batch_stats(self) -> dict:
+        return dict(self.calls)
+
+
+@serve.deployment
 class RetrieverDeployment:
     """Knowledge-base nodes ranked by exact cosine (vectors from the embedder deployment), BM25,
     or both fused by reciprocal rank (`serve.retrieval`). With `index_dir` the dense index is
@@ -193,8 +232,8 @@ class RetrieverDeployment:
 class RAGIngress:
     def __init__(self, generator: DeploymentHandle, retriever: DeploymentHandle,
                  embedder: DeploymentHandle, settings: IngressSettings,
-                 engines: dict[str, DeploymentHandle] | None = None):
-        self.service = RAGService(generator, retriever, embedder, settings, engines)
+                 engines: dict[str, DeploymentHandle] | None = None, reranker: DeploymentHandle | None = None):
+        self.service = RAGService(generator, retriever, embedder, settings, engines, reranker)
 
     def __serve_build_asgi_app__(self):
         # Built in the replica, around this replica's service (and its handles).
@@ -226,6 +265,8 @@ def ingress_settings(cfg: JobConfig) -> IngressSettings:
         max_tokens_limit=s.tokens_limit, request_timeout_s=s.request_timeout_s, retries=s.retries,
         max_input_chars=s.max_input_chars, max_embed_inputs=s.max_embed_inputs,
         max_request_bytes=s.max_request_bytes, auth_token=auth_token(s.auth_token_env),
+        rerank_candidates=s.rerank.candidates if s.rerank.enabled else None,
+        max_rerank_documents=s.rerank.max_documents,
     )
 
 
@@ -235,10 +276,12 @@ def engine_deployment_name(served_name: str) -> str:
 
 
 def build_rag_app(cfg: JobConfig, model_dir: str, embedder_dir: str, adapters: dict[str, str],
-                  documents: list[dict], whole_models: dict[str, str] | None = None):
+                  documents: list[dict], whole_models: dict[str, str] | None = None,
+                  reranker_dir: str | None = None):
     """The bound Serve application for `cfg` (deploy it with `serve.run`): the base engine with
-    `adapters` {served name: location}, and one more engine per entry of `whole_models`
-    {served name: model folder}."""
+    `adapters` {served name: location}, one more engine per entry of `whole_models`
+    {served name: model folder}, and with `reranker_dir` (serve.rerank) a reranker between the
+    retriever and the generator."""
     s, d = cfg.serve, cfg.serve.deployments
     whole_models = whole_models or {}
     names = [engine_deployment_name(n) for n in whole_models]
@@ -269,13 +312,19 @@ def build_rag_app(cfg: JobConfig, model_dir: str, embedder_dir: str, adapters: d
     generator = engine(None, model_dir, cfg.model.name, adapters)
     engines = {served: engine(name, folder, served, {})
                for name, (served, folder) in zip(names, whole_models.items())}
+    reranker = None
+    if reranker_dir is not None:
+        r = s.rerank
+        reranker = RerankerDeployment.options(
+            ray_actor_options={"num_cpus": r.cpus}, **d.reranker.serve_options(),
+        ).bind(reranker_dir, r.threads, r.dtype, r.max_len, r.max_batch_size, r.batch_wait_timeout_s)
     ingress = RAGIngress.options(ray_actor_options={"num_cpus": 0.1}, **d.ingress.serve_options())
-    return ingress.bind(generator, retriever, embedder, settings, engines)
+    return ingress.bind(generator, retriever, embedder, settings, engines, reranker)
 
 
 def deploy(cfg: JobConfig, model_dir: str, embedder_dir: str, adapters: dict[str, str],
            documents: list[dict], whole_models: dict[str, str] | None = None,
-           take_over: bool = True) -> str:
+           take_over: bool = True, reranker_dir: str | None = None) -> str:
     """Start Serve on `serve.http_host:http_port`, deploy the graph, build the index; return the
     URL to reach it from this machine. `take_over=False`: refuse when a ray_ft app already runs on
     the cluster (an evaluation must not take down a live deployment)."""
@@ -284,7 +333,7 @@ def deploy(cfg: JobConfig, model_dir: str, embedder_dir: str, adapters: dict[str
                          f"{cfg.ray.address}): stop it, or evaluate on another cluster")
     serve.start(proxy_location=cfg.serve.proxy_location,
                 http_options={"host": cfg.serve.http_host, "port": cfg.serve.http_port})
-    serve.run(build_rag_app(cfg, model_dir, embedder_dir, adapters, documents, whole_models),
+    serve.run(build_rag_app(cfg, model_dir, embedder_dir, adapters, documents, whole_models, reranker_dir),
               name=APP_NAME, route_prefix="/", blocking=False,
               logging_config=LoggingConfig(enable_access_log=False))  # one line per call is noise
     # Embed the knowledge base now, so the first request does not pay for it.

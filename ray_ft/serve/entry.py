@@ -20,7 +20,7 @@ def served_inputs(cfg, job: str) -> dict:
     """What the graph of a finished run serves: model and embedder folders, adapters by served
     name, knowledge-base documents (the keyword arguments of `build_rag_app` / `deploy`). Fails
     with a message naming the missing piece and the command that makes it."""
-    from ray_ft.served import check_extra_models, served_models, trained_model
+    from ray_ft.served import check_extra_models, served_models, served_reranker, trained_model
 
     check_extra_models(cfg)
     prepared = PreparedData(cfg.run_dir / "data")
@@ -28,7 +28,8 @@ def served_inputs(cfg, job: str) -> dict:
         raise RayFTError(f"{prepared.knowledge_base_file}: no knowledge base; run `ray-ft prepare {job}` first")
     adapters, whole = served_models(cfg, trained_model(cfg))
     return {"model_dir": str(resolve_model(cfg.model.name)), "embedder_dir": str(resolve_model(cfg.serve.embedder)),
-            "adapters": adapters, "documents": load_knowledge_base(prepared), "whole_models": whole}
+            "adapters": adapters, "documents": load_knowledge_base(prepared), "whole_models": whole,
+            "reranker_dir": served_reranker(cfg)}
 
 
 def app_builder(args: dict):

@@ -2,7 +2,9 @@
 
 Endpoints: `POST /v1/chat/completions` (OpenAI format; `stream: true` answers with server-sent
 events; `response_format` JSON / JSON-schema output), `POST /v1/embeddings`, `GET /v1/models`,
-`POST /v1/rag`, `POST /v1/retrieve`, `GET /healthz`.
+`POST /v1/rag`, `POST /v1/retrieve`, `POST /v1/rerank` (with a reranker), `GET /healthz`.
+With a reranker, retrieval fetches `rerank_candidates` passages and keeps the `top_k` that the
+cross-encoder scores best; both stages' scores and the first stage's rank come back.
 
 `RAGService` holds what the endpoints do (validation, prompt, calls with retries and one deadline
 per request) and `build_api` wraps it in FastAPI, so both can be tested with fake deployment
@@ -14,32 +16,29 @@ because a replica died carries `x-ray-ft-retries`.
 from __future__ import annotations
 
 import base64
-import hmac
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
-from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import SecretStr
 
 from ray_ft.errors import RayFTError
-from ray_ft.serve.engines import InvalidMessages, InvalidStructuredOutput, PromptTooLong, UnknownModelError
+from ray_ft.serve.http_guard import GuardMiddleware, cause_message, install_error_handlers
 from ray_ft.serve.openai_format import SSE_DONE, ChunkWriter, completion_body, error_body, sse
 from ray_ft.serve.prompting import RAGPrompt
 from ray_ft.serve.resilience import (
-    Deadline, UpstreamTimeout, UpstreamUnavailable, call_with_retries, next_item,
+    Deadline, UpstreamTimeout, call_with_retries, next_item,
     open_stream_with_retries,
 )
 from ray_ft.serve.schemas import (
-    ChatCompletionRequest, EmbeddingRequest, RAGRequest, RAGResponse, RetrievedContext,
-    RetrieveRequest, RetrieveResponse,
+    ChatCompletionRequest, EmbeddingRequest, RAGRequest, RAGResponse, RerankRequest, RerankResponse,
+    RerankResult, RetrievedContext, RetrieveRequest, RetrieveResponse,
 )
 
 RETRIES_HEADER = "x-ray-ft-retries"
-OPEN_PATHS = {"/healthz"}  # no auth, no size check: load balancers and probes call it
 
 
 @dataclass(frozen=True)
@@ -58,6 +57,8 @@ class IngressSettings:
     # Every served name (base, adapters, whole models), so an unknown one is a 404 before any
     # engine is called; empty: the generator decides.
     model_names: tuple[str, ...] = ()
+    rerank_candidates: int | None = None  # None: no reranker in the graph
+    max_rerank_documents: int = 256
 
 
 class RequestError(RayFTError):
@@ -68,19 +69,17 @@ class RequestError(RayFTError):
         self.status, self.kind = status, kind
 
 
-def cause_message(exc: BaseException) -> str:
-    """The message of an error raised in another deployment, without Ray's traceback around it."""
-    return str(getattr(exc, "cause", None) or exc)
-
-
 class RAGService:
     """The endpoints' work, apart from HTTP."""
 
     def __init__(self, generator: Any, retriever: Any, embedder: Any, settings: IngressSettings,
-                 engines: dict[str, Any] | None = None):
+                 engines: dict[str, Any] | None = None, reranker: Any | None = None):
         """`generator` serves the base model and its adapters; `engines` the whole models that
-        run on engines of their own (merged or fully fine-tuned), by served name."""
-        self.generator, self.retriever, self.embedder = generator, retriever, embedder
+        run on engines of their own (merged or fully fine-tuned), by served name; `reranker`
+        the cross-encoder (with `settings.rerank_candidates`)."""
+        if (reranker is None) != (settings.rerank_candidates is None):
+            raise ValueError("a reranker needs settings.rerank_candidates, and rerank_candidates a reranker")
+        self.generator, self.retriever, self.embedder, self.reranker = generator, retriever, embedder, reranker
         self.engines = engines or {}
         self.s = settings
 
@@ -179,16 +178,45 @@ class RAGService:
                 "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(encoded)],
                 "usage": {"prompt_tokens": 0, "total_tokens": 0}}
 
-    async def _retrieve(self, query: str, top_k: int | None, deadline: Deadline,
-                        stats: dict) -> list[RetrievedContext]:
-        hits = await self._call(lambda: self.retriever.retrieve.remote(query, top_k or self.s.top_k),
-                                "retriever", deadline, stats)
-        return [RetrievedContext(node_id=h.node_id, text=h.text, score=h.score) for h in hits]
+    def _reranks(self, asked: bool | None) -> bool:
+        if asked and self.reranker is None:
+            raise RequestError(400, "rerank: no reranker is served here (serve.rerank.enabled is off)")
+        return self.reranker is not None and asked is not False
+
+    async def _retrieve(self, query: str, top_k: int | None, deadline: Deadline, stats: dict,
+                        rerank: bool | None = None) -> list[RetrievedContext]:
+        k, reranks = top_k or self.s.top_k, self._reranks(rerank)
+        fetch = max(k, self.s.rerank_candidates) if reranks else k
+        hits = await self._call(lambda: self.retriever.retrieve.remote(query, fetch), "retriever", deadline, stats)
+        contexts = [RetrievedContext(node_id=h.node_id, text=h.text, score=h.score, retrieval_score=h.score,
+                                     retrieval_rank=i) for i, h in enumerate(hits)]
+        if not reranks or not contexts:
+            return contexts[:k]
+        texts = [c.text for c in contexts]
+        scores = await self._call(lambda: self.reranker.rerank.remote(query, texts), "reranker", deadline, stats)
+        order = sorted(range(len(contexts)), key=lambda i: -float(scores[i]))  # stable: ties keep rank
+        return [contexts[i].model_copy(update={"score": float(scores[i]), "rerank_score": float(scores[i])})
+                for i in order[:k]]
+
+    async def rerank(self, req: RerankRequest, stats: dict) -> dict:
+        if self.reranker is None:
+            raise RequestError(404, "no reranker is served here (serve.rerank.enabled is off)", "not_found_error")
+        n = len(req.documents)
+        if not 1 <= n <= self.s.max_rerank_documents:
+            raise RequestError(400, f"documents must hold 1 to {self.s.max_rerank_documents} texts, got {n}")
+        self._check_chars(len(req.query) + sum(len(d) for d in req.documents), "query and documents")
+        scores = await self._call(lambda: self.reranker.rerank.remote(req.query, req.documents), "reranker",
+                                  Deadline(self.s.request_timeout_s), stats)
+        order = sorted(range(n), key=lambda i: -float(scores[i]))[: req.top_n or n]
+        results = [RerankResult(index=i, relevance_score=float(scores[i]),
+                                document={"text": req.documents[i]} if req.return_documents else None)
+                   for i in order]
+        return RerankResponse(id=f"rerank-{uuid.uuid4().hex}", model=req.model or "reranker", results=results).model_dump(exclude_none=True)
 
     async def retrieve(self, req: RetrieveRequest, stats: dict) -> RetrieveResponse:
         self._check_chars(len(req.query), "query")
         t0 = time.perf_counter()
-        contexts = await self._retrieve(req.query, req.top_k, Deadline(self.s.request_timeout_s), stats)
+        contexts = await self._retrieve(req.query, req.top_k, Deadline(self.s.request_timeout_s), stats, req.rerank)
         return RetrieveResponse(contexts=contexts, latency_s=time.perf_counter() - t0)
 
     async def rag(self, req: RAGRequest, stats: dict) -> RAGResponse:
@@ -201,7 +229,7 @@ class RAGService:
                 raise RequestError(400, "contexts: give at least one passage or leave it out")
             contexts = [RetrievedContext(node_id=None, text=c, score=None) for c in req.contexts]
         else:
-            contexts = await self._retrieve(req.query, req.top_k, deadline, stats)
+            contexts = await self._retrieve(req.query, req.top_k, deadline, stats, req.rerank)
         t1 = time.perf_counter()
         messages = self.s.prompt.messages([c.text for c in contexts], req.query)
         model = req.model or self.s.base_name
@@ -217,117 +245,6 @@ class RAGService:
 
 
 # -- HTTP ---------------------------------------------------------------------------------------
-def _error(status: int, message: str, kind: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content=error_body(message, kind))
-
-
-class GuardMiddleware:
-    """Bearer-token auth and the body-size limit, before a request is parsed (plain ASGI, so
-    streamed responses and client disconnects pass through untouched)."""
-
-    def __init__(self, app, settings: IngressSettings):
-        self.app, self.s = app, settings
-        token = settings.auth_token.get_secret_value() if settings.auth_token else None
-        self._expected = f"Bearer {token}".encode() if token else None
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            path = scope["path"].removeprefix(scope.get("root_path", "")) or "/"
-            if path not in OPEN_PATHS:
-                headers = dict(scope["headers"])
-                refusal = self._refusal(headers)
-                if refusal is None and b"content-length" not in headers:
-                    # A chunked body states no length: read it here, up to the limit.
-                    body = await self._body_within_limit(receive)
-                    if body is None:
-                        refusal = _error(413, f"request body exceeds the limit of {self.s.max_request_bytes} "
-                                         "bytes", "invalid_request_error")
-                    else:
-                        receive = _replayed(body, receive)
-                if refusal is not None:
-                    await refusal(scope, receive, send)
-                    return
-        await self.app(scope, receive, send)
-
-    async def _body_within_limit(self, receive) -> bytes | None:
-        """The whole request body, or None once it passes max_request_bytes (the rest unread)."""
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client went away
-                return b"".join(chunks)
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.s.max_request_bytes:
-                return None
-            if not message.get("more_body", False):
-                return b"".join(chunks)
-
-    def _refusal(self, headers: dict[bytes, bytes]) -> JSONResponse | None:
-        if self._expected is not None:
-            given = headers.get(b"authorization")
-            if given is None:
-                return _error(401, "missing bearer token: send 'Authorization: Bearer <token>'",
-                              "authentication_error")
-            if not hmac.compare_digest(given, self._expected):  # constant time
-                return _error(401, "invalid bearer token", "authentication_error")
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.s.max_request_bytes:
-            return _error(413, f"request body of {int(length)} bytes exceeds the limit of "
-                          f"{self.s.max_request_bytes}", "invalid_request_error")
-        return None
-
-
-def _replayed(body: bytes, receive):
-    """An ASGI receive that hands the app `body` as one message, then waits on the real one
-    (which reports the client's disconnect)."""
-    sent = False
-
-    async def replay():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
-
-
-def _install_error_handlers(api: FastAPI) -> None:
-    # FastAPI's own 4xx (a body it cannot parse: invalid UTF-8, JSON nested past the decoder's
-    # depth; unknown routes and methods) in the same error shape as every other answer.
-    @api.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException):
-        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        response = _error(exc.status_code, str(exc.detail), kind)
-        response.headers.update(exc.headers or {})
-        return response
-
-    @api.exception_handler(RequestValidationError)
-    async def _bad_request(_: Request, exc: RequestValidationError):
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
-        return _error(400, f"{where}: {first.get('msg')}", "invalid_request_error")
-
-    statuses = {
-        RequestError: None, UnknownModelError: (404, "model_not_found"),
-        InvalidStructuredOutput: (400, "invalid_request_error"), PromptTooLong: (400, "invalid_request_error"),
-        InvalidMessages: (400, "invalid_request_error"),
-        UpstreamTimeout: (504, "timeout"), UpstreamUnavailable: (503, "service_unavailable"),
-    }
-    for exc_type, answer in statuses.items():
-        def handler(_: Request, exc: Exception, answer=answer):
-            status, kind = answer or (exc.status, exc.kind)
-            return _error(status, cause_message(exc), kind)
-
-        api.add_exception_handler(exc_type, handler)
-
-    @api.exception_handler(Exception)
-    async def _server_error(_: Request, exc: Exception):
-        return _error(500, f"{type(getattr(exc, 'cause', None) or exc).__name__}: {cause_message(exc)}",
-                      "server_error")
-
-
 def _with_retries(response: Response, stats: dict) -> None:
     if stats.get("retries"):
         response.headers[RETRIES_HEADER] = str(stats["retries"])
@@ -348,7 +265,7 @@ async def _answered(call, req, response: Response | None = None):
 
 def build_api(service: RAGService) -> FastAPI:
     api = FastAPI(title="ray_ft RAG")
-    _install_error_handlers(api)
+    install_error_handlers(api, RequestError)
     api.add_middleware(GuardMiddleware, settings=service.s)
 
     @api.get("/healthz")
@@ -375,6 +292,10 @@ def build_api(service: RAGService) -> FastAPI:
     @api.post("/v1/retrieve", response_model=RetrieveResponse)
     async def retrieve(req: RetrieveRequest, response: Response):
         return await _answered(service.retrieve, req, response)
+
+    @api.post("/v1/rerank", response_model=RerankResponse, response_model_exclude_none=True)
+    async def rerank(req: RerankRequest):
+        return await _answered(service.rerank, req)
 
     @api.post("/v1/rag", response_model=RAGResponse)
     async def rag(req: RAGRequest, response: Response):

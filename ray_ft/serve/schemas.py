@@ -117,12 +117,17 @@ class RAGRequest(BaseModel):
     contexts: list[str] | None = Field(
         None, description="Use these passages instead of retrieving (the gold-context control)."
     )
+    rerank: bool | None = Field(
+        None, description="Rerank the retrieved passages (default: when the deployment has a reranker).")
 
 
 class RetrievedContext(BaseModel):
     node_id: str | None
     text: str
-    score: float | None
+    score: float | None = Field(None, description="The score this list is ordered by (the reranker's when it ran).")
+    retrieval_score: float | None = Field(None, description="The first stage's score (cosine, BM25 or fused).")
+    retrieval_rank: int | None = Field(None, description="0-based rank in the first stage's list.")
+    rerank_score: float | None = Field(None, description="The cross-encoder's relevance in (0, 1), with rerank.")
 
 
 class RAGResponse(BaseModel):
@@ -140,8 +145,46 @@ class RetrieveRequest(BaseModel):
 
     query: str = Field(..., min_length=1)
     top_k: int | None = Field(None, ge=1, le=20)
+    rerank: bool | None = Field(
+        None, description="Rerank the retrieved passages (default: when the deployment has a reranker).")
 
 
 class RetrieveResponse(BaseModel):
     contexts: list[RetrievedContext]
     latency_s: float
+
+
+class RerankRequest(BaseModel):
+    """The common rerank request (Cohere, Jina, vLLM): a query and the documents to order."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    query: str = Field(..., min_length=1)
+    documents: list[str] = Field(..., description="Texts to score against the query (at least one).")
+    top_n: int | None = Field(None, ge=1, description="Return the best n (default: all).")
+    model: str | None = Field(None, description="Ignored: the deployment serves one reranker.")
+    return_documents: bool = Field(True, description="Echo each result's text.")
+
+    @field_validator("documents", mode="before")
+    @classmethod
+    def _texts(cls, documents):
+        """Plain strings, or objects with a `text` field (as Cohere v2 / Jina accept)."""
+        if isinstance(documents, list):
+            return [d["text"] if isinstance(d, dict) and isinstance(d.get("text"), str) else d for d in documents]
+        return documents
+
+
+class RerankDocument(BaseModel):
+    text: str
+
+
+class RerankResult(BaseModel):
+    index: int = Field(..., description="Position of the document in the request.")
+    relevance_score: float = Field(..., description="In (0, 1); results are ordered by it, best first.")
+    document: RerankDocument | None = None
+
+
+class RerankResponse(BaseModel):
+    id: str
+    model: str
+    results: list[RerankResult]

@@ -29,6 +29,16 @@ def info_nce(q: torch.Tensor, p: torch.Tensor, temperature: float) -> torch.Tens
     return F.cross_entropy(scores, target)
 
 
+def listwise_loss(logits: torch.Tensor, group: int) -> torch.Tensor:
+    """The cross-encoder's listwise softmax loss (FlagEmbedding's reranker loss): logits of B
+    groups, each [positive, negative_1 .. negative_{group-1}], flat [B * group]; the mean over
+    groups of -log softmax(group logits)[positive]."""
+    if logits.numel() % group:
+        raise ValueError(f"{logits.numel()} logits is not a multiple of the group size {group}")
+    grouped = logits.reshape(-1, group).float()
+    return F.cross_entropy(grouped, torch.zeros(grouped.shape[0], dtype=torch.long, device=logits.device))
+
+
 def gather_keep_local_grad(t: torch.Tensor) -> torch.Tensor:
     """All workers' rows, concatenated in rank order; only this worker's rows carry gradient.
 

@@ -72,6 +72,8 @@ class SentenceEncoder:
 
 
 def steps_per_epoch(n_triplets_per_worker: int, ecfg: EmbedConfig) -> int:
+    """Steps per epoch of a triplet recipe (embedding, rerank: configs with per_device_batch_size,
+    max_steps, num_train_epochs), full batches only."""
     return max(1, n_triplets_per_worker // ecfg.per_device_batch_size)
 
 
@@ -254,7 +256,7 @@ def write_sentence_transformer(model, tok, base_dir: Path, out: Path, pooling: s
         pool_cfg.write_text(json.dumps(cfg, indent=2))
 
 
-def _write_triplets(triplets: list[dict], out_dir: Path) -> Path:
+def write_triplets(triplets: list[dict], out_dir: Path) -> Path:
     """The training triplets as one parquet file (rows in the given order) for Ray Data to read:
     a file in the run folder rather than objects owned by the driver process, so workers of a
     cluster (and a restarted worker group) read the same input the way the SFT trainer does."""
@@ -294,7 +296,7 @@ def run_embed_training(cfg: JobConfig, triplets: list[dict], model_dir: Path, ou
         workers=Workers(ecfg.num_workers, ecfg.use_gpu, ecfg.cpus_per_worker),
         run_prefix="embed",
         identity={"embed": ecfg.model_dump(), "triplets": triplets_key, "val": val, "model": str(model_dir)},
-        datasets={"train": ray.data.read_parquet(str(_write_triplets(triplets, out_dir)))},
+        datasets={"train": ray.data.read_parquet(str(write_triplets(triplets, out_dir)))},
         export_name="model", keep_checkpoints=ecfg.keep_checkpoints, max_failures=ecfg.max_failures,
         best_by=score, best_mode="max", drop=(TRAINER_STATE,))
     final, history, chosen = launch(spec, out_dir, resume)

@@ -29,13 +29,25 @@ BASE = "SmolLM2-135M-Instruct"
 
 
 @pytest.fixture(scope="module")
-def cfg():
+def reranker_dir(minilm_dir, tmp_path_factory):
+    """A MiniLM cross-encoder with a seeded fresh head: its order is arbitrary but fixed."""
+    from ray_ft.reranker import load_cross_encoder
+
+    folder = tmp_path_factory.mktemp("reranker")
+    for part in load_cross_encoder(str(minilm_dir), seed=5):
+        part.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cfg(reranker_dir):
     return parse_job({
         "name": "evaltest", "model": {"system_prompt": "You are a helpful assistant."},
         "data": {"language": "en"},
         # fp32: bf16 greedy answers on vLLM CPU depend on which requests share a batch, and the
         # test compares the same model reached two ways, under concurrency.
-        "serve": {"http_port": 8769, "max_tokens": 24, "top_k": 1, "vllm": {"dtype": "float32"}},
+        "serve": {"http_port": 8769, "max_tokens": 24, "top_k": 1, "vllm": {"dtype": "float32"},
+                  "rerank": {"enabled": True, "model": str(reranker_dir), "candidates": 3, "cpus": 0.3}},
         "eval": {"models": ["base"], "modes": ["gold", "retrieved"], "concurrency": 3,
                  "endpoints": [{"label": "base-by-url", "base_url": "http://127.0.0.1:8769/v1",
                                 "model": BASE}],
@@ -49,7 +61,7 @@ def served_url(ray_cluster, smollm_dir, minilm_dir, cfg):
 
     from ray_ft.serve.app import deploy
 
-    yield deploy(cfg, str(smollm_dir), str(minilm_dir), {}, DOCS)
+    yield deploy(cfg, str(smollm_dir), str(minilm_dir), {}, DOCS, reranker_dir=cfg.serve.rerank.model)
     serve.shutdown()
 
 
@@ -98,6 +110,35 @@ def test_compare_internal_and_external_targets_with_judge(served_url, cfg, tmp_p
     assert "| metric | base | base-by-url |" in md and "![loss](loss.png)" in md
     assert json.loads((tmp_path / "summary.json").read_text()) == table
     assert (tmp_path / "metrics.png").stat().st_size > 5000 and (tmp_path / "loss.png").is_file()
+
+
+@pytest.mark.slow
+def test_reranked_mode_asks_the_reranker_and_retrieved_mode_the_first_stage_alone(served_url, cfg, tmp_path):
+    import httpx
+
+    client = RAGClient(served_url)
+    e = cfg.eval.endpoints[0]
+    targets = [EvalTarget("base", BASE), EvalTarget(e.label, e.model, OpenAIChat(e.base_url, e.model))]
+    ecfg = cfg.eval.model_copy(update={"modes": ["retrieved", "reranked"],
+                                       "judge": cfg.eval.judge.model_copy(update={"enabled": False})})
+    prompt = PromptSettings(cfg.data.language, cfg.model.system_prompt, cfg.serve.max_tokens)
+    table = run_eval(client, ITEMS, targets, ecfg, prompt, tmp_path)
+    rows = {(r["model"], r["mode"], r["id"]): r
+            for r in map(json.loads, (tmp_path / "predictions.jsonl").read_text().splitlines())}
+    texts = [d["text"] for d in DOCS]
+    for it in ITEMS:
+        # the reranker's best of the retriever's 3 candidates (all passages), asked directly
+        best = httpx.post(f"{served_url}/v1/rerank", json={"query": it["question"], "documents": texts},
+                          timeout=60).json()["results"][0]["index"]
+        for label in ("base", "base-by-url"):
+            reranked, first = rows[(label, "reranked", it["id"])], rows[(label, "retrieved", it["id"])]
+            assert reranked["retrieved_texts"] == [texts[best]]
+            assert first["retrieved_ids"] == [it["passage_id"]]  # MiniLM's dense top-1 is the gold one
+        assert rows[("base", "reranked", it["id"])]["prediction"] == rows[("base-by-url", "reranked", it["id"])]["prediction"]
+    hits = {(t["model"], t["mode"]): t["context_hit"] for t in table}
+    assert hits[("base", "retrieved")] == 1.0
+    assert hits[("base", "reranked")] == pytest.approx(np.mean(
+        [rows[("base", "reranked", i["id"])]["context_hit"] for i in ITEMS]))
 
 
 @pytest.mark.slow

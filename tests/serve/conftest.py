@@ -1,8 +1,9 @@
 """One RAG graph for all of tests/serve (package scope: a vLLM deployment costs ~30 s): real
 vLLM + SmolLM2 with a random LoRA adapter "tuned", the same adapter merged into a whole model
 "tuned-merged" on a second vLLM engine, real MiniLM on two embedder replicas (the
-failure test kills one), an autoscaling retriever (1-2 replicas), bearer-token auth on, on a free
-port."""
+failure test kills one), an autoscaling retriever (1-2 replicas), a MiniLM cross-encoder with a
+seeded fresh head as reranker (its order is not meaningful: tests of the first stage's order send
+`rerank: false`), bearer-token auth on, on a free port."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ class Served:
     token: str
     peft_answer: str  # transformers + peft greedy answer of "tuned" to QUESTION (8 tokens)
     cfg: JobConfig
+    reranker_dir: str
 
     @property
     def headers(self) -> dict:
@@ -65,9 +67,13 @@ def served(ray_cluster, smollm_dir, minilm_dir, tmp_path_factory):
     from ray import serve
     from transformers import AutoTokenizer
 
+    from ray_ft.reranker import load_cross_encoder
     from ray_ft.serve.app import deploy
 
     adapter, merged = tmp_path_factory.mktemp("adapter"), tmp_path_factory.mktemp("merged")
+    reranker = tmp_path_factory.mktemp("reranker")
+    for part in load_cross_encoder(str(minilm_dir), seed=0):
+        part.save_pretrained(reranker)
     peft_model = make_random_lora_adapter(smollm_dir, adapter, std=0.05)
     tok = AutoTokenizer.from_pretrained(smollm_dir)
     expected = _peft_greedy(peft_model, tok, QUESTION, 8)
@@ -80,6 +86,7 @@ def served(ray_cluster, smollm_dir, minilm_dir, tmp_path_factory):
                      "serve": {"http_port": free_port(), "top_k": 2, "max_tokens": 16,
                                "models": {"tuned-merged": str(merged)},
                                "auth_token_env": TOKEN_ENV,
+                               "rerank": {"enabled": True, "model": str(reranker), "candidates": 3, "cpus": 0.3},
                                "deployments": {
                                    "embedder": {"num_replicas": 2},
                                    # reacts within seconds, so a test can watch it scale up
@@ -90,8 +97,8 @@ def served(ray_cluster, smollm_dir, minilm_dir, tmp_path_factory):
     os.environ[TOKEN_ENV] = TOKEN  # read where the graph is built (here, the driver)
     try:
         url = deploy(cfg, str(smollm_dir), str(minilm_dir), {"tuned": str(adapter)}, DOCS,
-                     {"tuned-merged": str(merged)})
+                     {"tuned-merged": str(merged)}, reranker_dir=str(reranker))
     finally:
         del os.environ[TOKEN_ENV]
-    yield Served(url, TOKEN, expected, cfg)
+    yield Served(url, TOKEN, expected, cfg, str(reranker))
     serve.shutdown()

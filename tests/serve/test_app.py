@@ -80,7 +80,8 @@ def test_streamed_answer_equals_the_whole_greedy_answer(served):
 @pytest.mark.slow
 def test_rag_endpoint_retrieves_then_answers_and_rejects_bad_requests(served):
     with httpx.Client(base_url=served.url, timeout=300, headers=served.headers) as http:
-        out = http.post("/v1/rag", json={"query": "How tall is Mount Everest?", "max_tokens": 32}).json()
+        out = http.post("/v1/rag", json={"query": "How tall is Mount Everest?", "max_tokens": 32,
+                                         "rerank": False}).json()
         assert [c["node_id"] for c in out["contexts"]][0] == "everest" and len(out["contexts"]) == 2
         assert out["contexts"][0]["score"] > out["contexts"][1]["score"]
         assert out["model"] == BASE and "8,849" in out["answer"].replace(" ", "")
@@ -88,7 +89,8 @@ def test_rag_endpoint_retrieves_then_answers_and_rejects_bad_requests(served):
 
         gold = http.post("/v1/rag", json={"query": "Where does the Nile flow?", "model": "tuned",
                                           "contexts": [DOCS[1]["text"]]}).json()
-        assert gold["contexts"] == [{"node_id": None, "text": DOCS[1]["text"], "score": None}]
+        assert gold["contexts"] == [{"node_id": None, "text": DOCS[1]["text"], "score": None, "retrieval_score": None,
+                                     "retrieval_rank": None, "rerank_score": None}]
         assert gold["model"] == "tuned"
 
         bad = [
@@ -141,7 +143,8 @@ def test_structured_output_and_retrieve_endpoint(served):
                                                         "json_schema": {"name": "a", "schema": {"type": "objekt"}}})
 
     with httpx.Client(base_url=served.url, timeout=300, headers=served.headers) as http:
-        got = http.post("/v1/retrieve", json={"query": "Which river flows into the sea?", "top_k": 3}).json()
+        got = http.post("/v1/retrieve", json={"query": "Which river flows into the sea?", "top_k": 3,
+                                              "rerank": False}).json()
         assert [c["node_id"] for c in got["contexts"]][0] == "nile" and len(got["contexts"]) == 3
         assert got["latency_s"] > 0
         assert http.post("/v1/retrieve", json={"query": ""}).status_code == 400
@@ -205,3 +208,38 @@ def test_an_evaluation_never_takes_over_a_running_deployment(served):
     with httpx.Client(base_url=served.url, timeout=60, headers=served.headers) as http:
         assert http.get("/healthz").json() == {"status": "ok"}
         assert BASE in [m["id"] for m in http.get("/v1/models").json()["data"]]
+
+
+@pytest.mark.slow
+def test_rerank_endpoint_and_reranked_rag_on_the_real_graph(served):
+    from ray_ft.reranker import CrossEncoderReranker
+
+    query, docs = "How tall is Mount Everest?", [d["text"] for d in DOCS]
+    expected = CrossEncoderReranker(served.reranker_dir).scores(query, docs)  # the same folder, in-process
+    order = [int(i) for i in np.argsort(-expected, kind="stable")]
+    with httpx.Client(base_url=served.url, timeout=300, headers=served.headers) as http:
+        out = http.post("/v1/rerank", json={"query": query, "documents": docs}).json()
+        assert [r["index"] for r in out["results"]] == order
+        assert [r["relevance_score"] for r in out["results"]] == pytest.approx(expected[order], abs=1e-5)
+        assert [r["document"]["text"] for r in out["results"]] == [docs[i] for i in order]
+        top = http.post("/v1/rerank", json={"query": query, "documents": docs, "top_n": 1}).json()["results"]
+        assert [r["index"] for r in top] == order[:1]
+
+        # /v1/rag: the retriever's 3 candidates (serve.rerank.candidates), the reranker's best 2
+        rag = http.post("/v1/rag", json={"query": query, "top_k": 2, "max_tokens": 4}).json()
+        by_text = {d["text"]: d["passage_id"] for d in DOCS}
+        assert [c["node_id"] for c in rag["contexts"]] == [by_text[docs[i]] for i in order[:2]]
+        assert [c["rerank_score"] for c in rag["contexts"]] == pytest.approx(expected[order[:2]], abs=1e-5)
+        plain = http.post("/v1/retrieve", json={"query": query, "top_k": 3, "rerank": False}).json()["contexts"]
+        rank = {c["node_id"]: i for i, c in enumerate(plain)}  # the first stage's order and scores
+        for c in rag["contexts"]:
+            assert c["retrieval_rank"] == rank[c["node_id"]]
+            assert c["retrieval_score"] == pytest.approx(plain[rank[c["node_id"]]]["score"], abs=1e-6)
+
+        bad = [({"query": query, "documents": []}, 400), ({"query": query, "documents": ["d"] * 257}, 400),
+               ({"query": query, "documents": [1]}, 400), ({"query": "", "documents": ["d"]}, 400),
+               ({"query": query}, 400)]
+        for body, status in bad:
+            resp = http.post("/v1/rerank", json=body)
+            assert resp.status_code == status and resp.json()["error"]["message"], resp.text
+        assert http.get("/healthz").json() == {"status": "ok"}

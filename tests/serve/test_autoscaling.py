@@ -28,7 +28,7 @@ def test_retriever_scales_down_when_idle_and_up_to_max_replicas_under_load(serve
             async def worker(i):
                 nonlocal done, failed
                 while time.monotonic() < end and _running_cached["n"] < 2:
-                    resp = await http.post("/v1/retrieve", json={"query": f"Which river? {i}-{done}"})
+                    resp = await http.post("/v1/retrieve", json={"query": f"Which river? {i}-{done}", "rerank": False})
                     done, failed = done + 1, failed + (resp.status_code != 200)
 
             async def watch():

@@ -27,7 +27,7 @@ async def _load(served, kill_after: int, kill) -> tuple[list[dict], int]:
     `kill()` runs once `kill_after` have finished. Returns per-request results and how many
     finished after the kill."""
     results, killed_at = [], None
-    bodies = [("/v1/retrieve", {"query": f"{QUESTION} ({i})"}) if i % 4 == 3
+    bodies = [("/v1/retrieve", {"query": f"{QUESTION} ({i})", "rerank": False}) if i % 4 == 3
               else ("/v1/embeddings", {"input": [f"sentence {i}.{j} about rivers and mountains" for j in range(TEXTS)]})
               for i in range(N_REQUESTS)]
     queue = list(reversed(bodies))
@@ -81,5 +81,5 @@ def test_killing_an_embedder_replica_under_load_fails_no_request(served):
         time.sleep(1)
     assert len(alive) == 2 and victim.actor_id not in {a.actor_id for a in alive}
     with httpx.Client(base_url=served.url, headers=served.headers, timeout=60) as http:
-        got = http.post("/v1/retrieve", json={"query": "Which river flows into the sea?"}).json()
+        got = http.post("/v1/retrieve", json={"query": "Which river flows into the sea?", "rerank": False}).json()
         assert got["contexts"][0]["node_id"] == "nile"

@@ -118,3 +118,18 @@ def test_cross_device_loss_with_two_processes_equals_one_combined_batch(tmp_path
         # Each worker's rows get W x their share of the single-batch gradient; DDP divides by W.
         torch.testing.assert_close(gq / 2, q1.grad[rank * 2:(rank + 1) * 2])
         torch.testing.assert_close(gp / 2, p1.grad[rank * 6:(rank + 1) * 6])
+
+
+def test_listwise_loss_is_the_groups_softmax_cross_entropy_by_hand():
+    from ray_ft.train.contrastive import listwise_loss
+
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5, 3.0], requires_grad=True)  # 2 groups of 3
+    loss = listwise_loss(logits, 3)
+    g1 = -(2.0 - math.log(math.exp(2.0) + math.exp(1.0) + math.exp(0.0)))
+    g2 = -(-1.0 - math.log(math.exp(-1.0) + math.exp(0.5) + math.exp(3.0)))
+    assert loss.item() == pytest.approx((g1 + g2) / 2, rel=1e-6)
+    loss.backward()
+    # d loss / d positive logit = (softmax - 1) / B: it pushes every positive up
+    assert (logits.grad[[0, 3]] < 0).all() and (logits.grad[[1, 2, 4, 5]] > 0).all()
+    with pytest.raises(ValueError, match="multiple of the group size"):
+        listwise_loss(torch.zeros(5), 3)

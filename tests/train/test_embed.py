@@ -18,7 +18,7 @@ def test_embedding_job_two_workers_saves_a_loadable_model(ray_cluster, minilm_di
     from sentence_transformers import SentenceTransformer
     from transformers import AutoTokenizer
 
-    from ray_ft.pipeline import run_all
+    from ray_ft.run import run_all
     from ray_ft.train.embed import SentenceEncoder
 
     cfg = parse_job({

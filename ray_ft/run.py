@@ -1,0 +1,116 @@
+"""`ray-ft run`: every stage of one job in order (`ray_ft.pipeline` holds the stages), each
+skipped when its config and inputs are unchanged since it last finished (`ray_ft.stages`)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ray_ft.config import JobConfig
+from ray_ft.data.prepare import PreparedData, reusable
+from ray_ft.io import read_jsonl, write_text_atomic
+from ray_ft.pipeline import (
+    require_eval_set, stage_embed, stage_eval, stage_prepare, stage_rerank, stage_serve, stage_train,
+)
+from ray_ft.served import check_extra_models
+
+
+class _Timed:
+    """Times the stages of one `run_all` call and notes the skipped ones."""
+
+    def __init__(self):
+        self.timings: dict[str, float] = {}
+        self.skipped: list[str] = []
+
+    def __call__(self, key: str, fn):
+        t = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            self.timings[key] = time.perf_counter() - t
+
+
+def _model_stage(cfg: JobConfig, log_, run: _Timed, stage: str, fit) -> dict:
+    """A stage that trains a retrieval model (`embed`, `rerank`) and writes `stage/retrieval.json`,
+    unless its record is fresh (then that summary is read back)."""
+    summary_file = cfg.run_dir / stage / "retrieval.json"
+    if log_.fresh(stage) is not None:
+        run.skipped.append(stage)
+        return json.loads(summary_file.read_text())
+    summary = run(f"{stage}_s", lambda: fit(cfg, resume=stage not in log_.force))
+    log_.done(stage, {"model_dir": summary["model_dir"]}, [Path(summary["model_dir"]), summary_file])
+    return summary
+
+
+def _prepare_stage(cfg: JobConfig, log_, run: _Timed) -> PreparedData:
+    prepared = PreparedData(cfg.run_dir / "data")
+    if log_.fresh("prepare") is not None and reusable(prepared, cfg):
+        run.skipped.append("prepare")
+        return prepared
+    prepared = run("prepare_s", lambda: stage_prepare(cfg, force=log_.must_run("prepare")))
+    log_.done("prepare", {}, [prepared.manifest_file])
+    return prepared
+
+
+def _train_stage(cfg: JobConfig, log_, run: _Timed, prepared: PreparedData):
+    from ray_ft.train.result import TrainResult
+
+    rec = log_.fresh("train")
+    if rec is not None:
+        run.skipped.append("train")
+        return TrainResult(Path(rec["adapter_dir"]), Path(rec["metrics_file"]),
+                           read_jsonl(Path(rec["metrics_file"])), rec["exported_step"])
+    trained = run("train_s", lambda: stage_train(cfg, prepared, resume="train" not in log_.force))
+    log_.done("train", {"adapter_dir": str(trained.adapter_dir), "metrics_file": str(trained.metrics_file),
+                        "exported_step": trained.exported_step}, [trained.adapter_dir, trained.metrics_file])
+    return trained
+
+
+def _eval_stage(cfg: JobConfig, log_, run: _Timed, prepared: PreparedData, trained) -> list[dict]:
+    """Deploy the graph (the new adapter, and the fine-tuned embedder with embed.enabled), evaluate."""
+    from ray_ft.serve.app import stop_serving
+
+    summary_file = cfg.run_dir / "eval" / "summary.json"
+    if log_.fresh("eval") is not None:
+        run.skipped.append("eval")
+        return json.loads(summary_file.read_text())
+    url = run("serve_start_s", lambda: stage_serve(cfg, prepared, trained.adapter_dir))
+    try:
+        table = run("eval_s", lambda: stage_eval(cfg, prepared, url, trained.history, trained.adapter_dir))
+    finally:
+        stop_serving(cfg)
+    log_.done("eval", {}, [summary_file])
+    return table
+
+
+def run_all(cfg: JobConfig, force: set[str] | frozenset[str] = frozenset()) -> dict:
+    """Run every stage of the job in order; return the timings, the skipped stages, the embedder's
+    retrieval before/after (with an embed stage) and the eval table.
+
+    task sft: [embed ->] [rerank ->] prepare -> train -> serve + evaluate; task embedding: embed
+    alone; task rerank: [embed ->] rerank.
+    Stages whose config and inputs are unchanged since they last finished are skipped
+    (`ray_ft.stages`); `force` names stages to rerun anyway (the stages reading them rerun too).
+    """
+    from ray_ft.stages import StageLog
+
+    if cfg.task == "sft":
+        check_extra_models(cfg)
+    log_ = StageLog(cfg.run_dir, cfg, force)
+    run = _Timed()
+    summary: dict = {"job": cfg.name, "task": cfg.task}
+    if cfg.task == "embedding" or cfg.embed.enabled:
+        summary["embed"] = _model_stage(cfg, log_, run, "embed", stage_embed)
+    if cfg.trains_reranker:
+        summary["rerank"] = _model_stage(cfg, log_, run, "rerank", stage_rerank)
+    if cfg.task == "sft":
+        prepared = _prepare_stage(cfg, log_, run)
+        require_eval_set(prepared)  # before hours of training, not after
+        trained = _train_stage(cfg, log_, run, prepared)
+        table = _eval_stage(cfg, log_, run, prepared, trained)
+        summary.update({"first_loss": trained.first_loss, "final_loss": trained.final_loss,
+                        "exported_step": trained.exported_step, "manifest": prepared.manifest(), "eval": table})
+    summary.update({"timings": run.timings, "skipped": run.skipped})
+    write_text_atomic(cfg.run_dir / "run_summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
+    return summary
