@@ -56,7 +56,7 @@ def main() -> None:
     from ray_ft.data.split import split_by_group
     from ray_ft.eval.intervals import paired_difference_ci
     from ray_ft.io import read_jsonl
-    from ray_ft.pipeline import run_all
+    from ray_ft.run import run_all
 
     full = load_job(Path(__file__).resolve().parents[1] / "jobs" / "cmrc_full_cpu.yaml")
     records = read_qa_source(str(CMRC))

@@ -29,7 +29,8 @@ def _error(status: int, message: str, kind: str) -> JSONResponse:
 
 class GuardMiddleware:
     """Bearer-token auth and the body-size limit, before a request is parsed (plain ASGI, so
-    streamed responses and client disconnects pass through untouched)."""
+    streamed responses and client disconnects pass through untouched). `settings` is the
+    ingress's `IngressSettings` (its `auth_token` and `max_request_bytes` are read)."""
 
     def __init__(self, app, settings):
         self.app, self.s = app, settings

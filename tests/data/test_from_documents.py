@@ -49,7 +49,7 @@ def test_smollm_on_vllm_in_ray_data_writes_counted_schema_checked_pairs(tmp_path
     real = qa_writers.writer_for
     monkeypatch.setattr(qa_writers, "writer_for", lambda cfg, d: recorders.append(Recording(real(cfg, d))) or recorders[-1])
     job = {"name": "gen", "output_dir": str(tmp_path / "runs"), "model": {"name": str(smollm_dir)},
-           "serve": {"vllm": {"max_model_len": 2048}},
+           "serve": {"vllm": {"max_model_len": 2048, "dtype": "float32"}},  # fp32: greedy replies as on a CPU without bf16
            "data": {"documents": [str(docs)], "val_size": 0.34, "seed": 3, "cutoff_len": 1024,
                     # min_support 0: SmolLM2-135M's answers are rarely grounded in the node (the
                     # support filter is tested with hand-made replies); here some pairs must survive

@@ -149,7 +149,7 @@ def test_instruction_data_trains_without_an_eval_set(ray_cluster, tmp_path, smol
     with pytest.raises(RayFTError, match="no QA eval set: data.source is instruction data"):
         load_eval_records(prepared, 5)
     # `ray-ft run` reuses the prepared folder and stops before training: nothing to evaluate on.
-    from ray_ft.pipeline import run_all
+    from ray_ft.run import run_all
 
     stamp = prepared.manifest_file.stat().st_mtime_ns
     with pytest.raises(RayFTError, match=r"instruction data \(alpaca/messages\) with no QA eval set"):
