@@ -264,6 +264,7 @@ def first_stage_search(cfg: JobConfig):
     as a `Search` over a list of passages, for the rerank stage's candidates."""
     from ray_ft.embedder import SentenceTransformerEmbedder
     from ray_ft.metrics.reranking import dense_search
+    from ray_ft.serve.protocols import Hit
     from ray_ft.serve.retrieval import BM25Index, reciprocal_rank_fusion
 
     r = cfg.serve.retrieval_for(cfg.data.language)
@@ -277,18 +278,14 @@ def first_stage_search(cfg: JobConfig):
         bm25 = BM25Index(nodes, r.bm25_k1, r.bm25_b)
         if r.mode == "bm25":
             return [[int(h.node_id) for h in bm25.search(q, n)] for q in questions]
-        pool = max(n, r.candidates)
-        ranked = [[nodes[i] for i in row] for row in dense(questions, passages, pool)]
-        return [[int(h.node_id) for h in reciprocal_rank_fusion(
-            [[_as_hit(node) for node in row], bm25.search(q, pool)], n, r.rrf_k)] for q, row in zip(questions, ranked)]
+        pool = max(n, r.candidates)  # as the served hybrid: fuse each ranking's top `candidates`
+        fused = []
+        for q, row in zip(questions, dense(questions, passages, pool)):
+            by_dense = [Hit(str(i), passages[i], 0.0, {}) for i in row]
+            fused.append([int(h.node_id) for h in reciprocal_rank_fusion([by_dense, bm25.search(q, pool)], n, r.rrf_k)])
+        return fused
 
     return search, r.mode
-
-
-def _as_hit(node: dict):
-    from ray_ft.serve.protocols import Hit
-
-    return Hit(node["node_id"], node["text"], 0.0, {})
 
 
 def stage_rerank(cfg: JobConfig, resume: bool = True) -> dict:
@@ -312,7 +309,7 @@ def stage_rerank(cfg: JobConfig, resume: bool = True) -> dict:
         write_jsonl_atomic(out / "candidates" / f"{name}.jsonl", [g.to_dict() for g in groups])
     init_ray(cfg)
     t = time.perf_counter()
-    result = run_rerank_training(cfg, data.triplets, resolve_model(r.model), cfg.run_dir / "rerank", val, resume)
+    result = run_rerank_training(cfg, data.triplets, resolve_model(r.model), out, val, resume)
     train_s = time.perf_counter() - t
     reranker = CrossEncoderReranker(str(result.model_dir), max_len=r.max_len)
     rows = {mode: rank_metrics(test, first_stage_orders(test)),

@@ -194,7 +194,7 @@ class RAGService:
             return contexts[:k]
         texts = [c.text for c in contexts]
         scores = await self._call(lambda: self.reranker.rerank.remote(query, texts), "reranker", deadline, stats)
-        order = sorted(range(len(contexts)), key=lambda i: -float(scores[i]))  # stable: ties keep rank
+        order = _best_first(scores)
         return [contexts[i].model_copy(update={"score": float(scores[i]), "rerank_score": float(scores[i])})
                 for i in order[:k]]
 
@@ -207,7 +207,7 @@ class RAGService:
         self._check_chars(len(req.query) + sum(len(d) for d in req.documents), "query and documents")
         scores = await self._call(lambda: self.reranker.rerank.remote(req.query, req.documents), "reranker",
                                   Deadline(self.s.request_timeout_s), stats)
-        order = sorted(range(n), key=lambda i: -float(scores[i]))[: req.top_n or n]
+        order = _best_first(scores)[: req.top_n or n]
         results = [RerankResult(index=i, relevance_score=float(scores[i]),
                                 document={"text": req.documents[i]} if req.return_documents else None)
                    for i in order]
@@ -242,6 +242,11 @@ class RAGService:
             retrieval_latency_s=t1 - t0, generation_latency_s=time.perf_counter() - t1,
             prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
         )
+
+
+def _best_first(scores) -> list[int]:
+    """Indices by descending score; ties keep their given order (the first stage's rank)."""
+    return sorted(range(len(scores)), key=lambda i: -float(scores[i]))
 
 
 # -- HTTP ---------------------------------------------------------------------------------------
