@@ -18,7 +18,7 @@ from ray_ft.config import load_job
 from ray_ft.data.embed_data import load_embedding_data
 from ray_ft.eval.intervals import bootstrap_ci, paired_difference_ci
 from ray_ft.metrics.reranking import candidate_groups, first_stage_orders, gold_rank, reranked_orders
-from ray_ft.pipeline import first_stage_search
+from ray_ft.retriever_stages import first_stage_search
 from ray_ft.reranker import CrossEncoderReranker
 
 

@@ -16,6 +16,7 @@ to one free port). It shows what the proxy hop costs and whether it limits the b
 
     .venv/bin/python bench/serve_load.py [--embed-requests 600] [--concurrency 32] [--rounds 2]
         [--rag-requests 48] [--rag-concurrency 8] [--max-tokens 32] [--time-cap-s 120] [--direct-ingress]
+        [--rerank runs/financial_rerank/rerank/model [--rerank-candidates 20]] [--skip-embed]
 """
 
 from __future__ import annotations
@@ -132,6 +133,11 @@ def main() -> None:
     ap.add_argument("--embedder-dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--embedder-threads", type=int, default=0, help="torch threads (0: all cores)")
     ap.add_argument("--skip-rag", action="store_true", help="only the embeddings comparison")
+    ap.add_argument("--skip-embed", action="store_true", help="only /v1/rag (no embeddings rounds)")
+    ap.add_argument("--rerank", default=None, metavar="FOLDER",
+                    help="serve this cross-encoder (serve.rerank) and time /v1/rag with and without it, "
+                         "alternating on the same deployment (the request's \"rerank\" flag)")
+    ap.add_argument("--rerank-candidates", type=int, default=20, help="passages the retriever fetches for it")
     ap.add_argument("--direct-ingress", action="store_true",
                     help="no Serve proxy: the ingress replica listens itself (Ray's experimental flag)")
     args = ap.parse_args()
@@ -159,10 +165,12 @@ def main() -> None:
                      "serve": {"http_port": http_port, "max_tokens": args.max_tokens, "top_k": 1,
                                "embedder_dtype": args.embedder_dtype, "embedder_threads": args.embedder_threads,
                                "embedder_batching": {"max_batch_size": args.max_batch_size,
-                                                     "batch_wait_timeout_s": args.batch_wait_s}}})
+                                                     "batch_wait_timeout_s": args.batch_wait_s},
+                               **({"rerank": {"enabled": True, "model": args.rerank,
+                                              "candidates": args.rerank_candidates}} if args.rerank else {})}})
     t0 = time.perf_counter()
     url = deploy(cfg, str(resolve_model("SmolLM2-135M-Instruct")), str(resolve_model("all-MiniLM-L6-v2")),
-                 {}, docs)
+                 {}, docs, reranker_dir=args.rerank)
     if args.direct_ingress:
         url = f"http://127.0.0.1:{ingress_port}"
     print(json.dumps({"deploy_s": round(time.perf_counter() - t0, 1), "kb_passages": len(docs),
@@ -177,7 +185,7 @@ def main() -> None:
     asyncio.run(load(url, "/v1/embeddings", [{"input": q} for q in questions[:64]], 8, 60))  # warm-up
     rows: dict[str, list[dict]] = {k: [] for k in settings}
     offset = 64
-    for r in range(args.rounds):
+    for r in range(0 if args.skip_embed else args.rounds):
         for name, batching in settings.items():
             embedder.reconfigure.remote(batching).result()
             before = embedder.batch_stats.remote().result()
@@ -192,16 +200,17 @@ def main() -> None:
             print(json.dumps({"round": r, "setting": name, **{k: round(v, 2) if isinstance(v, float) else v
                                                                for k, v in res.items()}}))
 
-    print("\n| /v1/embeddings (1 text per request) | concurrency | requests | failed | requests/s | p50 (ms) | p95 (ms) | mean batch |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    mean = {}
-    for name, res in rows.items():
-        mean[name] = {k: statistics.mean(x[k] for x in res) for k in ("rps", "p50_ms", "p95_ms", "mean_batch")}
-        print(f"| {name} ({args.rounds} rounds, mean) | {args.concurrency} | {sum(x['done'] for x in res)} | "
-              f"{sum(x['failed'] for x in res)} | {mean[name]['rps']:.1f} | {mean[name]['p50_ms']:.1f} | "
-              f"{mean[name]['p95_ms']:.1f} | {mean[name]['mean_batch']:.1f} |")
-    print(f"\nbatched / unbatched requests/s: {mean['batched']['rps'] / mean['unbatched']['rps']:.2f}x; "
-          f"p95 latency unbatched / batched: {mean['unbatched']['p95_ms'] / mean['batched']['p95_ms']:.2f}x")
+    if not args.skip_embed:
+        print("\n| /v1/embeddings (1 text per request) | concurrency | requests | failed | requests/s | p50 (ms) | p95 (ms) | mean batch |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        mean = {}
+        for name, res in rows.items():
+            mean[name] = {k: statistics.mean(x[k] for x in res) for k in ("rps", "p50_ms", "p95_ms", "mean_batch")}
+            print(f"| {name} ({args.rounds} rounds, mean) | {args.concurrency} | {sum(x['done'] for x in res)} | "
+                  f"{sum(x['failed'] for x in res)} | {mean[name]['rps']:.1f} | {mean[name]['p50_ms']:.1f} | "
+                  f"{mean[name]['p95_ms']:.1f} | {mean[name]['mean_batch']:.1f} |")
+        print(f"\nbatched / unbatched requests/s: {mean['batched']['rps'] / mean['unbatched']['rps']:.2f}x; "
+              f"p95 latency unbatched / batched: {mean['unbatched']['p95_ms'] / mean['batched']['p95_ms']:.2f}x")
 
     # /v1/rag: retrieval (embedder, batched again) + generation (vLLM batches concurrent sequences).
     embedder.reconfigure.remote(settings["batched"]).result()
@@ -209,14 +218,18 @@ def main() -> None:
         return
     print("\n| /v1/rag (retrieve top-1 + generate) | concurrency | requests | failed | requests/s | p50 (s) | p95 (s) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
+    # With a reranker the two paths alternate on the same deployment, each on the same questions.
+    paths = [(f" + rerank top {args.rerank_candidates}", True), ("", False)] if args.rerank else [("", None)]
     for conc in sorted({1, args.rag_concurrency}):
         n = args.rag_requests // 4 if conc == 1 else args.rag_requests
-        bodies = [{"query": questions[i], "max_tokens": args.max_tokens} for i in range(n)]
-        res = asyncio.run(load(url, "/v1/rag", bodies, conc, args.time_cap_s))
-        print(f"| max_tokens={args.max_tokens} | {conc} | {res['done']}/{n} | {res['failed']} | {res['rps']:.2f} | "
-              f"{res['p50_ms'] / 1000:.2f} | {res['p95_ms'] / 1000:.2f} |")
-        if res["failed"]:
-            print("failures:", res["first_failures"])
+        for label, rerank in paths:
+            bodies = [{"query": questions[i], "max_tokens": args.max_tokens,
+                       **({} if rerank is None else {"rerank": rerank})} for i in range(n)]
+            res = asyncio.run(load(url, "/v1/rag", bodies, conc, args.time_cap_s))
+            print(f"| max_tokens={args.max_tokens}{label} | {conc} | {res['done']}/{n} | {res['failed']} | "
+                  f"{res['rps']:.2f} | {res['p50_ms'] / 1000:.2f} | {res['p95_ms'] / 1000:.2f} |")
+            if res["failed"]:
+                print("failures:", res["first_failures"])
     serve.shutdown()
     ray.shutdown()
 

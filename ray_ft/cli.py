@@ -44,7 +44,7 @@ def _cmd_prepare(args) -> int:
 
     cfg = load_job(args.job)
     if cfg.task in ("embedding", "rerank"):  # both learn from the embedding data
-        from ray_ft.pipeline import stage_embed_data
+        from ray_ft.retriever_stages import stage_embed_data
 
         if args.force:
             import shutil
@@ -57,21 +57,33 @@ def _cmd_prepare(args) -> int:
     return 0
 
 
+def _embed_table(summary: dict) -> str:
+    """The embed stage's retrieval table: a column per embedder (base, contrastive, LSR)."""
+    from ray_ft.metrics.retriever import columns_markdown, to_markdown
+
+    if "columns" in summary:
+        return columns_markdown(summary["columns"])
+    return to_markdown(summary["before"], summary["after"])  # a summary recorded before the columns
+
+
 def _cmd_train(args) -> int:
     from ray_ft.config import load_job
     from ray_ft.pipeline import stage_prepare, stage_train
 
     cfg = load_job(args.job)
     if cfg.task == "embedding":
-        from ray_ft.metrics.retriever import to_markdown
-        from ray_ft.pipeline import stage_embed
+        from ray_ft.retriever_stages import stage_embed
 
         summary = stage_embed(cfg, resume=not args.force)
-        print("\n" + to_markdown(summary["before"], summary["after"]))
+        print("\n" + _embed_table(summary))
         print(f"model: {summary['model_dir']}\nloss: {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}")
+        if "lsr" in summary:
+            lsr = summary["lsr"]
+            print(f"LSR loss (KL to the LM's distribution): {lsr['first_loss']:.4f} -> {lsr['final_loss']:.4f}; "
+                  f"LM scores: {summary['model_dir'].rsplit('/', 1)[0]}/lsr_scores.parquet")
         return 0
     if cfg.task == "rerank":
-        from ray_ft.pipeline import stage_rerank
+        from ray_ft.retriever_stages import stage_rerank
 
         _print_rerank(stage_rerank(cfg, resume=not args.force))
         return 0
@@ -109,7 +121,6 @@ def _cmd_eval(args) -> int:
 def _cmd_run(args) -> int:
     from ray_ft.config import load_job
     from ray_ft.eval import report
-    from ray_ft.metrics import retriever as retrieval_eval
     from ray_ft.run import run_all
 
     cfg = load_job(args.job)
@@ -118,7 +129,7 @@ def _cmd_run(args) -> int:
         print(f"skipped (config and inputs unchanged): {', '.join(summary['skipped'])}; rerun with --force STAGE")
     if "embed" in summary:
         e = summary["embed"]
-        print("\nembedder, retrieval on the held-out questions:\n" + retrieval_eval.to_markdown(e["before"], e["after"]))
+        print("\nembedder, retrieval on the held-out questions:\n" + _embed_table(e))
         print(f"embedder: {e['model_dir']}")
     if "rerank" in summary:
         _print_rerank(summary["rerank"])

@@ -7,10 +7,8 @@ data/ (shards, eval set, knowledge base, manifest), train/ (adapter, metrics), e
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import time
 from pathlib import Path
 
 from ray_ft.config import JobConfig
@@ -20,7 +18,7 @@ from ray_ft.data.prepare import (
 from ray_ft.data.evalset import read_eval_source
 from ray_ft.data.readers import read_source
 from ray_ft.errors import RayFTError
-from ray_ft.io import read_jsonl, write_jsonl_atomic, write_text_atomic
+from ray_ft.io import read_jsonl
 from ray_ft.models import resolve_model
 from ray_ft.served import (
     check_extra_models, served_descriptions, served_models, served_reranker, trained_model,
@@ -201,124 +199,3 @@ def run_pairs(cfg: JobConfig):
     finally:
         stop_serving(cfg)
     return write_pairs(mined, cfg.run_dir / "pairs", served, mining), mined
-
-
-def stage_embed_data(cfg: JobConfig):
-    """Triplets (random or mined negatives) and the test/val splits under embed/data, reused when
-    the embedding data config and the source are unchanged."""
-    from ray_ft.data.embed_data import load_embedding_data, prepare_embedding_data
-
-    out = cfg.run_dir / "embed" / "data"
-    data = load_embedding_data(cfg, out)
-    if data is not None:
-        log.info("reusing %s (same embedding data config and input)", out)
-        return data
-    if cfg.embed.hard_negatives.enabled:
-        init_ray(cfg)  # mining runs on Ray Data
-    return prepare_embedding_data(cfg, out)
-
-
-def stage_embed(cfg: JobConfig, resume: bool = True) -> dict:
-    """Embedding data -> retrieval eval of the base -> contrastive training on Ray Train ->
-    retrieval eval of the result. Writes embed/{data,model,metrics.jsonl,retrieval.*}."""
-    from ray_ft.metrics.retriever import evaluate_retriever, to_markdown
-    from ray_ft.embedder import SentenceTransformerEmbedder
-    from ray_ft.train.embed import run_embed_training
-
-    e = cfg.embed
-    data = stage_embed_data(cfg)
-    triplets, test, held = data.triplets, data.test, data.val
-    base = resolve_model(e.model)
-    val = {"questions": [p.question for p in held], "contexts": [p.context for p in held]} if held else None
-    out = cfg.run_dir / "embed"
-    questions, contexts = [p.question for p in test], [p.context for p in test]
-
-    def evaluate(model_dir: Path, prefix: str) -> dict:
-        emb = SentenceTransformerEmbedder(str(model_dir))
-        return evaluate_retriever(emb.embed, questions, contexts, e.eval_top_k, e.sentence_splitter,
-                                  e.recall_threshold, query_prefix=prefix)
-
-    # The base model is scored as it is meant to be used (no instruction) and, to separate the
-    # prompt's effect from training's, also with the instruction; the fine-tuned one with it.
-    before = evaluate(base, "")
-    before_instr = evaluate(base, e.query_instruction) if e.query_instruction else before
-    init_ray(cfg)
-    t = time.perf_counter()
-    result = run_embed_training(cfg, triplets, base, out, val, resume=resume)
-    train_s = time.perf_counter() - t
-    after = evaluate(result.model_dir, e.query_instruction)
-    m = data.manifest
-    summary = {"skipped_rows": m["skipped_rows"], "train_pairs": m["train_pairs"], "test_pairs": len(test),
-               "val_pairs": len(held), "triplets": len(triplets), "negatives": m["negatives"], "steps": len(result.history),
-               "exported_step": result.best_step, "train_s": train_s,
-               "first_loss": result.history[0]["loss"], "final_loss": result.history[-1]["loss"],
-               "before": before, "before_with_instruction": before_instr, "after": after,
-               "model_dir": str(result.model_dir)}
-    write_text_atomic(out / "retrieval.json", json.dumps(summary, indent=2))
-    write_text_atomic(out / "retrieval.md", to_markdown(before, after))
-    return summary
-
-
-def first_stage_search(cfg: JobConfig):
-    """The served retriever's ranking (serve.retrieval for data.language: dense, BM25 or hybrid)
-    as a `Search` over a list of passages, for the rerank stage's candidates."""
-    from ray_ft.embedder import SentenceTransformerEmbedder
-    from ray_ft.metrics.reranking import dense_search
-    from ray_ft.serve.protocols import Hit
-    from ray_ft.serve.retrieval import BM25Index, reciprocal_rank_fusion
-
-    r = cfg.serve.retrieval_for(cfg.data.language)
-    dense = None if r.mode == "bm25" else dense_search(
-        SentenceTransformerEmbedder(str(resolve_model(cfg.serve.embedder))).embed, r.query_instruction)
-
-    def search(questions: list[str], passages: list[str], n: int) -> list[list[int]]:
-        if r.mode == "dense":
-            return dense(questions, passages, n)
-        nodes = [{"node_id": str(i), "text": p} for i, p in enumerate(passages)]
-        bm25 = BM25Index(nodes, r.bm25_k1, r.bm25_b)
-        if r.mode == "bm25":
-            return [[int(h.node_id) for h in bm25.search(q, n)] for q in questions]
-        pool = max(n, r.candidates)  # as the served hybrid: fuse each ranking's top `candidates`
-        fused = []
-        for q, row in zip(questions, dense(questions, passages, pool)):
-            by_dense = [Hit(str(i), passages[i], 0.0, {}) for i in row]
-            fused.append([int(h.node_id) for h in reciprocal_rank_fusion([by_dense, bm25.search(q, pool)], n, r.rrf_k)])
-        return fused
-
-    return search, r.mode
-
-
-def stage_rerank(cfg: JobConfig, resume: bool = True) -> dict:
-    """Embedding data -> first-stage candidates (the served retriever, top `rerank.candidates`)
-    -> cross-encoder training on Ray Train -> the test questions' candidates in the first stage's
-    order and reranked. Writes rerank/{model,candidates,metrics.jsonl,retrieval.*}."""
-    from ray_ft.metrics.reranking import (
-        candidate_groups, first_stage_orders, rank_metrics, reranked_orders, to_markdown,
-    )
-    from ray_ft.reranker import CrossEncoderReranker
-    from ray_ft.train.rerank import run_rerank_training
-
-    r = cfg.rerank
-    data = stage_embed_data(cfg)
-    search, mode = first_stage_search(cfg)
-    val, test = ([candidate_groups(search, [p.question for p in pairs], [p.context for p in pairs], r.candidates)
-                  for pairs in (data.val[:r.val_max_queries], data.test)])
-    del search  # the first stage's weights, before the trainer starts
-    out = cfg.run_dir / "rerank"
-    for name, groups in (("val", val), ("test", test)):  # what the first stage fetched, for a user to read
-        write_jsonl_atomic(out / "candidates" / f"{name}.jsonl", [g.to_dict() for g in groups])
-    init_ray(cfg)
-    t = time.perf_counter()
-    result = run_rerank_training(cfg, data.triplets, resolve_model(r.model), out, val, resume)
-    train_s = time.perf_counter() - t
-    reranker = CrossEncoderReranker(str(result.model_dir), max_len=r.max_len)
-    rows = {mode: rank_metrics(test, first_stage_orders(test)),
-            f"{mode} + rerank": rank_metrics(test, reranked_orders(test, reranker.scores))}
-    summary = {"triplets": len(data.triplets), "val_queries": len(val), "test_queries": len(test),
-               "candidates": r.candidates, "first_stage": mode, "embedder": cfg.serve.embedder, "steps": len(result.history),
-               "exported_step": result.best_step, "train_s": train_s,
-               "first_loss": result.history[0]["loss"], "final_loss": result.history[-1]["loss"],
-               "test": rows, "model_dir": str(result.model_dir)}
-    write_text_atomic(out / "retrieval.json", json.dumps(summary, indent=2))
-    write_text_atomic(out / "retrieval.md", to_markdown(rows))
-    return summary

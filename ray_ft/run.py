@@ -10,9 +10,8 @@ from pathlib import Path
 from ray_ft.config import JobConfig
 from ray_ft.data.prepare import PreparedData, reusable
 from ray_ft.io import read_jsonl, write_text_atomic
-from ray_ft.pipeline import (
-    require_eval_set, stage_embed, stage_eval, stage_prepare, stage_rerank, stage_serve, stage_train,
-)
+from ray_ft.pipeline import require_eval_set, stage_eval, stage_prepare, stage_serve, stage_train
+from ray_ft.retriever_stages import stage_embed, stage_rerank
 from ray_ft.served import check_extra_models
 
 

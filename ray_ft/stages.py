@@ -38,6 +38,15 @@ def stage_inputs(cfg: JobConfig) -> dict[str, tuple[str, ...]]:
             "train": ("prepare",), "eval": ("train", *embed, *rerank)}
 
 
+def lsr_lm_key(cfg: JobConfig) -> dict:
+    """What else LSR's scores depend on: the LM (the job's model by default) and its prompt."""
+    lsr = cfg.embed.lsr
+    if not lsr.enabled:
+        return {}
+    return {"lsr_lm": [lsr.lm or cfg.model.name, cfg.data.language, cfg.model.system_prompt,
+                       cfg.serve.system_prompt, cfg.serve.prompt_template, cfg.data.prompt_template]}
+
+
 def train_config_key(cfg: JobConfig) -> dict:
     """The train config, and the pairs file's content for a preference recipe."""
     from ray_ft.data.sources import source_fingerprint
@@ -60,7 +69,7 @@ def stage_hash(cfg: JobConfig, stage: str, memo: dict[str, str] | None = None) -
         return memo[stage]
     upstream = {s: stage_hash(cfg, s, memo) for s in stage_inputs(cfg)[stage]}
     own = {
-        "embed": lambda: {"embed": cfg.embed.model_dump(), "data": embed_config_hash(cfg)},
+        "embed": lambda: {"embed": cfg.embed.model_dump(), "data": embed_config_hash(cfg), **lsr_lm_key(cfg)},
         # the first stage that fetches its validation and test candidates, too
         "rerank": lambda: {"rerank": cfg.rerank.model_dump(), "data": embed_config_hash(cfg),
                            "first_stage": [cfg.serve.embedder, cfg.serve.retrieval.query_instruction]},

@@ -177,6 +177,24 @@ def test_every_job_file_loads():
     fin = load_job(ROOT / "jobs" / "financial_embed.yaml").embed
     keys = {"model", "source", "seed", "test_size", "neg_num", "query_instruction", "learning_rate", "max_steps"}
     assert {k: getattr(radit.embed, k) for k in keys} == {k: getattr(fin, k) for k in keys}
+    # financial_lsr and radit_full run that recipe, then LSR from it; radit_full serves the LSR
+    # embedder and its own reranker and evaluates with and without it.
+    lsr = load_job(ROOT / "jobs" / "financial_lsr.yaml")
+    assert {k: getattr(lsr.embed, k) for k in keys} == {k: getattr(fin, k) for k in keys}
+    assert lsr.embed.lsr.enabled and lsr.embed.lsr.start_from == "contrastive" and lsr.task == "embedding"
+    full = load_job(ROOT / "jobs" / "radit_full.yaml")
+    assert {k: getattr(full.embed, k) for k in keys} == {k: getattr(fin, k) for k in keys}
+    assert full.serve.embedder == full.data.retrieval_augment.embedder == "runs/radit_full/embed/lsr/model"
+    assert full.served_reranker == full.finetuned_reranker_dir and "reranked" in full.eval.modes
+
+
+def test_lsr_runs_in_the_embed_stage_only():
+    with pytest.raises(RayFTError, match="embed.lsr.enabled runs in the embed stage"):
+        parse_job({"name": "x", "embed": {"lsr": {"enabled": True}}})
+    with pytest.raises(RayFTError, match="embed.lsr.lm_temperature"):
+        parse_job({"name": "x", "task": "embedding", "embed": {"lsr": {"enabled": True, "lm_temperature": 0}}})
+    cfg = parse_job({"name": "x", "task": "embedding", "output_dir": "o", "embed": {"lsr": {"enabled": True}}})
+    assert cfg.finetuned_embedder_dir == str(Path("o") / "x" / "embed" / "lsr" / "model")
 
 
 def test_embed_enabled_wires_the_fine_tuned_embedder_into_serving_and_retrieval_data():

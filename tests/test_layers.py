@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ray_ft"
-FORBIDDEN = {"data": ("train", "serve", "eval", "pipeline"), "train": ("serve", "eval", "pipeline"),
-             "metrics": ("data", "train", "serve", "eval", "pipeline")}
+FORBIDDEN = {"data": ("train", "serve", "eval", "pipeline", "retriever_stages", "run"),
+             "train": ("serve", "eval", "pipeline", "retriever_stages", "run"),
+             "metrics": ("data", "train", "serve", "eval", "pipeline", "retriever_stages", "run")}
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from ray_ft.config.base import SafeName, _Strict
 from ray_ft.config.data import DataConfig, NodeGroupConfig, RetrievalAugmentConfig
+from ray_ft.config.lsr import LSRConfig
 from ray_ft.config.rerank import RerankConfig, ServeRerankSettings
 from ray_ft.config.generation import QAEndpointConfig, QAFilterConfig, QAGenerationConfig
 from ray_ft.config.evaluation import EndpointConfig, EvalConfig, JudgeConfig
@@ -30,7 +31,7 @@ from ray_ft.errors import RayFTError
 
 __all__ = [
     "AutoscalingSettings", "DEEPSPEED_OWNED_KEYS", "DataConfig", "DeepSpeedConfig", "DeploymentSettings",
-    "EmbedConfig", "EmbedderBatching", "EndpointConfig", "EvalConfig", "HardNegativeConfig",
+    "EmbedConfig", "EmbedderBatching", "EndpointConfig", "EvalConfig", "HardNegativeConfig", "LSRConfig",
     "IngressDeploymentSettings", "JobConfig", "JudgeConfig", "ModelConfig", "NodeGroupConfig", "QAEndpointConfig",
     "QAFilterConfig", "QAGenerationConfig", "RayConfig",
     "RerankConfig", "RetrievalAugmentConfig", "RetrievalSettings", "ServeRerankSettings", "ServeConfig", "ServeDeployments", "TrainConfig",
@@ -133,6 +134,8 @@ class JobConfig(_Strict):
                 raise ValueError("embed.enabled with data.documents: the embedder's training pairs would "
                                  "have to come from the generated QA set, which is not wired yet; fine-tune "
                                  "the embedder in a task: embedding job on data/generated_qa.jsonl")
+        if self.embed.lsr.enabled and not (self.task == "embedding" or self.embed.enabled):
+            raise ValueError("embed.lsr.enabled runs in the embed stage: set task: embedding or embed.enabled")
         if "reranked" in self.eval.modes and not self.serve.rerank.enabled:
             raise ValueError("eval.modes 'reranked' needs a served reranker (serve.rerank.enabled)")
         if self.serve.rerank.enabled and self.serve.rerank.model is None and not self.trains_reranker:
@@ -174,7 +177,9 @@ class JobConfig(_Strict):
 
     @property
     def finetuned_embedder_dir(self) -> str:
-        """Where the embed stage exports the fine-tuned embedder."""
+        """Where the embed stage exports the fine-tuned embedder (the LSR result with embed.lsr)."""
+        if self.embed.lsr.enabled:
+            return str(self.run_dir / "embed" / "lsr" / "model")
         return str(self.run_dir / "embed" / "model")
 
     @property

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from ray_ft.config.base import _Strict
+from ray_ft.config.lsr import LSRConfig
 from ray_ft.recipes import LLM_RECIPES, PREFERENCE_RECIPES
 
 
@@ -232,8 +233,9 @@ class EmbedConfig(_Strict):
     model: str = Field("all-MiniLM-L6-v2", description="Sentence-transformers model to fine-tune.")
     source: str = Field(
         "../../shared/datasets/financial-qa-10k/financial_qa_10k.csv",
-        description="CSV with question and context columns, or a FlagEmbedding triplet .jsonl "
-        "(relative paths: against the job file).",
+        description="CSV with question and context columns (answer optional), a QA source that SFT reads "
+        "(SQuAD JSON such as CMRC2018, QA rows), or a FlagEmbedding triplet .jsonl (relative paths: against "
+        "the job file).",
     )
     on_error: Literal["raise", "skip"] = Field(
         "raise", description="A row with an empty question/context: stop with its line, or skip and count."
@@ -285,3 +287,4 @@ class EmbedConfig(_Strict):
     num_workers: int = Field(1, ge=1, description="Ray Train workers.")
     use_gpu: bool = Field(False, description="One GPU per worker.")
     cpus_per_worker: float = Field(2, gt=0, description="Logical CPUs (and torch threads) per worker.")
+    lsr: LSRConfig = Field(default_factory=LSRConfig)

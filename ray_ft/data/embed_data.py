@@ -1,6 +1,7 @@
 """The data stage of `task: embedding`: QA pairs -> splits -> FlagEmbedding triplets.
 
-CSV (or a FlagEmbedding triplet JSONL, whose negatives are kept) -> test split by context (the
+CSV, a QA source of the SFT readers (SQuAD JSON, QA rows), or a FlagEmbedding triplet JSONL
+(whose negatives are kept) -> test split by context (the
 retrieval eval) -> validation split by context (during training) -> triplets with random or mined
 hard negatives for the rest -> a seeded shuffle. Written to `embed/data/` with a manifest
 (counts, config hash, file hashes), temp folder first.
@@ -16,6 +17,7 @@ from pathlib import Path
 from ray_ft.config import JobConfig
 from ray_ft.data.sources import source_fingerprint, suffix_of
 from ray_ft.data.split import seeded_sample
+from ray_ft.errors import RayFTError
 from ray_ft.data.triplets import (
     QAPair, build_triplets, pairs_of_triplets, read_qa_csv, read_triplets_jsonl, split_pairs,
 )
@@ -35,7 +37,8 @@ def embed_config_hash(cfg: JobConfig) -> str:
     e = cfg.embed
     keys = ("source", "on_error", "test_size", "seed", "neg_num", "hard_negatives", "query_instruction",
             "max_train_samples", "val_size", "val_max_queries", "model")
-    h = hashlib.sha256(json.dumps({k: e.model_dump()[k] for k in keys}, sort_keys=True).encode())
+    # The layout version: bumped when the written files change shape (2: triplets keep answers).
+    h = hashlib.sha256(json.dumps({"layout": 2, **{k: e.model_dump()[k] for k in keys}}, sort_keys=True).encode())
     h.update(hashlib.sha256(source_fingerprint(e.source)).digest())
     if excludes_sft_heldout(cfg):
         from ray_ft.data.prepare import heldout_split_fingerprint
@@ -49,14 +52,29 @@ def excludes_sft_heldout(cfg: JobConfig) -> bool:
     return cfg.task == "sft" and cfg.embed.enabled
 
 
+def read_qa_pairs(source: str, on_error: str) -> tuple[list[QAPair], int]:
+    """(pairs, skipped) of a QA source in an SFT format (SQuAD JSON such as CMRC2018, QA rows,
+    `hf://`), read and validated by the SFT readers; `line` is the record's 1-based position."""
+    from ray_ft.data.readers import read_source
+
+    data = read_source(source, "auto", on_error)
+    if not data.is_qa:
+        raise RayFTError(f"{source}: {data.format} data has no passages; embed.source needs QA pairs "
+                         "(a CSV with question/context, SQuAD JSON, QA rows) or FlagEmbedding triplets")
+    pairs = [QAPair(i, r.question, r.context, r.answers[0] if r.answers else "") for i, r in enumerate(data.qa, 1)]
+    return pairs, data.report.skipped_records
+
+
 def prepare_embedding_data(cfg: JobConfig, out: Path) -> EmbedData:
     e = cfg.embed
     given = None  # triplets read from a FlagEmbedding JSONL source (its negatives kept as they are)
     if suffix_of(e.source) == ".jsonl":
         given, skipped = read_triplets_jsonl(e.source, e.on_error)
         pairs = pairs_of_triplets(given)
-    else:
+    elif suffix_of(e.source) == ".csv":
         pairs, skipped = read_qa_csv(e.source, e.on_error)
+    else:
+        pairs, skipped = read_qa_pairs(e.source, e.on_error)
     train, test = split_pairs(pairs, e.test_size, e.seed)
     excluded = 0
     if excludes_sft_heldout(cfg):

@@ -61,7 +61,7 @@ def split_pairs(pairs: list[QAPair], test_size: float, seed: int) -> tuple[list[
 
 def build_triplets(pairs: list[QAPair], neg_num: int, seed: int, prompt: str = DEFAULT_QUERY_PROMPT,
                    negatives_of: Callable[[QAPair], list[str]] | None = None) -> list[dict]:
-    """One `{query, pos, neg, prompt}` per pair: pos = its context; neg = `negatives_of(pair)`
+    """One `{query, pos, neg, prompt[, answer]}` per pair: pos = its context; neg = `negatives_of(pair)`
     (mined), else `neg_num` distinct random contexts of other pairs, never equal to the positive
     (one seeded draw over the pairs sorted by text, so independent of input order)."""
     contexts = sorted({p.context for p in pairs})
@@ -71,7 +71,10 @@ def build_triplets(pairs: list[QAPair], neg_num: int, seed: int, prompt: str = D
     out = []
     for p in sorted(pairs, key=lambda p: (p.question, p.context)):
         neg = negatives_of(p) if negatives_of else random_negatives(contexts, {p.context}, neg_num, rng)
-        out.append({"query": p.question, "pos": [p.context], "neg": neg, "prompt": prompt})
+        row = {"query": p.question, "pos": [p.context], "neg": neg, "prompt": prompt}
+        if p.answer:  # kept for LM-supervised retrieval (FlagEmbedding ignores extra keys)
+            row["answer"] = p.answer
+        out.append(row)
     return out
 
 

@@ -49,3 +49,17 @@ def to_markdown(before: dict, after: dict) -> str:
     lines += [f"| {k} | {100 * before[k]:.2f} | {100 * after[k]:.2f} | {100 * (after[k] - before[k]):+.2f} |"
               for k in keys]
     return "\n".join(lines) + "\n"
+
+
+def columns_markdown(columns: dict[str, dict]) -> str:
+    """The metrics of several embedders on the same test split, one column each, and the change
+    of the last over the first."""
+    names = list(columns)
+    first, last = columns[names[0]], columns[names[-1]]
+    keys = [k for k in first if k not in {"n_queries", "n_passages"}]
+    lines = [f"Test split: {first['n_queries']} questions over {first['n_passages']} passages.\n",
+             "| metric | " + " | ".join(names) + f" | {names[-1]} vs {names[0]} |",
+             "|---|" + "---:|" * (len(names) + 1)]
+    lines += [f"| {k} | " + " | ".join(f"{100 * columns[n][k]:.2f}" for n in names)
+              + f" | {100 * (last[k] - first[k]):+.2f} |" for k in keys]
+    return "\n".join(lines) + "\n"

@@ -133,3 +133,32 @@ def grad_cache_backward(encode: EncodeFn, q_inputs: dict, p_inputs: dict, chunk_
             torch.dot(encode(c).flatten(), rep.grad.flatten()).backward()
     after.restore()  # later randomness does not depend on how many chunks there were
     return loss.detach()
+
+
+def lsr_loss(q: torch.Tensor, p: torch.Tensor, lm_scores: torch.Tensor, retriever_temperature: float,
+             lm_temperature: float) -> torch.Tensor:
+    """LM-supervised retrieval: KL(p_LM || p_R) averaged over queries, where for query i with
+    candidates i*k .. i*k+k-1 of `p`, p_R = softmax(cos(q_i, p_ij) / retriever_temperature) and
+    p_LM = softmax(lm_scores[i] / lm_temperature) is a fixed target (RA-DIT's p_LSR).
+
+    q: [B, D], p: [B * k, D] (L2-normalized), lm_scores: [B, k].
+    """
+    b, k = lm_scores.shape
+    if p.shape[0] != b * k or q.shape[0] != b:
+        raise ValueError(f"{q.shape[0]} queries, {p.shape[0]} passages and {tuple(lm_scores.shape)} LM scores "
+                         "do not make groups of k candidates")
+    sims = (q.unsqueeze(1) * p.reshape(b, k, -1)).sum(-1).float() / retriever_temperature
+    target = torch.softmax(lm_scores.float() / lm_temperature, dim=-1)
+    return F.kl_div(torch.log_softmax(sims, dim=-1), target, reduction="batchmean")
+
+
+def gold_info_nce(q: torch.Tensor, p: torch.Tensor, gold_index: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE of each query whose own passage is among its candidates (gold_index >= 0) against
+    every passage of the batch; 0 when no query has it."""
+    group = p.shape[0] // q.shape[0]
+    keep = gold_index >= 0
+    if not bool(keep.any()):
+        return (q.sum() + p.sum()) * 0.0  # keeps the graph (DDP expects every parameter's gradient)
+    scores = q @ p.T / temperature
+    target = torch.arange(q.shape[0], device=q.device) * group + gold_index.clamp(min=0)
+    return F.cross_entropy(scores[keep], target[keep])

@@ -94,8 +94,9 @@ def group_passages(batch: dict, group_size: int, rng: random.Random) -> list[str
     return out
 
 
-def _validation_scores(model, tok, val: dict, ecfg: EmbedConfig, device) -> dict:
-    """recall@1 / MRR@k / nDCG@k of the current model on the validation pairs (rank 0 only)."""
+def retrieval_validation(model, tok, val: dict, ecfg: EmbedConfig, device) -> dict:
+    """recall@1 / MRR@k / nDCG@k of the current model on the validation pairs (the embedding
+    recipe scores on rank 0, LSR on every rank)."""
     import torch
 
     from ray_ft.metrics.retriever import evaluate_retriever
@@ -198,7 +199,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                    "peak_mem_mb": tm.peak_memory_mb(ecfg.use_gpu), "step_time_s": dt}
             evaluate = step == n_steps or bool(ecfg.eval_every_n_steps and step % ecfg.eval_every_n_steps == 0)
             if evaluate and rank == 0 and loop_config.get("val"):
-                row.update(_validation_scores(model, tok, loop_config["val"], ecfg, device))
+                row.update(retrieval_validation(model, tok, loop_config["val"], ecfg, device))
             history.append(row)
             if rank == 0:
                 log.info("[embed] " + " ".join(
@@ -295,7 +296,8 @@ def run_embed_training(cfg: JobConfig, triplets: list[dict], model_dir: Path, ou
                      "val": val},
         workers=Workers(ecfg.num_workers, ecfg.use_gpu, ecfg.cpus_per_worker),
         run_prefix="embed",
-        identity={"embed": ecfg.model_dump(), "triplets": triplets_key, "val": val, "model": str(model_dir)},
+        # embed.lsr is a later step of the stage: changing it does not retrain the contrastive part.
+        identity={"embed": ecfg.model_dump(exclude={"lsr"}), "triplets": triplets_key, "val": val, "model": str(model_dir)},
         datasets={"train": ray.data.read_parquet(str(write_triplets(triplets, out_dir)))},
         export_name="model", keep_checkpoints=ecfg.keep_checkpoints, max_failures=ecfg.max_failures,
         best_by=score, best_mode="max", drop=(TRAINER_STATE,))

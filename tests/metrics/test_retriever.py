@@ -36,3 +36,14 @@ def test_markdown_before_after():
     assert "| mrr_at_10 | 60.00 | 80.00 | +20.00 |" in md
     with pytest.raises(KeyError):
         to_markdown(before, {"n_queries": 3})
+
+
+def test_markdown_columns_compares_the_last_with_the_first():
+    from ray_ft.metrics.retriever import columns_markdown
+
+    cols = {"base": {"n_queries": 4, "n_passages": 3, "recall_at_1": 0.25},
+            "contrastive": {"n_queries": 4, "n_passages": 3, "recall_at_1": 0.5},
+            "LSR": {"n_queries": 4, "n_passages": 3, "recall_at_1": 0.75}}
+    md = columns_markdown(cols)
+    assert "| metric | base | contrastive | LSR | LSR vs base |" in md
+    assert "| recall_at_1 | 25.00 | 50.00 | 75.00 | +50.00 |" in md and "4 questions over 3 passages" in md

@@ -34,7 +34,7 @@ def test_embedding_job_two_workers_saves_a_loadable_model(ray_cluster, minilm_di
     assert run["skipped"] == [] and "eval" not in run
     out = tmp_path / "runs" / "embedtest" / "embed"
     # The data stage's outputs: triplets + splits with a manifest, reused on the next call.
-    from ray_ft.pipeline import stage_embed_data
+    from ray_ft.retriever_stages import stage_embed_data
 
     manifest = json.loads((out / "data" / "manifest.json").read_text())
     assert manifest["triplets"] == summary["triplets"] and manifest["negatives"] == "random"

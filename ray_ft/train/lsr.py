@@ -1,0 +1,187 @@
+"""LM-supervised retrieval (RA-DIT's retriever half) on Ray Train, on the shared step loop.
+
+Each worker reads its shard of scored questions (`ray_ft.data.lsr`: a question, its k candidate
+passages from the embedder it starts from, the generator's score of the reference answer given
+each), embeds the question and the candidates with the sentence encoder and minimises
+KL(p_LM || p_R) over each question's candidates (`contrastive.lsr_loss`), optionally mixed with
+InfoNCE on the question's own passage. Validation is the embedding recipe's (MRR@k over held-out
+questions and their passages); the best checkpoint is exported as a sentence-transformers folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from ray_ft.config import EmbedConfig, JobConfig, TrainConfig
+from ray_ft.errors import RayFTError
+from ray_ft.train import metrics as tm
+from ray_ft.train.embed import SentenceEncoder, retrieval_validation, write_sentence_transformer
+from ray_ft.train.launch import Launch, Workers, launch
+from ray_ft.train.loop import Counts, Schedule, latest_checkpoint, restore, run_steps
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LSRTrainResult:
+    model_dir: Path
+    history: list[dict]
+    best_step: int | None  # the step whose checkpoint was exported
+
+
+def val_metric(ecfg: EmbedConfig) -> str:
+    return f"val_mrr_at_{ecfg.eval_top_k}"
+
+
+def step_settings(ecfg: EmbedConfig) -> TrainConfig:
+    """LSR's optimizer and schedule in the form the shared stepper reads: a full fine-tune in
+    fp32 (as the contrastive recipe), linear schedule, clipped at 1.0."""
+    lcfg = ecfg.lsr
+    return TrainConfig(
+        finetuning_type="full", learning_rate=lcfg.learning_rate, warmup_ratio=lcfg.warmup_ratio,
+        weight_decay=0.01, lr_scheduler_type="linear", max_grad_norm=1.0, precision="fp32",
+        num_workers=ecfg.num_workers, use_gpu=ecfg.use_gpu, cpus_per_worker=ecfg.cpus_per_worker, seed=ecfg.seed,
+        eval_every_n_steps=lcfg.eval_every_n_steps, tensorboard=False)
+
+
+def total_steps(questions_per_worker: int, ecfg: EmbedConfig) -> int:
+    lcfg = ecfg.lsr
+    per_epoch = max(1, questions_per_worker // lcfg.per_device_batch_size)
+    return lcfg.max_steps or max(1, round(lcfg.num_train_epochs * per_epoch))
+
+
+def lsr_objective(ecfg: EmbedConfig):
+    """The stepper's `loss_of`: encoder -> KL to the LM's distribution (+ weighted gold InfoNCE)."""
+    from ray_ft.train.contrastive import gold_info_nce, lsr_loss
+
+    lcfg = ecfg.lsr
+    temperature = lcfg.retriever_temperature or ecfg.temperature
+
+    def loss_of(model, inputs: dict):
+        q, p = model(inputs["q"]), model(inputs["p"])
+        loss = lsr_loss(q, p, inputs["lm_scores"], temperature, lcfg.lm_temperature)
+        if lcfg.contrastive_weight:
+            loss = loss + lcfg.contrastive_weight * gold_info_nce(q, p, inputs["gold_index"], temperature)
+        return loss
+
+    return loss_of
+
+
+class LSRSteps:
+    """LSR's part of the step loop: questions with their scored candidates, the KL loss, the
+    embedding recipe's retrieval validation."""
+
+    def __init__(self, shard, tok, ecfg: EmbedConfig, val: dict | None, base_dir: Path, rank: int, device):
+        self.shard, self.tok, self.ecfg, self.val = shard, tok, ecfg, val
+        self.base_dir, self.rank, self.device = base_dir, rank, device
+
+    def micro_batches(self):
+        return self.shard.iter_batches(batch_size=self.ecfg.lsr.per_device_batch_size, drop_last=True)
+
+    def tokenize(self, texts: list[str], max_len: int) -> dict:
+        enc = self.tok(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+        return {k: v.to(self.device) for k, v in enc.items()}
+
+    def losses(self, stepper, group: list):
+        import torch
+
+        e = self.ecfg
+        for batch in group:
+            queries = [e.query_instruction + str(q) for q in batch["query"]]
+            passages = [str(c) for row in batch["candidates"] for c in row]
+            q_in, p_in = self.tokenize(queries, e.query_max_len), self.tokenize(passages, e.passage_max_len)
+            inputs = {"q": q_in, "p": p_in,
+                      "lm_scores": torch.tensor([list(s) for s in batch["lm_scores"]], dtype=torch.float32,
+                                                device=self.device),
+                      "gold_index": torch.tensor([int(i) for i in batch["gold_index"]], device=self.device)}
+            loss = stepper.forward(inputs)
+            tokens = int(q_in["attention_mask"].sum() + p_in["attention_mask"].sum())
+            slots = q_in["attention_mask"].numel() + p_in["attention_mask"].numel()
+            yield loss, Counts(tokens, slots, len(queries))
+
+    def validate(self, stepper) -> dict:
+        # Every rank scores the same (small) validation set, so all agree on best and stop.
+        return retrieval_validation(stepper.module, self.tok, self.val, self.ecfg, self.device) if self.val else {}
+
+    def save(self, stepper, folder: Path) -> None:
+        if self.rank == 0:
+            (folder / "model").mkdir(parents=True, exist_ok=True)
+            write_sentence_transformer(stepper.module, self.tok, self.base_dir, folder / "model", self.ecfg.pooling)
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from ray_ft.train.steppers import TorchStepper
+
+    job = JobConfig.model_validate(loop_config["job"])
+    ecfg = job.embed
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if not ecfg.use_gpu:
+        torch.set_num_threads(max(1, int(ecfg.cpus_per_worker)))
+    torch.manual_seed(ecfg.seed)
+    start = loop_config["model_dir"]
+    tok = AutoTokenizer.from_pretrained(start)
+    encoder = SentenceEncoder.build(start, ecfg.pooling)
+    per_worker = loop_config["questions_per_worker"]
+    n_steps, per_epoch = total_steps(per_worker, ecfg), max(1, per_worker // ecfg.lsr.per_device_batch_size)
+    tcfg = step_settings(ecfg)
+    with latest_checkpoint() as ckpt:
+        if ckpt is not None:  # a restart after a failure: the weights first, before DDP wraps them
+            encoder.model.load_state_dict(load_file(str(ckpt / "model" / "model.safetensors")))
+        stepper = TorchStepper(encoder, tcfg, n_steps, loss_of=lsr_objective(ecfg))
+        state = restore(stepper, ckpt)
+    device = ray.train.torch.get_device()
+    steps = LSRSteps(ray.train.get_dataset_shard("train"), tok, ecfg, loop_config.get("val"), Path(start), rank,
+                     device)
+    num_params = sum(p.numel() for p in encoder.parameters())
+    sched = Schedule(
+        n_steps=n_steps, per_epoch=per_epoch, accumulation=1, eval_every=ecfg.lsr.eval_every_n_steps, log_every=1,
+        metric=val_metric(ecfg), patience=None, seed=ecfg.seed,
+        flops_per_token=tm.flops_per_token(num_params, "full"), peak_tflops=tm.peak_tflops(ecfg.use_gpu),
+        use_gpu=ecfg.use_gpu, micro_steps=False, all_ranks_save=False, tag="lsr")
+    run_steps(steps, stepper, sched, state, rank, world, device, None, loop_config.get("test_faults"))
+
+
+def write_questions(table: list[dict], out_dir: Path) -> Path:
+    from ray_ft.data.lsr import write_parquet_atomic
+
+    return write_parquet_atomic(table, out_dir / "train_questions.parquet")
+
+
+def run_lsr_training(cfg: JobConfig, table: list[dict], start_dir: Path, out_dir: Path, val: dict | None = None,
+                     resume: bool = True) -> LSRTrainResult:
+    """Fit on Ray Train from the embedder in `start_dir` on `table` (`ray_ft.data.lsr.training_table`);
+    the best (by validation MRR, else the last) sentence-transformers folder lands in
+    `out_dir/model`. A stopped run of the same config, data and start continues from its latest
+    checkpoint (`resume=False`: from step 0)."""
+    import ray
+
+    ecfg = cfg.embed
+    per_worker = len(table) // ecfg.num_workers
+    if per_worker < ecfg.lsr.per_device_batch_size:
+        raise RayFTError(f"embed.lsr.per_device_batch_size: {len(table)} scored questions cannot fill a batch of "
+                         f"{ecfg.lsr.per_device_batch_size} on each of {ecfg.num_workers} workers")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(json.dumps([table, val], sort_keys=True).encode()).hexdigest()
+    spec = Launch(
+        train_loop_per_worker,
+        loop_config={"job": cfg.model_dump(), "model_dir": str(start_dir), "questions_per_worker": per_worker,
+                     "val": val},
+        workers=Workers(ecfg.num_workers, ecfg.use_gpu, ecfg.cpus_per_worker),
+        run_prefix="lsr",
+        identity={"embed": ecfg.model_dump(), "data": key, "model": str(start_dir)},
+        datasets={"train": ray.data.read_parquet(str(write_questions(table, out_dir)))},
+        export_name="model", keep_checkpoints=ecfg.keep_checkpoints, max_failures=ecfg.max_failures,
+        best_by=val_metric(ecfg) if val else None, best_mode="max", subdir="model")
+    final, history, chosen = launch(spec, out_dir, resume)
+    return LSRTrainResult(final, history, chosen.get("step"))
