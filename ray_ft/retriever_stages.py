@@ -103,14 +103,16 @@ def stage_lsr(cfg: JobConfig, data, start: Path, val: dict | None, resume: bool 
     out = cfg.run_dir / "embed" / "lsr"
     init_ray(cfg)
     questions = lsr_questions(data.triplets, lcfg.max_queries, e.seed)
-    groups = retrieve_candidates(questions, str(start), e.query_instruction, lcfg.candidates, cfg.data.num_workers)
+    pool = [t["pos"][0] for t in data.triplets]  # every training passage
+    groups = retrieve_candidates(questions, pool, str(start), e.query_instruction, lcfg.candidates,
+                                 cfg.data.num_workers)
     lm, prompt = str(resolve_model(lcfg.lm or cfg.model.name)), rag_prompt_of(cfg)
-    key = scores_key(groups, lm, prompt, lcfg.lm_max_len)
+    key = scores_key(groups, lm, prompt, lcfg.lm_max_len, lcfg.lm_dtype)
     t = time.perf_counter()
     scored = read_scores(out / "lsr_scores.parquet", groups, key)
     if scored is None:
         scored = score_groups(groups, lm, prompt, lcfg.lm_max_len, lcfg.lm_batch_size, lcfg.lm_workers,
-                              lcfg.lm_cpus, lcfg.lm_use_gpu)
+                              lcfg.lm_cpus, lcfg.lm_use_gpu, lcfg.lm_dtype)
         write_parquet_atomic(lsr_rows(scored, lcfg.lm_score, lcfg.lm_temperature), out / "lsr_scores.parquet",
                              {"key": key})
     else:

@@ -51,6 +51,10 @@ class LSRConfig(_Strict):
     lm_workers: int = Field(1, ge=1, description="Ray Data actors scoring with the LM.")
     lm_cpus: float = Field(2, gt=0, description="Logical CPUs (and torch threads) per scoring actor.")
     lm_use_gpu: bool = Field(False, description="One GPU per scoring actor.")
+    lm_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Weights and compute of the scoring LM; auto: bf16 on GPUs and on CPUs that compute "
+        "bf16 natively (AVX512-BF16/AMX), fp32 elsewhere.",
+    )
     learning_rate: float = Field(1e-5, gt=0.0, description="Peak AdamW learning rate.")
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Linear warm-up share of steps.")
     num_train_epochs: float = Field(1.0, gt=0.0, description="Passes over the scored questions.")

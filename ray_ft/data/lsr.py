@@ -11,12 +11,13 @@ template, the answer as the assistant turn). The scores go to `lsr_scores.parque
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ray_ft.data.retrieval import embed_corpus_and_queries, top_n
+from ray_ft.data.retrieval import embed_corpus_and_queries, local_path, top_n
 from ray_ft.data.split import seeded_sample
 from ray_ft.errors import RayFTError
 
@@ -61,10 +62,11 @@ def lsr_questions(triplets: list[dict], max_queries: int | None, seed: int) -> l
     return seeded_sample(answered, lambda t: t["query"] + "\0" + t["pos"][0], max_queries, seed)
 
 
-def retrieve_candidates(questions: list[dict], model_dir: str, instruction: str, k: int,
+def retrieve_candidates(questions: list[dict], pool: list[str], model_dir: str, instruction: str, k: int,
                         workers: int = 1) -> list[LSRGroup]:
-    """Each question's top-k passages of the pool of all the questions' own passages."""
-    pool = sorted({t["pos"][0] for t in questions})
+    """Each question's top-k passages of `pool` (the training passages, as RA-DIT retrieves
+    from the whole corpus, not only from the scored questions' own passages)."""
+    pool = sorted(set(pool))
     if len(pool) < k:
         raise RayFTError(f"embed.lsr.candidates={k}: the training pool has only {len(pool)} passages")
     pool_vecs, query_vecs = embed_corpus_and_queries(pool, [t["query"] for t in questions], model_dir,
@@ -78,15 +80,21 @@ class AnswerLogLikelihood:
     """Ray Data callable: log p(answer | RAG prompt with one passage) under a causal LM, summed
     over the answer's tokens (the labels SFT trains on), and the number of those tokens."""
 
-    def __init__(self, lm_dir: str, prompt, max_len: int, threads: int = 1, use_gpu: bool = False):
+    def __init__(self, lm_dir: str, prompt, max_len: int, threads: int = 1, use_gpu: bool = False,
+                 dtype: str = "float32"):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.set_num_threads(max(1, threads))
         self.device = "cuda" if use_gpu else "cpu"
         self.tok = AutoTokenizer.from_pretrained(lm_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(lm_dir, torch_dtype=torch.float32).to(self.device).eval()
+        if dtype == "auto":  # bf16 where it is computed natively (GPU, AVX512-BF16/AMX CPUs)
+            from ray_ft.devices import cpu_has_native_bf16
+
+            dtype = "bfloat16" if use_gpu or cpu_has_native_bf16() else "float32"
+        self.model = AutoModelForCausalLM.from_pretrained(lm_dir, dtype=getattr(torch, dtype)).to(self.device).eval()
         self.prompt, self.max_len = prompt, max_len
+        self.keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
     def example(self, passage: str, question: str, answer: str):
         """SFT's tokenization of the example; a passage too long for `max_len` is cut (by the
@@ -107,7 +115,7 @@ class AnswerLogLikelihood:
         import numpy as np
         import torch
 
-        from ray_ft.data.tokenize import IGNORE_INDEX
+        from ray_ft.data.tokenize import IGNORE_INDEX, trained_positions
 
         exs = [self.example(str(p), str(q), str(a)) for p, q, a in zip(batch["passage"], batch["query"], batch["answer"])]
         width = max(len(e.input_ids) for e in exs)
@@ -118,29 +126,37 @@ class AnswerLogLikelihood:
         for i, e in enumerate(exs):  # right padding: positions (and so logits) as in one-by-one passes
             n = len(e.input_ids)
             ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(e.input_ids), torch.tensor(e.labels), 1
+        # The head and the softmax only where a next token is an answer token: most of a prompt is
+        # passage, and the head is a fifth of a small LM's multiply-adds per token.
+        positions = trained_positions(labels) if self.keeps_logits else torch.arange(width - 1)
+        extra = {"logits_to_keep": positions.to(self.device)} if self.keeps_logits else {}
         with torch.no_grad():
-            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.float()
-        target = labels[:, 1:].to(self.device)
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **extra).logits
+        logits = logits[:, : len(positions)].float()  # the full-sequence path also has the last position
+        target = labels[:, positions + 1].to(self.device)
         keep = target != IGNORE_INDEX
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         total = (logp * keep).sum(1).cpu().numpy().astype(np.float64)
         return {"g": batch["g"], "j": batch["j"], "logprob": total, "tokens": keep.sum(1).cpu().numpy()}
 
 
 def score_groups(groups: list[LSRGroup], lm_dir: str, prompt, max_len: int, batch_size: int,
-                 workers: int = 1, cpus: float = 1, use_gpu: bool = False) -> list[LSRGroup]:
+                 workers: int = 1, cpus: float = 1, use_gpu: bool = False, dtype: str = "float32") -> list[LSRGroup]:
     """The groups with `lm_logprobs` of every candidate, from a Ray Data job on `workers` actors."""
     import ray
 
+    lm_dir = local_path(lm_dir)
     rows = [{"g": g, "j": j, "query": grp.query, "answer": grp.answer, "passage": c}
             for g, grp in enumerate(groups) for j, c in enumerate(grp.candidates)]
+    # Similar lengths in a batch pad less (the results are put back in place by g, j).
+    rows.sort(key=lambda r: len(r["passage"]) + len(r["query"]) + len(r["answer"]))
     blocks = max(workers, -(-len(rows) // (8 * batch_size)))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     out = ds.map_batches(
         AnswerLogLikelihood, batch_size=batch_size, batch_format="numpy", concurrency=workers,
         num_cpus=cpus, num_gpus=1 if use_gpu else 0,
         fn_constructor_kwargs={"lm_dir": lm_dir, "prompt": prompt, "max_len": max_len,
-                               "threads": max(1, int(cpus)), "use_gpu": use_gpu})
+                               "threads": max(1, int(cpus)), "use_gpu": use_gpu, "dtype": dtype})
     logprobs = [[0.0] * len(g.candidates) for g in groups]
     tokens = [0] * len(groups)
     seen = 0
@@ -179,10 +195,10 @@ def write_parquet_atomic(rows: list[dict], path: Path, metadata: dict[str, str] 
     return path
 
 
-def scores_key(groups: list[LSRGroup], lm_dir: str, prompt, max_len: int) -> str:
-    """What the LM's scores depend on: the questions, answers, candidates, LM, prompt, length."""
+def scores_key(groups: list[LSRGroup], lm_dir: str, prompt, max_len: int, dtype: str) -> str:
+    """What the LM's scores depend on: the questions, answers, candidates, LM, prompt, length, dtype."""
     body = [[g.query, g.answer, g.candidates] for g in groups]
-    return hashlib.sha256(json.dumps([body, lm_dir, repr(prompt), max_len]).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([body, lm_dir, repr(prompt), max_len, dtype]).encode()).hexdigest()[:16]
 
 
 def read_scores(path: Path, groups: list[LSRGroup], key: str) -> list[LSRGroup] | None:

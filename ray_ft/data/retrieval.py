@@ -30,10 +30,18 @@ class EmbedBatch:
         return {"i": batch["i"], "vector": self.embedder.embed([str(t) for t in batch["text"]])}
 
 
+def local_path(model_dir: str) -> str:
+    """A local folder as an absolute path: Ray's actors do not run in the driver's folder."""
+    from pathlib import Path
+
+    return str(Path(model_dir).resolve()) if Path(model_dir).exists() else model_dir
+
+
 def embed_texts(texts: list[str], model_dir: str, workers: int = 1) -> np.ndarray:
     """(len(texts), dim) float32 unit vectors, in input order, from `workers` actors."""
     import ray
 
+    model_dir = local_path(model_dir)
     blocks = max(workers, -(-len(texts) // (4 * EMBED_BATCH)))
     ds = ray.data.from_items([{"i": i, "text": t} for i, t in enumerate(texts)], override_num_blocks=blocks)
     out = ds.map_batches(EmbedBatch, fn_constructor_kwargs={"model_dir": model_dir},

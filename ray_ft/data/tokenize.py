@@ -24,6 +24,13 @@ def chat_messages(system_prompt: str, user: str, assistant: str | None = None) -
     return msgs
 
 
+def trained_positions(labels):
+    """Sequence positions t whose next token t+1 is a label in any row (`labels` [batch, len]):
+    where a causal LM's logits are needed to train on, or to score, the labels."""
+    shifted = labels[:, 1:] != IGNORE_INDEX
+    return shifted.any(dim=0).nonzero().squeeze(1)
+
+
 def check_chat_template(tokenizer) -> None:
     if not getattr(tokenizer, "chat_template", None):
         raise RayFTError(f"tokenizer of '{tokenizer.name_or_path}' has no chat template; use an "

@@ -121,6 +121,20 @@ def retrieval_validation(model, tok, val: dict, ecfg: EmbedConfig, device) -> di
     return {f"val_{k}": v for k, v in got.items() if k not in {"n_queries", "n_passages"}}
 
 
+def start_embed_worker(loop_config: dict) -> tuple[EmbedConfig, int, int]:
+    """On a Ray Train worker of an embedder recipe: `embed.*` re-validated, this rank and the
+    world size; torch's CPU threads set to the worker's CPUs, torch seeded."""
+    import ray.train
+    import torch
+
+    ecfg = JobConfig.model_validate(loop_config["job"]).embed
+    ctx = ray.train.get_context()
+    if not ecfg.use_gpu:
+        torch.set_num_threads(max(1, int(ecfg.cpus_per_worker)))
+    torch.manual_seed(ecfg.seed)  # same initial weights on every worker (DDP broadcasts anyway)
+    return ecfg, ctx.get_world_rank(), ctx.get_world_size()
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -129,13 +143,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     from ray_ft.train.contrastive import cross_device_loss, grad_cache_backward, info_nce
 
-    job = JobConfig.model_validate(loop_config["job"])
-    ecfg = job.embed
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if not ecfg.use_gpu:
-        torch.set_num_threads(max(1, int(ecfg.cpus_per_worker)))
-    torch.manual_seed(ecfg.seed)  # same initial weights on every worker (DDP broadcasts anyway)
+    ecfg, rank, world = start_embed_worker(loop_config)
 
     tok = AutoTokenizer.from_pretrained(loop_config["model_dir"])
     tok.padding_side = "right"  # GradCache trims each chunk's trailing padding
@@ -298,7 +306,7 @@ def run_embed_training(cfg: JobConfig, triplets: list[dict], model_dir: Path, ou
         run_prefix="embed",
         # embed.lsr is a later step of the stage: changing it does not retrain the contrastive part.
         identity={"embed": ecfg.model_dump(exclude={"lsr"}), "triplets": triplets_key, "val": val, "model": str(model_dir)},
-        datasets={"train": ray.data.read_parquet(str(write_triplets(triplets, out_dir)))},
+        datasets={"train": ray.data.read_parquet(str(write_triplets(triplets, out_dir).resolve()))},
         export_name="model", keep_checkpoints=ecfg.keep_checkpoints, max_failures=ecfg.max_failures,
         best_by=score, best_mode="max", drop=(TRAINER_STATE,))
     final, history, chosen = launch(spec, out_dir, resume)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 
-from ray_ft.data.tokenize import IGNORE_INDEX
+from ray_ft.data.tokenize import IGNORE_INDEX, trained_positions
 
 
 def supports_logits_to_keep(model) -> bool:
@@ -29,12 +29,6 @@ def supports_logits_to_keep(model) -> bool:
 def model_loss(model, inputs: dict):
     """The model's own loss (logits at every position): models without `logits_to_keep`."""
     return model(**inputs).loss
-
-
-def trained_positions(labels):
-    """Sequence positions t whose next token t+1 is trained in any row (`labels` [batch, len])."""
-    shifted = labels[:, 1:] != IGNORE_INDEX
-    return shifted.any(dim=0).nonzero().squeeze(1)
 
 
 def answer_only_loss(model, inputs: dict):

@@ -164,7 +164,7 @@ def run_rerank_training(cfg: JobConfig, triplets: list[dict], model_dir: Path, o
         workers=Workers(rcfg.num_workers, rcfg.use_gpu, rcfg.cpus_per_worker),
         run_prefix="rerank",
         identity={"rerank": rcfg.model_dump(), "data": key, "model": str(model_dir)},
-        datasets={"train": ray.data.read_parquet(str(write_triplets(triplets, out_dir)))},
+        datasets={"train": ray.data.read_parquet(str(write_triplets(triplets, out_dir).resolve()))},
         export_name="model", keep_checkpoints=rcfg.keep_checkpoints, max_failures=rcfg.max_failures,
         best_by=VAL_METRIC if val_groups else None, best_mode="max", subdir="model")
     final, history, chosen = launch(spec, out_dir, resume)

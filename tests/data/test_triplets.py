@@ -66,7 +66,9 @@ def test_full_financial_qa_10k(tmp_path):
     trips = build_triplets(train, 10, 1314)
     assert all(t["pos"][0] not in t["neg"] and len(set(t["neg"])) == 10 for t in trips)
     json.dumps(trips[0])  # FlagEmbedding JSONL row
-    assert set(trips[0]) == {"query", "pos", "neg", "prompt"}
+    # FlagEmbedding's keys, and the reference answer that LM-supervised retrieval scores.
+    assert set(trips[0]) == {"query", "pos", "neg", "prompt", "answer"}
+    assert len(trips) - 3 <= sum(bool(t.get("answer")) for t in trips) < len(trips)  # line 1729 has none
 
 
 def test_triplet_jsonl_reader_roundtrip_and_errors(tmp_path):

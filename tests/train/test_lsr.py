@@ -4,6 +4,7 @@ over the candidates toward the LM's."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,17 +92,19 @@ def test_answer_log_likelihood_is_the_direct_forward_pass(smollm_dir):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not FINQA.is_file(), reason="needs ../shared/datasets/financial-qa-10k")
-def test_lsr_stage_moves_the_embedder_toward_the_lm(ray_cluster, tmp_path):
+def test_lsr_stage_moves_the_embedder_toward_the_lm(ray_cluster, tmp_path, monkeypatch):
     """Contrastive stage -> LSR stage on real rows: the scores file holds each question's
     candidates with a normalised LM distribution, training lowers the KL to it on the trained
-    questions, and the job serves the LSR model."""
+    questions, and the job serves the LSR model. The output folder is relative, as in a job file
+    (Ray Train's workers run in another folder)."""
     import pyarrow.parquet as pq
 
     from ray_ft.embedder import SentenceTransformerEmbedder
     from ray_ft.run import run_all
 
+    monkeypatch.chdir(tmp_path)
     cfg = parse_job({
-        "name": "lsrtest", "task": "embedding", "output_dir": str(tmp_path / "runs"),
+        "name": "lsrtest", "task": "embedding", "output_dir": "runs",
         "embed": {"source": str(finqa_slice(tmp_path / "qa.csv", 160)), "test_size": 0.2, "neg_num": 3,
                   "train_group_size": 2, "per_device_batch_size": 8, "max_steps": 2, "passage_max_len": 128,
                   "val_size": 0.0, "cpus_per_worker": 1,
@@ -122,7 +125,7 @@ def test_lsr_stage_moves_the_embedder_toward_the_lm(ray_cluster, tmp_path):
         assert all(r["lm_logprob"] < 0 and r["answer_tokens"] > 0 for r in rs)
         assert sum(r["is_gold"] for r in rs) <= 1
     lsr = summary["lsr"]
-    assert lsr["questions"] == 24 and lsr["steps"] == 9 and lsr["start"] == str(out / "model")
+    assert lsr["questions"] == 24 and lsr["steps"] == 9 and Path(lsr["start"]).resolve() == (out / "model").resolve()
     assert 0 < lsr["gold_retrieved"] <= 1 and summary["model_dir"] == cfg.finetuned_embedder_dir
     assert "contrastive" in (out / "retrieval.md").read_text() and "LSR" in (out / "retrieval.md").read_text()
     history = [json.loads(line) for line in (out / "lsr" / "metrics.jsonl").read_text().splitlines()]
@@ -141,3 +144,27 @@ def test_lsr_stage_moves_the_embedder_toward_the_lm(ray_cluster, tmp_path):
 
     before, after = mean_kl(out / "model"), mean_kl(out / "lsr" / "model")
     assert after < 0.9 * before, (before, after)
+
+
+@pytest.mark.slow
+def test_length_sorted_chunks_embed_as_one_padded_batch(minilm_dir):
+    """LSR encodes a step's candidates in length-sorted chunks (less padding); the embeddings,
+    put back in order, are those of one padded batch."""
+    from transformers import AutoTokenizer
+
+    from ray_ft.train.embed import SentenceEncoder
+    from ray_ft.train.lsr import LSRSteps
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir)
+    enc = SentenceEncoder.build(str(minilm_dir), "mean").eval()
+    steps = LSRSteps(None, tok, None, None, None, 0, "cpu")
+    texts = ["short", "a much longer passage about revenue growth in fiscal 2023 with more words", "mid length text",
+             "x y"] * 5
+    chunks, order = steps.length_chunks(texts, 128, size=3)
+    assert len(chunks) == 7 and sorted(order.tolist()) == list(range(20))
+    widths = [c["input_ids"].shape[1] for c in chunks]
+    assert widths == sorted(widths) and widths[0] < widths[-1]  # each chunk padded to its own longest
+    with torch.no_grad():
+        chunked = torch.cat([enc(c) for c in chunks])[order]
+        whole = enc(steps.tokenize(texts, 128))
+    assert torch.allclose(chunked, whole, atol=1e-5)
