@@ -121,7 +121,7 @@ def stage_lsr(cfg: JobConfig, data, start: Path, val: dict | None, resume: bool 
     t = time.perf_counter()
     result = run_lsr_training(cfg, training_table(scored, lcfg.lm_score), Path(start), out, val, resume)
     gold = [g.gold_index for g in scored]
-    lm_best = [max(range(len(g.candidates)), key=lambda j: g.lm_scores(lcfg.lm_score)[j]) for g in scored]
+    lm_best = [max(enumerate(g.lm_scores(lcfg.lm_score)), key=lambda js: js[1])[0] for g in scored]
     return {"questions": len(scored), "candidates": lcfg.candidates, "lm": lm, "start": str(start),
             "gold_retrieved": sum(i >= 0 for i in gold) / len(gold),
             "gold_at_1": sum(i == 0 for i in gold) / len(gold),

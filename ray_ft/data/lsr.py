@@ -173,11 +173,12 @@ def lsr_rows(groups: list[LSRGroup], mode: str, lm_temperature: float) -> list[d
     """One row per (question, candidate): what `lsr_scores.parquet` holds."""
     out = []
     for g, grp in enumerate(groups):
-        target = softmax(grp.lm_scores(mode), lm_temperature)
+        scores = grp.lm_scores(mode)
+        target = softmax(scores, lm_temperature)
         for j, (c, rs, lp) in enumerate(zip(grp.candidates, grp.retrieval_scores, grp.lm_logprobs)):
             out.append({"question_id": g, "query": grp.query, "answer": grp.answer, "rank": j, "passage": c,
                         "is_gold": c == grp.gold, "retrieval_score": rs, "lm_logprob": lp,
-                        "answer_tokens": grp.answer_tokens, "lm_score": grp.lm_scores(mode)[j], "lm_target": target[j]})
+                        "answer_tokens": grp.answer_tokens, "lm_score": scores[j], "lm_target": target[j]})
     return out
 
 
