@@ -1,7 +1,11 @@
 """Retrieval quality and speed of the retriever's modes side by side: dense (MiniLM, exact cosine),
 BM25, and hybrid (reciprocal-rank fusion of both), on CMRC2018 dev (Chinese) and Financial-QA-10k
-(English). Hit@k: the question's own passage is among the top k. In-process, the same classes
-the served retriever uses (VectorIndex, BM25Index, reciprocal_rank_fusion).
+(English), for both knowledge-base stores: `memory` (the replica's numpy VectorIndex and
+hand-written BM25Index) and `lancedb` (the LanceDB table: flat vector search, Lance's BM25
+full-text index with the language's tokenizer, its hybrid query with RRF). Hit@k: the question's
+own passage is among the top k, with a 95% bootstrap interval; the last column is the paired
+hit@1 change of lancedb vs memory on the same questions. In-process, the classes the served
+retriever uses; the query vectors are computed once and shared, so queries/s is the search alone.
 
     .venv/bin/python bench/retrieval_modes.py [--passages 300] [--questions 600]
 """
@@ -11,11 +15,17 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import tempfile
 import time
 from pathlib import Path
 
-from ray_ft.models import resolve_model
+import numpy as np
+
+from ray_ft.config.knowledge_base import KnowledgeBaseConfig
 from ray_ft.embedder import SentenceTransformerEmbedder
+from ray_ft.eval.intervals import bootstrap_ci, paired_difference_ci
+from ray_ft.kb.store import KnowledgeBase, node_row
+from ray_ft.models import resolve_model
 from ray_ft.serve.engines import VectorIndex
 from ray_ft.serve.retrieval import BM25Index, reciprocal_rank_fusion
 
@@ -49,32 +59,54 @@ def finqa(n_passages: int) -> tuple[list[dict], list[tuple[str, str]]]:
     return [{"node_id": i, "text": t} for t, i in ids.items()], questions
 
 
+def searches(nodes: list[dict], vecs: np.ndarray, language: str, folder: str) -> dict:
+    """(store, mode) -> search(query, query_vector) -> top-5 node ids."""
+    dense, bm25 = VectorIndex(nodes, vecs), BM25Index(nodes)
+    kb = KnowledgeBase(folder, "nodes", "bench", None, KnowledgeBaseConfig(), language)
+    kb.upsert([node_row(n) for n in nodes], vecs)
+    kb.ensure_indexes()
+    return {
+        ("memory", "dense"): lambda q, v: dense.search(v, 5),
+        ("lancedb", "dense"): lambda q, v: kb.dense(v, 5),
+        ("memory", "bm25"): lambda q, v: bm25.search(q, 5),
+        ("lancedb", "bm25"): lambda q, v: kb.text(q, 5),
+        ("memory", "hybrid"): lambda q, v: reciprocal_rank_fusion([dense.search(v, 50), bm25.search(q, 50)], 5),
+        ("lancedb", "hybrid"): lambda q, v: kb.hybrid(v, q, 5, 50),
+    }
+
+
+def _ci(values) -> str:
+    lo, hi = bootstrap_ci(values)
+    return f"{np.mean(values):.1%} [{lo:.1%}, {hi:.1%}]"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--passages", type=int, default=300)
     ap.add_argument("--questions", type=int, default=600)
     args = ap.parse_args()
     emb = SentenceTransformerEmbedder(str(resolve_model("all-MiniLM-L6-v2")))
-    print("| data | mode | questions | hit@1 | hit@5 | queries/s (query embedding included) |")
-    print("|---|---|---:|---:|---:|---:|")
-    for name, (nodes, questions) in (("CMRC2018 dev (zh)", cmrc(args.passages)),
-                                     ("Financial-QA-10k (en)", finqa(args.passages))):
+    print("| data | mode | store | questions | hit@1 | hit@5 | hit@1 lancedb - memory | queries/s (search only) |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for name, language, (nodes, questions) in (("CMRC2018 dev (zh)", "zh", cmrc(args.passages)),
+                                               ("Financial-QA-10k (en)", "en", finqa(args.passages))):
         questions = questions[: args.questions]
-        dense = VectorIndex(nodes, emb.embed([n["text"] for n in nodes]))
-        bm25 = BM25Index(nodes)
-        modes = {
-            "dense": lambda q, v: dense.search(v, 5),
-            "bm25": lambda q, v: bm25.search(q, 5),
-            "hybrid": lambda q, v: reciprocal_rank_fusion([dense.search(v, 50), bm25.search(q, 50)], 5),
-        }
-        for mode, search in modes.items():
-            t0 = time.perf_counter()
-            qvecs = emb.embed([q for q, _ in questions]) if mode != "bm25" else [None] * len(questions)
-            ranked = [[h.node_id for h in search(q, v)] for (q, _), v in zip(questions, qvecs)]
-            qps = len(questions) / (time.perf_counter() - t0)
-            hit1 = sum(r[:1] == [gold] for r, (_, gold) in zip(ranked, questions)) / len(questions)
-            hit5 = sum(gold in r for r, (_, gold) in zip(ranked, questions)) / len(questions)
-            print(f"| {name}, {len(nodes)} passages | {mode} | {len(questions)} | {hit1:.1%} | {hit5:.1%} | {qps:.0f} |")
+        qvecs = emb.embed([q for q, _ in questions])
+        with tempfile.TemporaryDirectory() as folder:
+            hit1 = {}
+            for (store, mode), search in searches(nodes, emb.embed([n["text"] for n in nodes]), language,
+                                                  folder).items():
+                t0 = time.perf_counter()
+                ranked = [[h.node_id for h in search(q, v)] for (q, _), v in zip(questions, qvecs)]
+                qps = len(questions) / (time.perf_counter() - t0)
+                hit1[store] = [float(r[:1] == [gold]) for r, (_, gold) in zip(ranked, questions)]
+                hit5 = [float(gold in r) for r, (_, gold) in zip(ranked, questions)]
+                diff = ""
+                if store == "lancedb":
+                    d, lo, hi = paired_difference_ci(hit1["lancedb"], hit1["memory"])
+                    diff = f"{d:+.1%} [{lo:+.1%}, {hi:+.1%}]"
+                print(f"| {name}, {len(nodes)} passages | {mode} | {store} | {len(questions)} | {_ci(hit1[store])} "
+                      f"| {_ci(hit5)} | {diff} | {qps:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

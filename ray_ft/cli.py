@@ -10,6 +10,9 @@
                                  low-scoring answers as preference pairs (runs/NAME/pairs/pairs.jsonl)
     ray-ft recipes               the training recipes (train.method) and what each does
     ray-ft serve JOB.yaml        serve a finished run (base, adapters, retriever) until Ctrl-C
+    ray-ft kb build JOB.yaml     embed the run's knowledge base into its LanceDB table (Ray Data;
+                                 only nodes the table lacks), build its indexes, print what it did
+    ray-ft kb add JOB.yaml PATH… add or replace documents (PDF, HTML, Markdown, text) in that table
 
 Bad input ends with one line on stderr (`error: <file>: <record>: <field>: ...`) and exit code 2.
 """
@@ -170,6 +173,35 @@ def _cmd_serve(args) -> int:
     return 0
 
 
+def _cmd_kb(args) -> int:
+    from dataclasses import asdict
+
+    from ray_ft.config import load_job
+    from ray_ft.data.prepare import PreparedData, load_knowledge_base
+    from ray_ft.kb.build import build_job_knowledge_base
+    from ray_ft.models import resolve_model
+    from ray_ft.pipeline import init_ray
+
+    cfg = load_job(args.job)
+    if args.kb_cmd == "add":
+        from ray_ft.data.documents import list_documents
+        from ray_ft.kb.build import add_files
+
+        list_documents(args.paths)  # a missing path fails before Ray starts
+        embedder = str(resolve_model(cfg.serve.embedder))
+        init_ray(cfg)
+        built = add_files(cfg, args.paths, embedder)
+    else:
+        prepared = PreparedData(cfg.run_dir / "data")
+        if not prepared.knowledge_base_file.is_file():
+            raise RayFTError(f"{prepared.knowledge_base_file}: no knowledge base; run `ray-ft prepare {args.job}` first")
+        embedder = str(resolve_model(cfg.serve.embedder))
+        init_ray(cfg)
+        built = build_job_knowledge_base(cfg, load_knowledge_base(prepared), embedder)
+    print(json.dumps(asdict(built), indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ray-ft", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -204,6 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve_p = sub.add_parser("serve", help="serve a finished run until Ctrl-C (graceful shutdown)")
     serve_p.add_argument("job", help="YAML job file of a run whose data (and adapter) exist")
     serve_p.set_defaults(fn=_cmd_serve)
+    kb = sub.add_parser("kb", help="the knowledge base's LanceDB table")
+    ksub = kb.add_subparsers(dest="kb_cmd", required=True)
+    ksub.add_parser("build", help="embed the nodes the table lacks (Ray Data) and index it").add_argument(
+        "job", help="YAML job file of a run whose data exist")
+    add = ksub.add_parser("add", help="add or replace documents in the table (embedded on Ray Data)")
+    add.add_argument("job", help="YAML job file")
+    add.add_argument("paths", nargs="+", help="files, folders, globs or URIs of PDF/HTML/Markdown/text documents")
+    kb.set_defaults(fn=_cmd_kb)
     return p
 
 

@@ -75,6 +75,14 @@ def test_eval_without_a_trained_adapter_fails_before_starting_anything(tmp_path)
     assert not (tmp_path / "runs").exists()
 
 
+def test_kb_build_without_prepared_data_names_the_missing_file(tmp_path):
+    data = make_squad(tmp_path / "d.json", [("ctx", [("a", "q?", "ctx")])])
+    code, _, err = ray_ft("kb", "build", str(_job(tmp_path, data)))
+    _assert_one_line(code, err, f"{tmp_path / 'runs' / 'cli' / 'data' / 'knowledge_base.jsonl'}: no knowledge base",
+                     "run `ray-ft prepare")
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.slow
 def test_models_list_and_pull(smollm_dir):
     code, out, _ = ray_ft("models", "list")

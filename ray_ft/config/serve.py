@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from ray_ft.config.base import _Strict, safe_keys
+from ray_ft.config.knowledge_base import KnowledgeBaseConfig
 from ray_ft.config.rerank import ServeRerankSettings
 
 
@@ -214,6 +215,7 @@ class ServeConfig(_Strict):
     embedder_batching: EmbedderBatching = Field(default_factory=EmbedderBatching)
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
     rerank: ServeRerankSettings = Field(default_factory=ServeRerankSettings)
+    knowledge_base: KnowledgeBaseConfig = Field(default_factory=KnowledgeBaseConfig)
     request_timeout_s: float = Field(
         300.0, gt=0, description="How long the ingress waits for the generator, retriever or "
         "embedder before answering 504 (and cancelling the call).",
@@ -267,6 +269,9 @@ class ServeConfig(_Strict):
         if self.retrieval.mode == "hybrid" and self.retrieval.candidates < self.top_k:
             raise ValueError(f"retrieval.candidates={self.retrieval.candidates} < top_k={self.top_k}: "
                              "fusion could not fill top_k")
+        if self.retrieval.persist_index and self.knowledge_base.store == "lancedb":
+            raise ValueError("retrieval.persist_index is for knowledge_base.store memory; the lancedb "
+                             "store keeps its vectors in the table")
         b, e = self.embedder_batching, self.deployments.embedder
         if b.max_batch_size > e.max_ongoing_requests:
             raise ValueError(f"embedder_batching.max_batch_size={b.max_batch_size} exceeds "

@@ -11,7 +11,7 @@ the base (`serve.models`, a freeze/full fine-tune) runs on an engine of its own 
 
 from __future__ import annotations
 
-import asyncio
+import logging
 import os
 import re
 import time
@@ -24,20 +24,17 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import LoggingConfig
 
-from ray_ft.config import EmbedderBatching, JobConfig, NodeGroupConfig, RetrievalSettings
-from ray_ft.data.nodes import build_nodes
+from ray_ft.config import EmbedderBatching, JobConfig
 from ray_ft.errors import RayFTError
 from ray_ft.paths import inside
 from ray_ft.embedder import SentenceTransformerEmbedder
-from ray_ft.serve.engines import VectorIndex, VLLMGenerator
+from ray_ft.serve.engines import VLLMGenerator
 from ray_ft.serve.ingress import IngressSettings, RAGService, build_api
 from ray_ft.serve.prompting import rag_prompt_of
-from ray_ft.serve.resilience import Deadline, call_with_retries
-from ray_ft.serve.retrieval import (
-    BM25Index, load_index, nodes_fingerprint, reciprocal_rank_fusion, save_index,
-)
+from ray_ft.serve.retriever import RetrieverDeployment
 
 APP_NAME = "ray_ft"
+log = logging.getLogger("ray_ft.serve")
 
 
 @serve.deployment
@@ -155,79 +152,6 @@ class RerankerDeployment:
 
 
 @serve.deployment
-class RetrieverDeployment:
-    """Knowledge-base nodes ranked by exact cosine (vectors from the embedder deployment), BM25,
-    or both fused by reciprocal rank (`serve.retrieval`). With `index_dir` the dense index is
-    saved there and reloaded while the nodes and the embedder are unchanged."""
-
-    def __init__(self, documents: list[dict], node_group: NodeGroupConfig | str, embedder: DeploymentHandle,
-                 timeout_s: float = 300.0, retries: int = 2, retrieval: dict | None = None,
-                 index_dir: str | None = None, embedder_id: str = ""):
-        self.nodes = build_nodes(documents, node_group)
-        self.embedder = embedder
-        self.timeout_s, self.retries = timeout_s, retries
-        self.r = RetrievalSettings.model_validate(retrieval or {"mode": "dense"})
-        if self.r.mode == "auto":
-            raise ValueError("retrieval mode 'auto' must be resolved for the job's language first "
-                             "(ServeConfig.retrieval_for)")
-        self.bm25 = BM25Index(self.nodes, self.r.bm25_k1, self.r.bm25_b) if self.r.mode != "dense" else None
-        self.index_dir = Path(index_dir) if index_dir else None
-        self.fingerprint = nodes_fingerprint(self.nodes, embedder_id)
-        self.index: VectorIndex | None = None
-        self.index_source = None  # "built" or "loaded", once the index is there
-        self._build: asyncio.Future | None = None
-
-    async def _embed(self, texts: list[str], timeout_s: float) -> np.ndarray:
-        return await call_with_retries(lambda: self.embedder.embed.remote(texts), "embedder",
-                                       Deadline(timeout_s), self.retries)
-
-    async def _build_index(self) -> None:
-        vecs = load_index(self.index_dir, self.fingerprint) if self.index_dir else None
-        source = "loaded" if vecs is not None else "built"
-        if vecs is None:
-            # The whole knowledge base in one call: may take long, so no request deadline.
-            vecs = await self._embed([n["text"] for n in self.nodes], timeout_s=24 * 3600)
-            if self.index_dir:
-                save_index(self.index_dir, self.fingerprint, vecs)
-        self.index, self.index_source = VectorIndex(self.nodes, vecs), source
-
-    def _index_build(self) -> asyncio.Future | None:
-        """The one build of the dense index, started on first need. It runs apart from the
-        request that started it: a request cancelled at its deadline does not cancel the build
-        (else a knowledge base slower to embed than a request's deadline would never finish)."""
-        if self._build is None and self.r.mode != "bm25":
-            self._build = asyncio.ensure_future(self._build_index())
-            self._build.add_done_callback(self._forget_failed_build)
-        return self._build
-
-    def _forget_failed_build(self, build: asyncio.Future) -> None:
-        if build.cancelled() or build.exception() is not None:
-            self._build = None  # the next request or health check starts over
-
-    async def check_health(self) -> None:
-        """Serve calls this every few seconds from the replica's start: a new replica
-        (autoscaled, or replacing a dead one) builds its index before its first request."""
-        self._index_build()
-
-    async def ready(self) -> dict:
-        build = self._index_build()
-        if build is not None:
-            await asyncio.shield(build)
-        return {"nodes": len(self.nodes), "mode": self.r.mode, "index": self.index_source}
-
-    async def retrieve(self, query: str, top_k: int):
-        await self.ready()
-        if self.r.mode == "bm25":
-            return self.bm25.search(query, top_k)
-        qvec = (await self._embed([self.r.query_instruction + query], self.timeout_s))[0]
-        if self.r.mode == "dense":
-            return self.index.search(qvec, top_k)
-        n = max(top_k, self.r.candidates)
-        return reciprocal_rank_fusion([self.index.search(qvec, n), self.bm25.search(query, n)],
-                                      top_k, self.r.rrf_k)
-
-
-@serve.deployment
 @serve.ingress()
 class RAGIngress:
     def __init__(self, generator: DeploymentHandle, retriever: DeploymentHandle,
@@ -248,6 +172,16 @@ def embedder_identity(embedder_dir: str, dtype: str) -> str:
     return f"{folder.resolve()}|{dtype}|{newest}"
 
 
+def knowledge_base_spec(cfg: JobConfig, embedder_dir: str) -> dict:
+    """What a retriever replica needs to open the job's LanceDB table with the served embedder."""
+    from ray_ft.kb.build import job_table
+    from ray_ft.kb.store import embedder_fingerprint
+
+    uri, table = job_table(cfg)
+    return {"uri": uri, "table": table, "fingerprint": embedder_fingerprint(embedder_dir, cfg.serve.embedder_dtype),
+            "cfg": cfg.serve.knowledge_base.model_dump(), "language": cfg.data.language}
+
+
 def auth_token(env_name: str | None) -> SecretStr | None:
     """The bearer token from the environment variable `env_name`, read where the graph is built."""
     if env_name is None:
@@ -266,7 +200,7 @@ def ingress_settings(cfg: JobConfig) -> IngressSettings:
         max_input_chars=s.max_input_chars, max_embed_inputs=s.max_embed_inputs,
         max_request_bytes=s.max_request_bytes, auth_token=auth_token(s.auth_token_env),
         rerank_candidates=s.rerank.candidates if s.rerank.enabled else None,
-        max_rerank_documents=s.rerank.max_documents,
+        max_rerank_documents=s.rerank.max_documents, live_documents=s.knowledge_base.store == "lancedb",
     )
 
 
@@ -293,12 +227,13 @@ def build_rag_app(cfg: JobConfig, model_dir: str, embedder_dir: str, adapters: d
         ray_actor_options={"num_cpus": s.embedder_cpus}, user_config=s.embedder_batching.model_dump(),
         **d.embedder.serve_options(),
     ).bind(embedder_dir, s.embedder_threads, s.embedder_dtype)
+    lance = knowledge_base_spec(cfg, embedder_dir) if s.knowledge_base.store == "lancedb" else None
     retriever = RetrieverDeployment.options(
         ray_actor_options={"num_cpus": 0.1}, **d.retriever.serve_options(),
-    ).bind(documents, cfg.data.node_groups[s.node_group], embedder, s.request_timeout_s, s.retries,
-           s.retrieval_for(cfg.data.language).model_dump(),
+    ).bind([] if lance else documents, cfg.data.node_groups[s.node_group], embedder, s.request_timeout_s,
+           s.retries, s.retrieval_for(cfg.data.language).model_dump(),
            str(inside(cfg.run_dir / "serve_index", s.node_group)) if s.retrieval.persist_index else None,
-           embedder_identity(embedder_dir, s.embedder_dtype))
+           embedder_identity(embedder_dir, s.embedder_dtype), lance)
 
     def engine(name: str | None, folder: str, served: str, engine_adapters: dict[str, str]):
         # Each engine holds its own weights and KV cache: one GPU each with serve.use_gpu.
@@ -331,6 +266,13 @@ def deploy(cfg: JobConfig, model_dir: str, embedder_dir: str, adapters: dict[str
     if not take_over and APP_NAME in _running_apps():
         raise RayFTError(f"a '{APP_NAME}' Serve app is already running on this cluster (ray.address="
                          f"{cfg.ray.address}): stop it, or evaluate on another cluster")
+    if cfg.serve.knowledge_base.store == "lancedb":  # on the cluster, by Ray Data, before any replica opens it
+        from ray_ft.kb.build import build_job_knowledge_base
+
+        built = build_job_knowledge_base(cfg, documents, embedder_dir)
+        log.info("knowledge base %s/%s: %d nodes (%d embedded, %d removed), version %d, indexes %s, %.1f s",
+                 built.uri, built.table, built.rows, built.embedded, built.removed, built.version,
+                 ", ".join(built.indexes) or "none", built.seconds)
     serve.start(proxy_location=cfg.serve.proxy_location,
                 http_options={"host": cfg.serve.http_host, "port": cfg.serve.http_port})
     serve.run(build_rag_app(cfg, model_dir, embedder_dir, adapters, documents, whole_models, reranker_dir),

@@ -2,7 +2,9 @@
 
 Endpoints: `POST /v1/chat/completions` (OpenAI format; `stream: true` answers with server-sent
 events; `response_format` JSON / JSON-schema output), `POST /v1/embeddings`, `GET /v1/models`,
-`POST /v1/rag`, `POST /v1/retrieve`, `POST /v1/rerank` (with a reranker), `GET /healthz`.
+`POST /v1/rag`, `POST /v1/retrieve`, `POST /v1/rerank` (with a reranker), `GET /healthz`, and
+with a LanceDB knowledge base `POST /v1/documents` / `DELETE /v1/documents/{id}` (bearer auth
+required) to add, replace or remove documents while serving.
 With a reranker, retrieval fetches `rerank_candidates` passages and keeps the `top_k` that the
 cross-encoder scores best; both stages' scores and the first stage's rank come back.
 
@@ -34,8 +36,9 @@ from ray_ft.serve.resilience import (
     open_stream_with_retries,
 )
 from ray_ft.serve.schemas import (
-    ChatCompletionRequest, EmbeddingRequest, RAGRequest, RAGResponse, RerankRequest, RerankResponse,
-    RerankResult, RetrievedContext, RetrieveRequest, RetrieveResponse,
+    ChatCompletionRequest, DeletedDocument, DocumentsRequest, DocumentsResponse, EmbeddingRequest,
+    RAGRequest, RAGResponse, RerankRequest, RerankResponse, RerankResult, RetrievedContext,
+    RetrieveRequest, RetrieveResponse,
 )
 
 RETRIES_HEADER = "x-ray-ft-retries"
@@ -59,6 +62,7 @@ class IngressSettings:
     model_names: tuple[str, ...] = ()
     rerank_candidates: int | None = None  # None: no reranker in the graph
     max_rerank_documents: int = 256
+    live_documents: bool = False  # POST/DELETE /v1/documents: the knowledge base is a shared table
 
 
 class RequestError(RayFTError):
@@ -219,6 +223,31 @@ class RAGService:
         contexts = await self._retrieve(req.query, req.top_k, Deadline(self.s.request_timeout_s), stats, req.rerank)
         return RetrieveResponse(contexts=contexts, latency_s=time.perf_counter() - t0)
 
+    def _writes(self) -> None:
+        if not self.s.live_documents:
+            raise RequestError(404, "live document updates need serve.knowledge_base.store: lancedb",
+                               "not_found_error")
+        if self.s.auth_token is None:  # a write endpoint is never open to anyone who can reach the port
+            raise RequestError(403, "document writes need bearer auth (serve.auth_token_env)", "permission_error")
+
+    async def add_documents(self, req: DocumentsRequest, stats: dict) -> DocumentsResponse:
+        self._writes()
+        if len(req.documents) > self.s.max_embed_inputs:
+            raise RequestError(400, f"documents: {len(req.documents)} exceed the limit of {self.s.max_embed_inputs}")
+        self._check_chars(sum(len(d.text) for d in req.documents), "documents")
+        docs = [d.model_dump() for d in req.documents]
+        out = await self._call(lambda: self.retriever.add_documents.remote(docs), "retriever",
+                               Deadline(self.s.request_timeout_s), stats)
+        return DocumentsResponse(**out)
+
+    async def delete_document(self, document_id: str, stats: dict) -> DeletedDocument:
+        self._writes()
+        out = await self._call(lambda: self.retriever.delete_document.remote(document_id), "retriever",
+                               Deadline(self.s.request_timeout_s), stats)
+        if not out["deleted_nodes"]:
+            raise RequestError(404, f"no document '{document_id}' in the knowledge base", "not_found_error")
+        return DeletedDocument(**out)
+
     async def rag(self, req: RAGRequest, stats: dict) -> RAGResponse:
         max_tokens = self._max_tokens(req.max_tokens)
         self._check_chars(len(req.query) + sum(len(c) for c in req.contexts or ()), "query and contexts")
@@ -301,6 +330,14 @@ def build_api(service: RAGService) -> FastAPI:
     @api.post("/v1/rerank", response_model=RerankResponse, response_model_exclude_none=True)
     async def rerank(req: RerankRequest):
         return await _answered(service.rerank, req)
+
+    @api.post("/v1/documents", response_model=DocumentsResponse)
+    async def add_documents(req: DocumentsRequest, response: Response):
+        return await _answered(service.add_documents, req, response)
+
+    @api.delete("/v1/documents/{document_id}", response_model=DeletedDocument)
+    async def delete_document(document_id: str, response: Response):
+        return await _answered(service.delete_document, document_id, response)
 
     @api.post("/v1/rag", response_model=RAGResponse)
     async def rag(req: RAGRequest, response: Response):

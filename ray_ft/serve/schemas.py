@@ -188,3 +188,39 @@ class RerankResponse(BaseModel):
     id: str
     model: str
     results: list[RerankResult]
+
+
+class DocumentIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(..., min_length=1, max_length=256,
+                    description="Document id; a document already in the knowledge base is replaced.")
+    text: str = Field(..., min_length=1, description="The document's text, cut into nodes by the served node group.")
+    metadata: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
+
+
+class DocumentsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    documents: list[DocumentIn] = Field(..., min_length=1)
+
+    @field_validator("documents")
+    @classmethod
+    def _unique_ids(cls, documents):
+        ids = [d.id for d in documents]
+        if len(set(ids)) < len(ids):
+            raise ValueError(f"document ids repeat: {sorted({i for i in ids if ids.count(i) > 1})[:5]}")
+        return documents
+
+
+class DocumentsResponse(BaseModel):
+    documents: int = Field(..., description="Documents added or replaced.")
+    nodes: int = Field(..., description="Nodes written (embedded) for them.")
+    removed_nodes: int = Field(..., description="Nodes of replaced documents that their new text no longer has.")
+    version: int = Field(..., description="Knowledge-base table version that holds them.")
+
+
+class DeletedDocument(BaseModel):
+    id: str
+    deleted_nodes: int
+    version: int

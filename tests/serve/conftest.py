@@ -1,7 +1,7 @@
 """One RAG graph for all of tests/serve (package scope: a vLLM deployment costs ~30 s): real
 vLLM + SmolLM2 with a random LoRA adapter "tuned", the same adapter merged into a whole model
 "tuned-merged" on a second vLLM engine, real MiniLM on two embedder replicas (the
-failure test kills one), an autoscaling retriever (1-2 replicas), a MiniLM cross-encoder with a
+failure test kills one), an autoscaling retriever (1-2 replicas) over the LanceDB knowledge base, a MiniLM cross-encoder with a
 seeded fresh head as reranker (its order is not meaningful: tests of the first stage's order send
 `rerank: false`), bearer-token auth on, on a free port."""
 
@@ -82,11 +82,15 @@ def served(ray_cluster, smollm_dir, minilm_dir, tmp_path_factory):
     tok.save_pretrained(merged)
     del peft_model
     cfg = parse_job({"name": "servetest", "data": {"language": "en"},
+                     "output_dir": str(tmp_path_factory.mktemp("runs")),
                      # fp32 like the transformers + peft reference, so greedy outputs can be compared
                      "serve": {"http_port": free_port(), "top_k": 2, "max_tokens": 16,
                                "models": {"tuned-merged": str(merged)},
                                "auth_token_env": TOKEN_ENV,
                                "rerank": {"enabled": True, "model": str(reranker), "candidates": 3, "cpus": 0.3},
+                               # the shared LanceDB table, built by Ray Data on deploy; both
+                               # retriever replicas open it
+                               "knowledge_base": {"store": "lancedb", "refresh_s": 0},
                                "deployments": {
                                    "embedder": {"num_replicas": 2},
                                    # reacts within seconds, so a test can watch it scale up

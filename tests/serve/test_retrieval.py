@@ -9,7 +9,7 @@ import pytest
 
 from ray_ft.config import RetrievalSettings, parse_job
 from ray_ft.errors import RayFTError
-from ray_ft.serve.app import RetrieverDeployment
+from ray_ft.serve.retriever import RetrieverDeployment
 from ray_ft.serve.protocols import Hit
 from ray_ft.serve.retrieval import (
     BM25Index, lexical_tokens, load_index, nodes_fingerprint, reciprocal_rank_fusion, save_index,
@@ -159,3 +159,39 @@ def test_bm25_and_hybrid_modes():
 def test_hybrid_needs_enough_candidates_for_top_k():
     with pytest.raises(RayFTError, match="retrieval.candidates=2 < top_k=5"):
         parse_job({"name": "x", "serve": {"top_k": 5, "retrieval": {"mode": "hybrid", "candidates": 2}}})
+
+
+def _lance_retriever(emb, tmp_path, mode, fingerprint="e1"):
+    spec = {"uri": str(tmp_path / "kb.lance"), "table": "nodes_passage", "fingerprint": fingerprint,
+            "cfg": {"store": "lancedb", "refresh_s": 0}, "language": "zh"}
+    return RetrieverDeployment.func_or_class(
+        [], "passage", FakeHandle(emb), 30.0, 1, RetrievalSettings(mode=mode, candidates=4).model_dump(),
+        None, "", spec)
+
+
+@pytest.mark.parametrize("mode", ["dense", "bm25", "hybrid"])
+def test_a_lancedb_retriever_ranks_like_the_memory_one_and_embeds_only_queries(tmp_path, mode):
+    from ray_ft.data.nodes import build_nodes
+    from ray_ft.kb.store import KnowledgeBase, node_row
+
+    async def run():
+        emb = CountingEmbedder()
+        nodes = build_nodes(DOCS, "passage")
+        kb = KnowledgeBase(str(tmp_path / "kb.lance"), "nodes_passage", "e1", None, language="zh")
+        kb.upsert([node_row(n) for n in nodes], await emb.embed([n["text"] for n in nodes]))
+        kb.ensure_indexes()
+        emb.texts = 0
+        lance, memory = _lance_retriever(emb, tmp_path, mode), _retriever(CountingEmbedder(), mode=mode)
+        assert await lance.ready() == {"nodes": 4, "mode": mode, "index": "lancedb"} and emb.texts == 0
+        for q in ["dogs bark at the mailman", "中国的首都", "revenue in fiscal 2023"]:
+            got, want = await lance.retrieve(q, 2), await memory.retrieve(q, 2)
+            assert [h.node_id for h in got][:1] == [h.node_id for h in want][:1], q
+            if mode == "hybrid":
+                assert got[0].score == pytest.approx(want[0].score)  # the same fusion
+        assert emb.texts == (0 if mode == "bm25" else 3)  # the queries, never the nodes
+
+        stale = _lance_retriever(emb, tmp_path, mode, fingerprint="e2")
+        with pytest.raises(RayFTError, match=r"no vectors of the served embedder \(vec_e2\).*ray-ft kb build"):
+            await stale.ready()
+
+    asyncio.run(run())
