@@ -7,7 +7,8 @@ own passage is among the top k, with a 95% bootstrap interval; the last column i
 hit@1 change of lancedb vs memory on the same questions. In-process, the classes the served
 retriever uses; the query vectors are computed once and shared, so queries/s is the search alone.
 
-    .venv/bin/python bench/retrieval_modes.py [--passages 300] [--questions 600]
+    .venv/bin/python bench/retrieval_modes.py [--passages 300] [--questions 600] [--skip 0]
+                                              [--fts-tokenizer auto] [--modes dense bm25 hybrid]
 """
 
 from __future__ import annotations
@@ -32,37 +33,28 @@ from ray_ft.serve.retrieval import BM25Index, reciprocal_rank_fusion
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
 
-def cmrc(n_passages: int) -> tuple[list[dict], list[tuple[str, str]]]:
+def cmrc(n_passages: int, skip: int = 0) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Passages skip..skip+n_passages of CMRC2018 dev (in file order) and their questions."""
     doc = json.loads((SHARED / "cmrc2018" / "cmrc2018_dev.json").read_text(encoding="utf-8"))
-    nodes, questions = [], []
-    for art in doc["data"]:
-        for para in art["paragraphs"]:
-            if len(nodes) == n_passages:
-                return nodes, questions
-            pid = f"p{len(nodes)}"
-            nodes.append({"node_id": pid, "text": para["context"]})
-            questions += [(qa["question"], pid) for qa in para["qas"]]
+    paras = [p for art in doc["data"] for p in art["paragraphs"]][skip:skip + n_passages]
+    nodes = [{"node_id": f"p{skip + i}", "text": p["context"]} for i, p in enumerate(paras)]
+    questions = [(qa["question"], f"p{skip + i}") for i, p in enumerate(paras) for qa in p["qas"]]
     return nodes, questions
 
 
-def finqa(n_passages: int) -> tuple[list[dict], list[tuple[str, str]]]:
+def finqa(n_passages: int, skip: int = 0) -> tuple[list[dict], list[tuple[str, str]]]:
     with (SHARED / "financial-qa-10k" / "financial_qa_10k.csv").open(newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    ids: dict[str, str] = {}
-    questions = []
-    for r in rows:
-        if r["context"] not in ids:
-            if len(ids) == n_passages:
-                continue
-            ids[r["context"]] = f"p{len(ids)}"
-        questions.append((r["question"], ids[r["context"]]))
+    contexts = list(dict.fromkeys(r["context"] for r in rows))[skip:skip + n_passages]
+    ids = {t: f"p{skip + i}" for i, t in enumerate(contexts)}
+    questions = [(r["question"], ids[r["context"]]) for r in rows if r["context"] in ids]
     return [{"node_id": i, "text": t} for t, i in ids.items()], questions
 
 
-def searches(nodes: list[dict], vecs: np.ndarray, language: str, folder: str) -> dict:
+def searches(nodes: list[dict], vecs: np.ndarray, language: str, folder: str, fts_tokenizer: str) -> dict:
     """(store, mode) -> search(query, query_vector) -> top-5 node ids."""
     dense, bm25 = VectorIndex(nodes, vecs), BM25Index(nodes)
-    kb = KnowledgeBase(folder, "nodes", "bench", None, KnowledgeBaseConfig(), language)
+    kb = KnowledgeBase(folder, "nodes", "bench", None, KnowledgeBaseConfig(fts_tokenizer=fts_tokenizer), language)
     kb.upsert([node_row(n) for n in nodes], vecs)
     kb.ensure_indexes()
     return {
@@ -84,18 +76,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--passages", type=int, default=300)
     ap.add_argument("--questions", type=int, default=600)
+    ap.add_argument("--skip", type=int, default=0, help="start at this passage (another slice than the reported one)")
+    ap.add_argument("--fts-tokenizer", default="auto", choices=["auto", "words", "cjk", "ngram"])
+    ap.add_argument("--modes", nargs="+", default=["dense", "bm25", "hybrid"])
     args = ap.parse_args()
     emb = SentenceTransformerEmbedder(str(resolve_model("all-MiniLM-L6-v2")))
     print("| data | mode | store | questions | hit@1 | hit@5 | hit@1 lancedb - memory | queries/s (search only) |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
-    for name, language, (nodes, questions) in (("CMRC2018 dev (zh)", "zh", cmrc(args.passages)),
-                                               ("Financial-QA-10k (en)", "en", finqa(args.passages))):
+    for name, language, (nodes, questions) in (("CMRC2018 dev (zh)", "zh", cmrc(args.passages, args.skip)),
+                                               ("Financial-QA-10k (en)", "en", finqa(args.passages, args.skip))):
         questions = questions[: args.questions]
         qvecs = emb.embed([q for q, _ in questions])
         with tempfile.TemporaryDirectory() as folder:
             hit1 = {}
             for (store, mode), search in searches(nodes, emb.embed([n["text"] for n in nodes]), language,
-                                                  folder).items():
+                                                  folder, args.fts_tokenizer).items():
+                if mode not in args.modes:
+                    continue
                 t0 = time.perf_counter()
                 ranked = [[h.node_id for h in search(q, v)] for (q, _), v in zip(questions, qvecs)]
                 qps = len(questions) / (time.perf_counter() - t0)
