@@ -274,3 +274,18 @@ def test_serving_a_reranker_needs_one_to_serve(tmp_path):
     assert served_reranker(own) == str((tmp_path / "r" / "rerank" / "model").resolve())
     assert served_reranker(parse_job({"name": "r", "rerank": {"enabled": True}})) is None  # trained, not served
     assert parse_job({"name": "r", "task": "rerank"}).trains_reranker
+
+
+def test_the_configuration_reference_is_generated_from_the_config_tree():
+    """docs/CONFIG.md is what `python -m ray_ft.config.reference` prints: every field of every
+    section, with its type, default and description (regenerate it after changing a field)."""
+    from ray_ft.config.reference import markdown, sections
+
+    text = markdown()
+    assert (ROOT / "docs" / "CONFIG.md").read_text() == text, "run: python -m ray_ft.config.reference > docs/CONFIG.md"
+    rows = {line.split("`")[1] for line in text.splitlines() if line.startswith("| `")}
+    leaves = {f"{path}{name}" for path, model in sections(JobConfig) for name, field in model.model_fields.items()
+              if not (isinstance(field.annotation, type) and issubclass(field.annotation, JobConfig.__base__))}
+    assert leaves <= rows and len(rows) > 300
+    assert "| `serve.knowledge_base.store` | `memory` \\| `lancedb` | `\"memory\"` |" in text
+    assert "| `train.lora_rank` | int | `8` |" in text

@@ -25,6 +25,11 @@ class KnowledgeBaseConfig(_Strict):
         None, description="LanceDB database: a folder or an object-storage URI (None: the run "
         "folder's knowledge_base.lance).",
     )
+    storage_options: dict[str, str] = Field(
+        default_factory=dict, description="LanceDB/object-store options for a `uri` on object storage, "
+        "e.g. {aws_endpoint: http://minio:9000, aws_region: us-east-1, allow_http: 'true'}. "
+        "Credentials come from the environment (AWS_ACCESS_KEY_ID, ...), never from the job file.",
+    )
     table: str | None = Field(
         None, description="Table name (None: nodes_NODE_GROUP, one table per serve.node_group)."
     )

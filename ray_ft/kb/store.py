@@ -91,7 +91,8 @@ class KnowledgeBase:
         self.uri, self.name, self.language = uri, table, language
         self.column = vector_column(fingerprint)
         self._tokenizer: str | None = None
-        self.db = lancedb.connect(uri, read_consistency_interval=timedelta(seconds=self.cfg.refresh_s))
+        self.db = lancedb.connect(uri, read_consistency_interval=timedelta(seconds=self.cfg.refresh_s),
+                                  storage_options=self.cfg.storage_options or None)
         if table in self.db.table_names():
             self.table = self.db.open_table(table)
         elif create:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing as mp
 
 import numpy as np
+import pyarrow.fs as pafs
 import pytest
 
 from ray_ft.config.knowledge_base import KnowledgeBaseConfig
@@ -155,3 +156,22 @@ def test_embedder_fingerprint_follows_the_bytes_not_the_path(tmp_path):
     assert embedder_fingerprint(str(a)) != embedder_fingerprint(str(b))
     with pytest.raises(RayFTError, match="no embedder files"):
         embedder_fingerprint(str(tmp_path / "empty"))
+
+
+def test_a_knowledge_base_on_object_storage(s3):
+    """The same table on S3 (moto's server on loopback): written, searched, and opened by a
+    second reader; endpoint and region from storage_options, credentials from the environment."""
+    fs, query = s3
+    fs.create_dir("kb-bucket")
+    endpoint = "http://" + query.split("endpoint_override=")[1].split("&")[0]
+    cfg = KnowledgeBaseConfig(refresh_s=0, storage_options={"aws_endpoint": endpoint, "aws_region": "us-east-1",
+                                                            "allow_http": "true"})
+    kb = KnowledgeBase("s3://kb-bucket/runs/job/knowledge_base.lance", "nodes_passage", "e1", None, cfg, "en")
+    kb.upsert([node_row(n) for n in _nodes(EN)], _unit(6))
+    kb.ensure_indexes()
+    reader = KnowledgeBase("s3://kb-bucket/runs/job/knowledge_base.lance", "nodes_passage", "e1", None, cfg, "en",
+                           create=False)
+    assert reader.stats().rows == 6 and reader.dense(_unit(6)[3], 1)[0].node_id == "p3"
+    assert reader.text("fiscal revenue", 1)[0].node_id == "p2"
+    files = fs.get_file_info(pafs.FileSelector("kb-bucket", recursive=True))
+    assert any(f.path.startswith("kb-bucket/runs/job/knowledge_base.lance/nodes_passage.lance/") for f in files)
