@@ -8,6 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ray_ft.config.base import _Strict, safe_keys
 from ray_ft.config.knowledge_base import KnowledgeBaseConfig
+from ray_ft.config.live_adapters import LiveAdaptersConfig
 from ray_ft.config.rerank import ServeRerankSettings
 
 
@@ -216,6 +217,7 @@ class ServeConfig(_Strict):
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
     rerank: ServeRerankSettings = Field(default_factory=ServeRerankSettings)
     knowledge_base: KnowledgeBaseConfig = Field(default_factory=KnowledgeBaseConfig)
+    live_adapters: LiveAdaptersConfig = Field(default_factory=LiveAdaptersConfig)
     request_timeout_s: float = Field(
         300.0, gt=0, description="How long the ingress waits for the generator, retriever or "
         "embedder before answering 504 (and cancelling the call).",
@@ -269,6 +271,8 @@ class ServeConfig(_Strict):
         if self.retrieval.mode == "hybrid" and self.retrieval.candidates < self.top_k:
             raise ValueError(f"retrieval.candidates={self.retrieval.candidates} < top_k={self.top_k}: "
                              "fusion could not fill top_k")
+        if self.live_adapters.enabled and not self.auth_token_env:
+            raise ValueError("live_adapters.enabled needs auth_token_env: registering adapters is never open")
         if self.retrieval.persist_index and self.knowledge_base.store == "lancedb":
             raise ValueError("retrieval.persist_index is for knowledge_base.store memory; the lancedb "
                              "store keeps its vectors in the table")

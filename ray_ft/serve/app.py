@@ -29,7 +29,7 @@ from ray_ft.errors import RayFTError
 from ray_ft.paths import inside
 from ray_ft.embedder import SentenceTransformerEmbedder
 from ray_ft.serve.engines import VLLMGenerator
-from ray_ft.serve.ingress import IngressSettings, RAGService, build_api
+from ray_ft.serve.ingress import IngressSettings, LiveAdapterSettings, RAGService, build_api
 from ray_ft.serve.prompting import rag_prompt_of
 from ray_ft.serve.retriever import RetrieverDeployment
 
@@ -172,6 +172,17 @@ def embedder_identity(embedder_dir: str, dtype: str) -> str:
     return f"{folder.resolve()}|{dtype}|{newest}"
 
 
+def live_adapter_settings(cfg: JobConfig, model_dir: str, fixed: tuple[str, ...]) -> LiveAdapterSettings | None:
+    """Where live adapters are registered and from where they may come (serve.live_adapters)."""
+    a = cfg.serve.live_adapters
+    if not a.enabled:
+        return None
+    registry = Path(a.registry) if a.registry else cfg.run_dir / "serve" / "adapters.json"
+    return LiveAdapterSettings(str(registry.resolve()), tuple(str(Path(r).resolve()) for r in a.allowed_roots),
+                               tuple(a.allowed_schemes), str(Path(model_dir).resolve()), cfg.serve.vllm.max_lora_rank,
+                               fixed)
+
+
 def knowledge_base_spec(cfg: JobConfig, embedder_dir: str) -> dict:
     """What a retriever replica needs to open the job's LanceDB table with the served embedder."""
     from ray_ft.kb.build import job_table
@@ -222,7 +233,9 @@ def build_rag_app(cfg: JobConfig, model_dir: str, embedder_dir: str, adapters: d
     if len(set(names)) < len(names):
         raise RayFTError(f"serve.models: names {sorted(whole_models)} collide as deployment names {names}")
     # First: a missing auth token fails before anything starts.
-    settings = replace(ingress_settings(cfg), model_names=(cfg.model.name, *adapters, *whole_models))
+    settings = replace(ingress_settings(cfg), model_names=(cfg.model.name, *adapters, *whole_models),
+                       live_adapters=live_adapter_settings(cfg, model_dir, (cfg.model.name, *adapters, *whole_models)))
+    registry = settings.live_adapters.registry if settings.live_adapters else None
     embedder = EmbedderDeployment.options(
         ray_actor_options={"num_cpus": s.embedder_cpus}, user_config=s.embedder_batching.model_dump(),
         **d.embedder.serve_options(),
@@ -235,16 +248,17 @@ def build_rag_app(cfg: JobConfig, model_dir: str, embedder_dir: str, adapters: d
            str(inside(cfg.run_dir / "serve_index", s.node_group)) if s.retrieval.persist_index else None,
            embedder_identity(embedder_dir, s.embedder_dtype), lance)
 
-    def engine(name: str | None, folder: str, served: str, engine_adapters: dict[str, str]):
+    def engine(name: str | None, folder: str, served: str, engine_adapters: dict[str, str], live: str | None = None):
         # Each engine holds its own weights and KV cache: one GPU each with serve.use_gpu.
         return GeneratorDeployment.options(
             **({"name": name} if name else {}),
             ray_actor_options={"num_cpus": s.generator_cpus, "num_gpus": 1 if cfg.serve_on_gpu else 0},
             **d.generator.serve_options(),
         ).bind(model_dir=folder, base_name=served, adapters=engine_adapters, vcfg=s.vllm,
-               system_prompt=s.system_prompt or cfg.model.system_prompt, use_gpu=cfg.serve_on_gpu)
+               system_prompt=s.system_prompt or cfg.model.system_prompt, use_gpu=cfg.serve_on_gpu,
+               registry=live, live_max_loras=s.live_adapters.max_loras)
 
-    generator = engine(None, model_dir, cfg.model.name, adapters)
+    generator = engine(None, model_dir, cfg.model.name, adapters, registry)  # live adapters ride on the base
     engines = {served: engine(name, folder, served, {})
                for name, (served, folder) in zip(names, whole_models.items())}
     reranker = None

@@ -13,6 +13,7 @@ import numpy as np
 from ray_ft.config import VLLMConfig
 from ray_ft.engine_args import cpu_engine_env, resolve_dtype
 from ray_ft.errors import RayFTError
+from ray_ft.serve.adapter_registry import AdapterRegistry
 from ray_ft.serve.adapters import fetch_adapter
 from ray_ft.serve.protocols import Completion, Hit
 
@@ -42,7 +43,9 @@ class VLLMGenerator:
     """
 
     def __init__(self, model_dir: str, base_name: str, adapters: dict[str, str], vcfg: VLLMConfig,
-                 system_prompt: str, use_gpu: bool):
+                 system_prompt: str, use_gpu: bool, registry: str | None = None, live_max_loras: int = 4):
+        """`registry`: the live adapters' file (`serve.live_adapters`); a name asked for that is
+        neither the base nor in `adapters` is looked up there, and vLLM loads it on first use."""
         if not use_gpu:
             os.environ.update(cpu_engine_env(vcfg))
         from transformers import AutoTokenizer
@@ -53,8 +56,9 @@ class VLLMGenerator:
         args = AsyncEngineArgs(
             model=model_dir, dtype=resolve_dtype(vcfg, use_gpu), enforce_eager=vcfg.enforce_eager,
             max_model_len=vcfg.max_model_len, max_num_seqs=vcfg.max_num_seqs,
-            enable_lora=bool(adapters), max_lora_rank=vcfg.max_lora_rank,
-            max_loras=max(1, len(adapters)), enable_prefix_caching=True,
+            enable_lora=bool(adapters) or registry is not None, max_lora_rank=vcfg.max_lora_rank,
+            max_loras=max(1, len(adapters)) if registry is None else max(len(adapters), live_max_loras),
+            enable_prefix_caching=True,
             **({"gpu_memory_utilization": vcfg.gpu_memory_utilization} if use_gpu else {}),
         )
         self.engine = AsyncLLM.from_engine_args(args)
@@ -66,8 +70,27 @@ class VLLMGenerator:
             # Remote adapters (s3://, gs://) are fetched into the local cache of this node.
             name: LoRARequest(name, i + 1, fetch_adapter(str(path))) for i, (name, path) in enumerate(adapters.items())
         }
+        self.registry = AdapterRegistry(registry) if registry else None
+        self.live: dict[str, str] = {}  # live adapter -> the location its LoRARequest was made from
+        self._next_id = len(adapters) + 1
+
+    def _sync_live(self) -> None:
+        """Follow the registry: new names get a LoRARequest (vLLM loads the weights on first
+        use), removed or re-pointed ones lose theirs."""
+        if self.registry is None:
+            return
+        from vllm.lora.request import LoRARequest
+
+        registered = self.registry.read()
+        for name in [n for n, loc in self.live.items() if registered.get(n) != loc]:
+            del self.loras[name], self.live[name]
+        for name, location in registered.items():
+            if name not in self.loras and name != self.base_name:
+                self.loras[name] = LoRARequest(name, self._next_id, fetch_adapter(location))
+                self.live[name], self._next_id = location, self._next_id + 1
 
     def model_names(self) -> list[str]:
+        self._sync_live()
         return [self.base_name, *self.loras]
 
     def render(self, messages: list[dict]) -> str:
@@ -112,6 +135,8 @@ class VLLMGenerator:
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
 
+        if model != self.base_name and (model not in self.loras or model in self.live):
+            self._sync_live()  # a stat of the registry file: a removed live adapter is gone at once
         if model != self.base_name and model not in self.loras:
             raise UnknownModelError(f"unknown model '{model}'; served: {', '.join(self.model_names())}")
         from vllm.exceptions import VLLMClientError

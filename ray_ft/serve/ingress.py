@@ -4,7 +4,9 @@ Endpoints: `POST /v1/chat/completions` (OpenAI format; `stream: true` answers wi
 events; `response_format` JSON / JSON-schema output), `POST /v1/embeddings`, `GET /v1/models`,
 `POST /v1/rag`, `POST /v1/retrieve`, `POST /v1/rerank` (with a reranker), `GET /healthz`, and
 with a LanceDB knowledge base `POST /v1/documents` / `DELETE /v1/documents/{id}` (bearer auth
-required) to add, replace or remove documents while serving.
+required) to add, replace or remove documents while serving; with `serve.live_adapters`
+`POST /v1/adapters` / `DELETE /v1/adapters/{name}` (bearer auth required) register LoRA adapters
+that every engine replica serves from its next request.
 With a reranker, retrieval fetches `rerank_candidates` passages and keeps the `top_k` that the
 cross-encoder scores best; both stages' scores and the first stage's rank come back.
 
@@ -17,6 +19,7 @@ because a replica died carries `x-ray-ft-retries`.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
 import uuid
@@ -36,7 +39,7 @@ from ray_ft.serve.resilience import (
     open_stream_with_retries,
 )
 from ray_ft.serve.schemas import (
-    ChatCompletionRequest, DeletedDocument, DocumentsRequest, DocumentsResponse, EmbeddingRequest,
+    AdapterRequest, AdapterResponse, ChatCompletionRequest, DeletedDocument, DocumentsRequest, DocumentsResponse, EmbeddingRequest,
     RAGRequest, RAGResponse, RerankRequest, RerankResponse, RerankResult, RetrievedContext,
     RetrieveRequest, RetrieveResponse,
 )
@@ -63,6 +66,17 @@ class IngressSettings:
     rerank_candidates: int | None = None  # None: no reranker in the graph
     max_rerank_documents: int = 256
     live_documents: bool = False  # POST/DELETE /v1/documents: the knowledge base is a shared table
+    live_adapters: "LiveAdapterSettings | None" = None  # POST/DELETE /v1/adapters
+
+
+@dataclass(frozen=True)
+class LiveAdapterSettings:
+    registry: str
+    allowed_roots: tuple[str, ...]
+    allowed_schemes: tuple[str, ...]
+    base_dir: str  # the base model's folder: adapters must fit its projections
+    max_rank: int
+    fixed_names: tuple[str, ...]  # base, job adapters, whole models: not replaceable or removable
 
 
 class RequestError(RayFTError):
@@ -86,11 +100,12 @@ class RAGService:
         self.generator, self.retriever, self.embedder, self.reranker = generator, retriever, embedder, reranker
         self.engines = engines or {}
         self.s = settings
+        self._registry = None
 
     def _engine(self, model: str) -> Any:
         if model in self.engines:
             return self.engines[model]
-        if self.s.model_names and model not in self.s.model_names:
+        if self.s.model_names and model not in self.s.model_names and model not in self._live_names():
             raise RequestError(404, f"unknown model '{model}'; served: {', '.join(self.s.model_names)}",
                                "model_not_found")
         return self.generator
@@ -248,6 +263,58 @@ class RAGService:
             raise RequestError(404, f"no document '{document_id}' in the knowledge base", "not_found_error")
         return DeletedDocument(**out)
 
+    def _live_names(self) -> dict[str, str]:
+        if self.s.live_adapters is None:
+            return {}
+        if self._registry is None:
+            from ray_ft.serve.adapter_registry import AdapterRegistry
+
+            self._registry = AdapterRegistry(self.s.live_adapters.registry)
+        return self._registry.read()  # a stat of the file; re-read only when it changed
+
+    def _adapters(self) -> LiveAdapterSettings:
+        a = self.s.live_adapters
+        if a is None:
+            raise RequestError(404, "live adapters are off (serve.live_adapters.enabled)", "not_found_error")
+        if self.s.auth_token is None:
+            raise RequestError(403, "adapter registration needs bearer auth (serve.auth_token_env)", "permission_error")
+        return a
+
+    def _live_name(self, name: str, a: LiveAdapterSettings) -> None:
+        from ray_ft.paths import name_problem
+
+        problem = name_problem(name)
+        if problem:
+            raise RequestError(400, f"name {name!r} {problem}")
+        if name in a.fixed_names or name in self.engines:
+            raise RequestError(409, f"name {name!r} is served by the job's own config; pick another", "conflict")
+
+    async def add_adapter(self, req: AdapterRequest, stats: dict) -> AdapterResponse:
+        """Check the adapter (location allowed, a LoRA of an allowed rank that fits the base,
+        readable weights) and register it; engine replicas load it on its first request."""
+        from ray_ft.serve.adapter_registry import AdapterRegistry, BadAdapter, check_live_adapter
+
+        a = self._adapters()
+        self._live_name(req.name, a)
+        try:
+            location = await asyncio.to_thread(check_live_adapter, req.location, list(a.allowed_roots),
+                                               list(a.allowed_schemes), a.base_dir, a.max_rank)
+        except BadAdapter as err:
+            raise RequestError(400, f"adapter {req.name!r}: {err}") from None
+        except (RayFTError, OSError) as err:  # an unreachable URI, a missing config
+            raise RequestError(400, f"adapter {req.name!r}: {cause_message(err)}") from None
+        await asyncio.to_thread(AdapterRegistry(a.registry).add, req.name, location)
+        return AdapterResponse(id=req.name, location=location)
+
+    async def delete_adapter(self, name: str, stats: dict) -> dict:
+        from ray_ft.serve.adapter_registry import AdapterRegistry
+
+        a = self._adapters()
+        self._live_name(name, a)
+        if not await asyncio.to_thread(AdapterRegistry(a.registry).remove, name):
+            raise RequestError(404, f"no live adapter '{name}'", "not_found_error")
+        return {"id": name, "object": "model", "deleted": True}
+
     async def rag(self, req: RAGRequest, stats: dict) -> RAGResponse:
         max_tokens = self._max_tokens(req.max_tokens)
         self._check_chars(len(req.query) + sum(len(c) for c in req.contexts or ()), "query and contexts")
@@ -338,6 +405,14 @@ def build_api(service: RAGService) -> FastAPI:
     @api.delete("/v1/documents/{document_id}", response_model=DeletedDocument)
     async def delete_document(document_id: str, response: Response):
         return await _answered(service.delete_document, document_id, response)
+
+    @api.post("/v1/adapters", response_model=AdapterResponse)
+    async def add_adapter(req: AdapterRequest, response: Response):
+        return await _answered(service.add_adapter, req, response)
+
+    @api.delete("/v1/adapters/{name}")
+    async def delete_adapter(name: str):
+        return await _answered(service.delete_adapter, name)
 
     @api.post("/v1/rag", response_model=RAGResponse)
     async def rag(req: RAGRequest, response: Response):

@@ -224,3 +224,17 @@ class DeletedDocument(BaseModel):
     id: str
     deleted_nodes: int
     version: int
+
+
+class AdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., min_length=1, max_length=128, description="Served name (the `model` of requests).")
+    location: str = Field(..., min_length=1, max_length=4096,
+                          description="Adapter folder under an allowed root, or an allowed object-storage URI.")
+
+
+class AdapterResponse(BaseModel):
+    id: str
+    object: str = "model"
+    location: str

@@ -1,7 +1,7 @@
 """One RAG graph for all of tests/serve (package scope: a vLLM deployment costs ~30 s): real
 vLLM + SmolLM2 with a random LoRA adapter "tuned", the same adapter merged into a whole model
 "tuned-merged" on a second vLLM engine, real MiniLM on two embedder replicas (the
-failure test kills one), an autoscaling retriever (1-2 replicas) over the LanceDB knowledge base, a MiniLM cross-encoder with a
+failure test kills one), live adapters on, an autoscaling retriever (1-2 replicas) over the LanceDB knowledge base, a MiniLM cross-encoder with a
 seeded fresh head as reranker (its order is not meaningful: tests of the first stage's order send
 `rerank: false`), bearer-token auth on, on a free port."""
 
@@ -33,6 +33,7 @@ class Served:
     peft_answer: str  # transformers + peft greedy answer of "tuned" to QUESTION (8 tokens)
     cfg: JobConfig
     reranker_dir: str
+    live_root: str  # where adapters may be registered from (serve.live_adapters.allowed_roots)
 
     @property
     def headers(self) -> dict:
@@ -72,6 +73,7 @@ def served(ray_cluster, smollm_dir, minilm_dir, tmp_path_factory):
 
     adapter, merged = tmp_path_factory.mktemp("adapter"), tmp_path_factory.mktemp("merged")
     reranker = tmp_path_factory.mktemp("reranker")
+    live_root = tmp_path_factory.mktemp("live_adapters")
     for part in load_cross_encoder(str(minilm_dir), seed=0):
         part.save_pretrained(reranker)
     peft_model = make_random_lora_adapter(smollm_dir, adapter, std=0.05)
@@ -91,6 +93,7 @@ def served(ray_cluster, smollm_dir, minilm_dir, tmp_path_factory):
                                # the shared LanceDB table, built by Ray Data on deploy; both
                                # retriever replicas open it
                                "knowledge_base": {"store": "lancedb", "refresh_s": 0},
+                               "live_adapters": {"enabled": True, "allowed_roots": [str(live_root)]},
                                "deployments": {
                                    "embedder": {"num_replicas": 2},
                                    # reacts within seconds, so a test can watch it scale up
@@ -104,5 +107,5 @@ def served(ray_cluster, smollm_dir, minilm_dir, tmp_path_factory):
                      {"tuned-merged": str(merged)}, reranker_dir=str(reranker))
     finally:
         del os.environ[TOKEN_ENV]
-    yield Served(url, TOKEN, expected, cfg, str(reranker))
+    yield Served(url, TOKEN, expected, cfg, str(reranker), str(live_root))
     serve.shutdown()
