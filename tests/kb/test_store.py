@@ -175,3 +175,18 @@ def test_a_knowledge_base_on_object_storage(s3):
     assert reader.text("fiscal revenue", 1)[0].node_id == "p2"
     files = fs.get_file_info(pafs.FileSelector("kb-bucket", recursive=True))
     assert any(f.path.startswith("kb-bucket/runs/job/knowledge_base.lance/nodes_passage.lance/") for f in files)
+
+
+def test_a_replica_sees_a_write_within_refresh_s(tmp_path):
+    import time
+
+    writer = _kb(tmp_path)
+    writer.upsert([node_row(n) for n in _nodes(EN[:2])], _unit(2))
+    reader = KnowledgeBase(str(tmp_path / "kb.lance"), "nodes_passage", "e1", None, KnowledgeBaseConfig(refresh_s=1.0))
+    assert reader.stats().rows == 2
+    writer.upsert([node_row(n) for n in _nodes(EN[2:4], "q")], _unit(2, seed=4))
+    t0 = time.monotonic()
+    while reader.stats().rows != 4:
+        assert time.monotonic() - t0 < 5, "the reader never saw the new version"
+        time.sleep(0.05)
+    assert time.monotonic() - t0 <= 1.5  # bounded by refresh_s (plus a poll)
