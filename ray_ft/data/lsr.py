@@ -153,7 +153,7 @@ def score_groups(groups: list[LSRGroup], lm_dir: str, prompt, max_len: int, batc
     blocks = max(workers, -(-len(rows) // (8 * batch_size)))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     out = ds.map_batches(
-        AnswerLogLikelihood, batch_size=batch_size, batch_format="numpy", concurrency=workers,
+        AnswerLogLikelihood, batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
         num_cpus=cpus, num_gpus=1 if use_gpu else 0,
         fn_constructor_kwargs={"lm_dir": lm_dir, "prompt": prompt, "max_len": max_len,
                                "threads": max(1, int(cpus)), "use_gpu": use_gpu, "dtype": dtype})

@@ -188,7 +188,7 @@ def write_pair_shards(train: list[PreferencePair], dev: list[PreferencePair], mo
     try:
         tokenized = ray.data.from_items(rows, override_num_blocks=max(1, min(num_shards * 2, len(rows)))).map_batches(
             TokenizePairs, fn_constructor_kwargs={"model_dir": model_dir, "default_system": default_system},
-            batch_size=64, batch_format="pyarrow", concurrency=1, num_cpus=1).materialize()
+            batch_size=64, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1).materialize()
         kept = tokenized.filter(expr=f"length <= {max_len}").materialize()
         counts = {split: kept.filter(expr=f"split == '{split}'").count() for split in ("train", "dev")}
         if counts["train"] < num_shards:

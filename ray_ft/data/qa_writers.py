@@ -93,15 +93,15 @@ class EndpointActor(_TwoStepsActor):
         return self.caller(requests)
 
 
-def _run(actor: type, nodes: list[dict], gen: QAGenerationConfig, language: str, kwargs: dict, **resources
-         ) -> list[dict]:
+def _run(actor: type, nodes: list[dict], gen: QAGenerationConfig, language: str, kwargs: dict, pool: int,
+         **resources) -> list[dict]:
     import ray
 
     if not nodes:
         return []
     ds = ray.data.from_items(nodes).map_batches(
         actor, fn_constructor_kwargs={"gen": gen.model_dump(), "language": language, **kwargs},
-        batch_size=gen.batch_size, batch_format="pandas", **resources)
+        batch_size=gen.batch_size, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=pool), **resources)
     return ds.take_all()
 
 
@@ -135,7 +135,7 @@ class VLLMWriter:
             env |= {**cpu, "OMP_NUM_THREADS": str(_bound_cores(cpu["VLLM_CPU_OMP_THREADS_BIND"]))}
             resources = {"num_cpus": gen.cpus_per_engine}
         resources["runtime_env"] = {"env_vars": env}
-        return _run(VLLMEngineActor, nodes, gen, language, kwargs, concurrency=gen.concurrency, **resources)
+        return _run(VLLMEngineActor, nodes, gen, language, kwargs, pool=gen.concurrency, **resources)
 
 
 class EndpointWriter:
@@ -144,7 +144,7 @@ class EndpointWriter:
     def write(self, nodes: list[dict], gen: QAGenerationConfig, language: str) -> list[dict]:
         if gen.endpoint is None:
             raise ValueError("EndpointWriter needs qa_generation.endpoint")
-        return _run(EndpointActor, nodes, gen, language, {}, concurrency=1, num_cpus=0.5)
+        return _run(EndpointActor, nodes, gen, language, {}, pool=1, num_cpus=0.5)
 
 
 def writer_for(cfg, model_dir: str | None) -> QAWriter:

@@ -45,7 +45,8 @@ def embed_texts(texts: list[str], model_dir: str, workers: int = 1) -> np.ndarra
     blocks = max(workers, -(-len(texts) // (4 * EMBED_BATCH)))
     ds = ray.data.from_items([{"i": i, "text": t} for i, t in enumerate(texts)], override_num_blocks=blocks)
     out = ds.map_batches(EmbedBatch, fn_constructor_kwargs={"model_dir": model_dir},
-                         batch_size=EMBED_BATCH, batch_format="numpy", concurrency=workers, num_cpus=1)
+                         batch_size=EMBED_BATCH, batch_format="numpy",
+                         compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1)
     ids, vecs = [], []
     for batch in out.iter_batches(batch_format="numpy", batch_size=None):
         ids.append(batch["i"])

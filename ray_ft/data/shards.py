@@ -46,7 +46,7 @@ def build_examples(rows: list[dict], plan: ShardPlan):
     blocks = max(plan.num_workers, -(-len(ordered) // BUILD_BATCH))
     return ray.data.from_items(ordered, override_num_blocks=blocks).map_batches(
         BuildBatch, fn_constructor_kwargs={"model_dir": plan.model_dir, "settings": plan.settings},
-        batch_size=BUILD_BATCH, batch_format="pyarrow", concurrency=plan.num_workers, num_cpus=1,
+        batch_size=BUILD_BATCH, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=plan.num_workers), num_cpus=1,
     ).materialize()
 
 
