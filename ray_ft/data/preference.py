@@ -189,22 +189,24 @@ def write_pair_shards(train: list[PreferencePair], dev: list[PreferencePair], mo
         tokenized = ray.data.from_items(rows, override_num_blocks=max(1, min(num_shards * 2, len(rows)))).map_batches(
             TokenizePairs, fn_constructor_kwargs={"model_dir": model_dir, "default_system": default_system},
             batch_size=64, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1).materialize()
-        kept = tokenized.filter(expr=f"length <= {max_len}").materialize()
-        counts = {split: kept.filter(expr=f"split == '{split}'").count() for split in ("train", "dev")}
+        from ray.data.expressions import col
+
+        kept = tokenized.filter(expr=col("length") <= max_len).materialize()
+        counts = {split: kept.filter(expr=col("split") == split).count() for split in ("train", "dev")}
         if counts["train"] < num_shards:
             raise RayFTError(f"{counts['train']} preference pairs fit data.cutoff_len={max_len}; "
                              f"{num_shards} training workers need at least one each")
         out_dir.mkdir(parents=True, exist_ok=True)
         final = out_dir / "train"
         tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".train."))
-        kept.filter(expr="split == 'train'").select_columns(list(PAIR_COLUMNS)).repartition(num_shards) \
+        kept.filter(expr=col("split") == "train").select_columns(list(PAIR_COLUMNS)).repartition(num_shards) \
             .write_parquet(str(tmp))
         name_parts(tmp)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
         dev_rows = [{k: (r[k] if k == "id" else [int(x) for x in r[k]]) for k in PAIR_COLUMNS}
-                    for r in kept.filter(expr="split == 'dev'").take_all()]
+                    for r in kept.filter(expr=col("split") == "dev").take_all()]
     finally:
         options.preserve_order = before
     manifest = {"train_pairs": counts["train"], "dev_pairs": counts["dev"],

@@ -85,7 +85,9 @@ def _write_train_set(rows: list[dict], plan: ShardPlan, out_dir: Path, sft_file:
         raise RayFTError(f"{source}: no training example fits data.cutoff_len={plan.settings.cutoff_len} "
                          f"({dict(statuses)})")
     last = picked[-1]
-    selected = built.limit(last + 1).filter(expr="num_tokens > 0").materialize()
+    from ray.data.expressions import col
+
+    selected = built.limit(last + 1).filter(expr=col("num_tokens") > 0).materialize()
     _write_records(selected, sft_file)
     rows_ds = selected.select_columns(TRAIN_SCHEMA.names)
     row_lengths = lengths
