@@ -182,9 +182,15 @@ def test_an_adapter_registered_on_the_real_graph_is_served_without_a_redeploy(se
 
     from tests.serve.conftest import QUESTION, _peft_greedy
 
-    root = Path(served.live_root)
-    peft_model = make_random_lora_adapter(smollm_dir, root / "weekly", std=0.05, seed=7)
-    expected = _peft_greedy(peft_model, AutoTokenizer.from_pretrained(smollm_dir), QUESTION, 8)
+    root, tok = Path(served.live_root), AutoTokenizer.from_pretrained(smollm_dir)
+    for seed in range(7, 12):  # an adapter whose greedy answer differs from the base's (transformers + peft)
+        peft_model = make_random_lora_adapter(smollm_dir, root / "weekly", std=0.05, seed=seed)
+        expected = _peft_greedy(peft_model, tok, QUESTION, 8)
+        with peft_model.disable_adapter():
+            if _peft_greedy(peft_model, tok, QUESTION, 8) != expected:
+                break
+    else:
+        pytest.fail("no seeded adapter changed the base's greedy answer")
     shutil.copytree(root / "weekly", root / "torn")
     weights = root / "torn" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
