@@ -152,6 +152,8 @@ class KnowledgeBase:
         merge, then drop the earlier nodes their new text no longer has: a search never sees a
         replaced document missing."""
         self.upsert([node_row(n) for n in nodes], vectors)
+        if not any(i.columns in (["text"], ["terms"]) for i in self.table.list_indices()):
+            self.ensure_indexes()  # a table that started empty has no full-text index yet
         docs = sorted({node_row(n)["document"] for n in nodes})
         return {"documents": len(docs), "nodes": len(nodes), "removed_nodes": self.prune_documents(docs, nodes),
                 "version": self.table.version}

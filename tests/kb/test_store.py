@@ -190,3 +190,11 @@ def test_a_replica_sees_a_write_within_refresh_s(tmp_path):
         assert time.monotonic() - t0 < 5, "the reader never saw the new version"
         time.sleep(0.05)
     assert time.monotonic() - t0 <= 1.5  # bounded by refresh_s (plus a poll)
+
+
+def test_documents_written_to_an_empty_table_are_found_by_full_text_search(tmp_path):
+    kb = _kb(tmp_path)
+    assert kb.ensure_indexes() == ()  # nothing to index yet
+    out = kb.replace_documents(_nodes(EN[:3]), _unit(3))
+    assert out["nodes"] == 3 and kb.text("mailman", 1)[0].node_id == "p1"
+    assert kb.hybrid(_unit(3)[1], "mailman", 1, 3)[0].node_id == "p1"
