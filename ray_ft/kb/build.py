@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -103,18 +103,15 @@ def add_files(cfg, paths: list[str], embedder_dir: str) -> KBBuild:
     group = cfg.data.node_groups[cfg.serve.node_group]
     nodes = [n for d in docs for n in document_nodes(d, group)]
     uri, table = job_table(cfg)
-    built = build_knowledge_base(nodes, uri, table, embedder_dir, cfg.serve.embedder_dtype, cfg.serve.knowledge_base,
-                                 cfg.data.language, sync=False)
-    kb = KnowledgeBase(uri, table, built.fingerprint, None, cfg.serve.knowledge_base, cfg.data.language)
-    pruned = kb.prune_documents(sorted({d.name for d in docs}), nodes)
-    s = kb.stats()
-    return replace(built, rows=s.rows, removed=built.removed + pruned, version=s.version)
+    return build_knowledge_base(nodes, uri, table, embedder_dir, cfg.serve.embedder_dtype, cfg.serve.knowledge_base,
+                                cfg.data.language, sync=False, replaced=sorted({d.name for d in docs}))
 
 
 def build_knowledge_base(nodes: list[dict], uri: str, table: str, embedder_dir: str, dtype: str = "float32",
                          cfg: KnowledgeBaseConfig | None = None, language: str = "en",
-                         sync: bool = True) -> KBBuild:
-    """Bring the table to `nodes` (retrieval nodes {node_id, text, metadata}) for this embedder."""
+                         sync: bool = True, replaced: list[str] | None = None) -> KBBuild:
+    """Bring the table to `nodes` (retrieval nodes {node_id, text, metadata}) for this embedder;
+    `replaced`: documents whose earlier nodes that `nodes` no longer has are removed."""
     cfg = cfg or KnowledgeBaseConfig()
     start = time.perf_counter()
     fingerprint = embedder_fingerprint(embedder_dir, dtype)
@@ -128,6 +125,8 @@ def build_knowledge_base(nodes: list[dict], uri: str, table: str, embedder_dir: 
             kb.upsert(rows, vectors)
             done += len(rows)
             log.info("knowledge base: %d/%d nodes embedded and committed", done, len(todo))
+    if replaced:
+        removed += kb.prune_documents(replaced, nodes)
     indexes = kb.ensure_indexes()
     s = kb.stats()
     return KBBuild(uri, table, fingerprint, s.rows, done, removed, s.version, indexes,

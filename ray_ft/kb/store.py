@@ -12,6 +12,7 @@ version (Lance's commit protocol keeps concurrent writers from corrupting it).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -35,10 +36,16 @@ def embedder_fingerprint(model_dir: str, dtype: str = "float32") -> str:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
     if not files:
         raise RayFTError(f"{model_dir}: no embedder files to fingerprint")
+    # Hashed once per set of files (a deploy asks twice: the build and the graph), not per call.
+    return _hash_files(str(folder), dtype, tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+
+
+@functools.lru_cache(maxsize=16)
+def _hash_files(folder: str, dtype: str, stamp: tuple) -> str:
     h = hashlib.sha256(dtype.encode())
-    for p in files:
-        h.update(b"\0" + str(p.relative_to(folder)).encode() + b"\1")
-        with p.open("rb") as f:
+    for path, _, _ in stamp:
+        h.update(b"\0" + str(Path(path).relative_to(folder)).encode() + b"\1")
+        with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):
                 h.update(block)
     return h.hexdigest()[:12]
@@ -72,7 +79,6 @@ def _schema():
 class KBStats:
     rows: int
     version: int
-    vector_column: str
     indexes: tuple[str, ...]
 
 
@@ -151,10 +157,11 @@ class KnowledgeBase:
         """Write the nodes of some documents (added, or replacing their earlier nodes) in one
         merge, then drop the earlier nodes their new text no longer has: a search never sees a
         replaced document missing."""
-        self.upsert([node_row(n) for n in nodes], vectors)
-        if not any(i.columns in (["text"], ["terms"]) for i in self.table.list_indices()):
+        rows = [node_row(n) for n in nodes]
+        self.upsert(rows, vectors)
+        if not self._has_fts_index():
             self.ensure_indexes()  # a table that started empty has no full-text index yet
-        docs = sorted({node_row(n)["document"] for n in nodes})
+        docs = sorted({r["document"] for r in rows})
         return {"documents": len(docs), "nodes": len(nodes), "removed_nodes": self.prune_documents(docs, nodes),
                 "version": self.table.version}
 
@@ -179,10 +186,10 @@ class KnowledgeBase:
         (`optimize`). Returns the index names."""
         from lancedb.index import FTS
 
-        if not self.table.count_rows():
+        rows = self.table.count_rows()
+        if not rows:
             return ()
-        names = {i.name: i for i in self.table.list_indices()}
-        if not any(i.columns in (["text"], ["terms"]) for i in names.values()):
+        if not self._has_fts_index():
             plain = dict(stem=False, remove_stop_words=False, ascii_folding=False)
             fts = {"words": FTS(base_tokenizer="simple", stem=True, remove_stop_words=False),
                    "ngram": FTS(base_tokenizer="ngram", ngram_min_length=1, ngram_max_length=2, prefix_only=False,
@@ -190,18 +197,20 @@ class KnowledgeBase:
                    "cjk": FTS(base_tokenizer="whitespace", lower_case=False, max_token_length=None, **plain)}
             self.table.create_index(self.fts_column, config=fts[self.tokenizer])
             self._tokenizer = None
-        rows = self.table.count_rows()
-        if rows >= self.cfg.ann_min_rows and not any(i.columns == [self.column] for i in names.values()):
+        if rows >= self.cfg.ann_min_rows and not any(i.columns == [self.column] for i in self.table.list_indices()):
             self.table.create_index(metric="dot", vector_column_name=self.column, index_type=self.cfg.ann_index,
                                     num_partitions=self.cfg.ann_partitions, num_sub_vectors=self.cfg.ann_sub_vectors)
         else:
             self.table.optimize()
         return tuple(sorted(i.name for i in self.table.list_indices()))
 
+    def _has_fts_index(self) -> bool:
+        return any(i.columns in (["text"], ["terms"]) for i in self.table.list_indices())
+
     # -- reading -----------------------------------------------------------------------------
 
     def stats(self) -> KBStats:
-        return KBStats(self.table.count_rows(), self.table.version, self.column,
+        return KBStats(self.table.count_rows(), self.table.version,
                        tuple(sorted(i.name for i in self.table.list_indices())))
 
     def dense(self, vector: np.ndarray, top_k: int) -> list[Hit]:

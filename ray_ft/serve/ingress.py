@@ -238,12 +238,15 @@ class RAGService:
         contexts = await self._retrieve(req.query, req.top_k, Deadline(self.s.request_timeout_s), stats, req.rerank)
         return RetrieveResponse(contexts=contexts, latency_s=time.perf_counter() - t0)
 
-    def _writes(self) -> None:
-        if not self.s.live_documents:
-            raise RequestError(404, "live document updates need serve.knowledge_base.store: lancedb",
-                               "not_found_error")
+    def _write_allowed(self, enabled: bool, off: str, what: str) -> None:
+        if not enabled:
+            raise RequestError(404, off, "not_found_error")
         if self.s.auth_token is None:  # a write endpoint is never open to anyone who can reach the port
-            raise RequestError(403, "document writes need bearer auth (serve.auth_token_env)", "permission_error")
+            raise RequestError(403, f"{what} needs bearer auth (serve.auth_token_env)", "permission_error")
+
+    def _writes(self) -> None:
+        self._write_allowed(self.s.live_documents, "live document updates need serve.knowledge_base.store: lancedb",
+                            "document writes")
 
     async def add_documents(self, req: DocumentsRequest, stats: dict) -> DocumentsResponse:
         self._writes()
@@ -263,22 +266,21 @@ class RAGService:
             raise RequestError(404, f"no document '{document_id}' in the knowledge base", "not_found_error")
         return DeletedDocument(**out)
 
-    def _live_names(self) -> dict[str, str]:
-        if self.s.live_adapters is None:
-            return {}
+    def _adapter_registry(self):
         if self._registry is None:
             from ray_ft.serve.adapter_registry import AdapterRegistry
 
             self._registry = AdapterRegistry(self.s.live_adapters.registry)
-        return self._registry.read()  # a stat of the file; re-read only when it changed
+        return self._registry
+
+    def _live_names(self) -> dict[str, str]:
+        # a stat of the file; re-read only when it changed
+        return self._adapter_registry().read() if self.s.live_adapters is not None else {}
 
     def _adapters(self) -> LiveAdapterSettings:
-        a = self.s.live_adapters
-        if a is None:
-            raise RequestError(404, "live adapters are off (serve.live_adapters.enabled)", "not_found_error")
-        if self.s.auth_token is None:
-            raise RequestError(403, "adapter registration needs bearer auth (serve.auth_token_env)", "permission_error")
-        return a
+        self._write_allowed(self.s.live_adapters is not None, "live adapters are off (serve.live_adapters.enabled)",
+                            "adapter registration")
+        return self.s.live_adapters
 
     def _live_name(self, name: str, a: LiveAdapterSettings) -> None:
         from ray_ft.paths import name_problem
@@ -292,26 +294,22 @@ class RAGService:
     async def add_adapter(self, req: AdapterRequest, stats: dict) -> AdapterResponse:
         """Check the adapter (location allowed, a LoRA of an allowed rank that fits the base,
         readable weights) and register it; engine replicas load it on its first request."""
-        from ray_ft.serve.adapter_registry import AdapterRegistry, BadAdapter, check_live_adapter
+        from ray_ft.serve.adapter_registry import check_live_adapter
 
         a = self._adapters()
         self._live_name(req.name, a)
         try:
             location = await asyncio.to_thread(check_live_adapter, req.location, list(a.allowed_roots),
                                                list(a.allowed_schemes), a.base_dir, a.max_rank)
-        except BadAdapter as err:
-            raise RequestError(400, f"adapter {req.name!r}: {err}") from None
-        except (RayFTError, OSError) as err:  # an unreachable URI, a missing config
+        except (RayFTError, OSError) as err:  # BadAdapter, an unreachable URI, a missing config
             raise RequestError(400, f"adapter {req.name!r}: {cause_message(err)}") from None
-        await asyncio.to_thread(AdapterRegistry(a.registry).add, req.name, location)
+        await asyncio.to_thread(self._adapter_registry().add, req.name, location)
         return AdapterResponse(id=req.name, location=location)
 
     async def delete_adapter(self, name: str, stats: dict) -> dict:
-        from ray_ft.serve.adapter_registry import AdapterRegistry
-
         a = self._adapters()
         self._live_name(name, a)
-        if not await asyncio.to_thread(AdapterRegistry(a.registry).remove, name):
+        if not await asyncio.to_thread(self._adapter_registry().remove, name):
             raise RequestError(404, f"no live adapter '{name}'", "not_found_error")
         return {"id": name, "object": "model", "deleted": True}
 

@@ -151,14 +151,17 @@ class RetrieverDeployment:
         (autoscaled, or replacing a dead one) builds its index before its first request."""
         self._index_build()
 
-    async def ready(self) -> dict:
+    async def _built(self) -> None:
         build = self._index_build()
         if build is not None:
             await asyncio.shield(build)
+
+    async def ready(self) -> dict:
+        await self._built()
         return {"nodes": self.store.size(), "mode": self.r.mode, "index": self.index_source}
 
     async def retrieve(self, query: str, top_k: int):
-        await self.ready()
+        await self._built()  # not ready(): its node count is a table scan on the LanceDB store
         if self.r.mode == "bm25":
             return await asyncio.to_thread(self.store.text, query, top_k)
         qvec = (await self._embed([self.r.query_instruction + query], self.timeout_s))[0]
@@ -176,7 +179,7 @@ class RetrieverDeployment:
     async def add_documents(self, documents: list[dict]) -> dict:
         """Cut `documents` ({id, text, metadata}) into nodes of the served node group, embed them
         (the embedder deployment, within the request's deadline) and write them to the table."""
-        await self.ready()
+        await self._built()
         kb = self._table()
         nodes = build_nodes([{"passage_id": d["id"], "text": d["text"],
                               "metadata": {**d.get("metadata", {}), "document": d["id"]}} for d in documents],
@@ -187,7 +190,7 @@ class RetrieverDeployment:
         return await asyncio.to_thread(kb.replace_documents, nodes, vecs)
 
     async def delete_document(self, document_id: str) -> dict:
-        await self.ready()
+        await self._built()
         kb = self._table()
         gone = await asyncio.to_thread(kb.delete_documents, [document_id])
         return {"id": document_id, "deleted_nodes": gone, "version": kb.table.version}
