@@ -14,6 +14,9 @@
                                  only nodes the table lacks), build its indexes, print what it did
     ray-ft kb add JOB.yaml PATH… add or replace documents (PDF, HTML, Markdown, text) in that table
 
+Job commands (all but `kb add`) take KEY=VALUE overrides after the job file
+(`ray-ft run JOB.yaml train.learning_rate=1e-4 eval.max_samples=20`), validated like the file;
+the config a command ran with is written to run_dir/config.resolved.yaml when it ends.
 Bad input ends with one line on stderr (`error: <file>: <record>: <field>: ...`) and exit code 2.
 """
 
@@ -29,6 +32,15 @@ from ray_ft.errors import RayFTError
 from ray_ft.stages import STAGES
 
 
+def _load(args):
+    """The job file with the command line's KEY=VALUE overrides (`main` writes it to the run
+    folder when the command ends)."""
+    from ray_ft.config import load_job
+
+    args.cfg = load_job(args.job, getattr(args, "overrides", ()) or ())
+    return args.cfg
+
+
 def _cmd_models(args) -> int:
     from ray_ft.models import list_models, resolve_model
 
@@ -42,10 +54,9 @@ def _cmd_models(args) -> int:
 
 
 def _cmd_prepare(args) -> int:
-    from ray_ft.config import load_job
     from ray_ft.pipeline import stage_prepare
 
-    cfg = load_job(args.job)
+    cfg = _load(args)
     if cfg.task in ("embedding", "rerank"):  # both learn from the embedding data
         from ray_ft.retriever_stages import stage_embed_data
 
@@ -70,10 +81,9 @@ def _embed_table(summary: dict) -> str:
 
 
 def _cmd_train(args) -> int:
-    from ray_ft.config import load_job
     from ray_ft.pipeline import stage_prepare, stage_train
 
-    cfg = load_job(args.job)
+    cfg = _load(args)
     if cfg.task == "embedding":
         from ray_ft.retriever_stages import stage_embed
 
@@ -111,22 +121,20 @@ def _print_rerank(summary: dict) -> None:
 
 
 def _cmd_eval(args) -> int:
-    from ray_ft.config import load_job
     from ray_ft.eval.report import to_markdown
     from ray_ft.pipeline import run_eval_only
 
-    cfg = load_job(args.job)
+    cfg = _load(args)
     print("\n" + to_markdown(run_eval_only(cfg)))
     print(f"report: {cfg.run_dir / 'eval' / 'summary.md'}")
     return 0
 
 
 def _cmd_run(args) -> int:
-    from ray_ft.config import load_job
     from ray_ft.eval import report
     from ray_ft.run import run_all
 
-    cfg = load_job(args.job)
+    cfg = _load(args)
     summary = run_all(cfg, set(args.force or ()))
     if summary["skipped"]:
         print(f"skipped (config and inputs unchanged): {', '.join(summary['skipped'])}; rerun with --force STAGE")
@@ -146,10 +154,9 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_pairs(args) -> int:
-    from ray_ft.config import load_job
     from ray_ft.pipeline import run_pairs
 
-    cfg = load_job(args.job)
+    cfg = _load(args)
     path, mined = run_pairs(cfg)
     print(json.dumps(mined.summary()))
     print(f"pairs: {path} (set train.preference.source to it, with train.method: dpo or orpo)")
@@ -165,10 +172,9 @@ def _cmd_recipes(args) -> int:
 
 
 def _cmd_serve(args) -> int:
-    from ray_ft.config import load_job
     from ray_ft.serve.entry import serve_until_stopped
 
-    cfg = load_job(args.job)
+    cfg = _load(args)
     serve_until_stopped(cfg, args.job, announce=lambda line: print(line, flush=True))
     return 0
 
@@ -176,13 +182,12 @@ def _cmd_serve(args) -> int:
 def _cmd_kb(args) -> int:
     from dataclasses import asdict
 
-    from ray_ft.config import load_job
     from ray_ft.data.prepare import PreparedData, load_knowledge_base
     from ray_ft.kb.build import build_job_knowledge_base
     from ray_ft.models import resolve_model
     from ray_ft.pipeline import init_ray
 
-    cfg = load_job(args.job)
+    cfg = _load(args)
     if args.kb_cmd == "add":
         from ray_ft.data.documents import list_documents
         from ray_ft.kb.build import add_files
@@ -214,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("job", help="YAML job file")
+        sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="set a config field over the file's value, e.g. train.learning_rate=1e-4")
         if name == "run":
             sp.add_argument("--force", action="append", choices=list(STAGES),
                             help="rerun this stage (and the ones reading its outputs) even if unchanged; repeatable")
@@ -235,11 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
         fn=_cmd_recipes)
     serve_p = sub.add_parser("serve", help="serve a finished run until Ctrl-C (graceful shutdown)")
     serve_p.add_argument("job", help="YAML job file of a run whose data (and adapter) exist")
+    serve_p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="set a config field over the file's value")
     serve_p.set_defaults(fn=_cmd_serve)
     kb = sub.add_parser("kb", help="the knowledge base's LanceDB table")
     ksub = kb.add_subparsers(dest="kb_cmd", required=True)
-    ksub.add_parser("build", help="embed the nodes the table lacks (Ray Data) and index it").add_argument(
-        "job", help="YAML job file of a run whose data exist")
+    build = ksub.add_parser("build", help="embed the nodes the table lacks (Ray Data) and index it")
+    build.add_argument("job", help="YAML job file of a run whose data exist")
+    build.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="set a config field over the file's value")
     add = ksub.add_parser("add", help="add or replace documents in the table (embedded on Ray Data)")
     add.add_argument("job", help="YAML job file")
     add.add_argument("paths", nargs="+", help="files, folders, globs or URIs of PDF/HTML/Markdown/text documents")
@@ -257,6 +266,19 @@ def main(argv: list[str] | None = None) -> int:
     except RayFTError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        _record_config(args)
+
+
+def _record_config(args) -> None:
+    """run_dir/config.resolved.yaml: the config the last command on this run folder ran with
+    (file + overrides + defaults), also when it failed; not written when the command failed
+    before it made the run folder."""
+    from ray_ft.config import write_resolved
+
+    cfg = getattr(args, "cfg", None)
+    if cfg is not None and cfg.run_dir.is_dir():
+        write_resolved(cfg)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pydantic import Field, ValidationError, model_validator
 from ray_ft.config.base import SafeName, _Strict
 from ray_ft.config.data import DataConfig, NodeGroupConfig, RetrievalAugmentConfig
 from ray_ft.config.lsr import LSRConfig
+from ray_ft.config.overrides import apply_overrides, override_for
 from ray_ft.config.rerank import RerankConfig, ServeRerankSettings
 from ray_ft.config.generation import QAEndpointConfig, QAFilterConfig, QAGenerationConfig
 from ray_ft.config.evaluation import EndpointConfig, EvalConfig, JudgeConfig
@@ -35,7 +36,7 @@ __all__ = [
     "IngressDeploymentSettings", "JobConfig", "JudgeConfig", "ModelConfig", "NodeGroupConfig", "QAEndpointConfig",
     "QAFilterConfig", "QAGenerationConfig", "RayConfig",
     "RerankConfig", "RetrievalAugmentConfig", "RetrievalSettings", "ServeRerankSettings", "ServeConfig", "ServeDeployments", "TrainConfig",
-    "VLLMConfig", "load_job", "parse_job",
+    "VLLMConfig", "load_job", "parse_job", "write_resolved",
 ]
 
 
@@ -201,9 +202,12 @@ class JobConfig(_Strict):
         return Path(self.output_dir) / self.name
 
 
-def _format_validation_error(source: str, err: ValidationError) -> str:
+def _format_validation_error(source: str, err: ValidationError, overrides=()) -> str:
     first = err.errors()[0]
     path = ".".join(str(p) for p in first["loc"]) or "<root>"
+    culprit = override_for(first["loc"], overrides) if first["loc"] else None
+    if culprit is not None:
+        source = f"{source}: override '{culprit}'"
     kind = first["type"]
     if kind == "extra_forbidden":
         msg = "unknown key"
@@ -213,14 +217,17 @@ def _format_validation_error(source: str, err: ValidationError) -> str:
     return f"{source}: field '{path}': {msg}{more}"
 
 
-def parse_job(data: object, source: str = "<job>", base_dir: Path | None = None) -> JobConfig:
-    """Validate a parsed YAML/dict into a JobConfig; relative data paths resolve against base_dir."""
+def parse_job(data: object, source: str = "<job>", base_dir: Path | None = None,
+              overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Validate a parsed YAML/dict, with `overrides` (`dotted.key=value`) set on it, into a
+    JobConfig; relative data paths resolve against base_dir."""
     if not isinstance(data, dict):
         raise RayFTError(f"{source}: the job file must be a YAML mapping, got {type(data).__name__}")
+    data = apply_overrides(data, overrides)
     try:
         cfg = JobConfig.model_validate(data)
     except ValidationError as err:
-        raise RayFTError(_format_validation_error(source, err)) from None
+        raise RayFTError(_format_validation_error(source, err, overrides)) from None
     if base_dir is not None:
         cfg = _resolve_source(cfg, base_dir)
     return _wire_finetuned_embedder(cfg)
@@ -269,8 +276,8 @@ def _resolve_source(cfg: JobConfig, base_dir: Path) -> JobConfig:
     return cfg.model_copy(update=update)
 
 
-def load_job(path: str | Path) -> JobConfig:
-    """Load and validate a YAML job file."""
+def load_job(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Load and validate a YAML job file, with command-line `overrides` (`dotted.key=value`)."""
     path = Path(path)
     if not path.is_file():
         raise RayFTError(f"{path}: job file not found")
@@ -280,4 +287,19 @@ def load_job(path: str | Path) -> JobConfig:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise RayFTError(f"{path}:{where} invalid YAML: {getattr(err, 'problem', err)}") from None
-    return parse_job(data, source=str(path), base_dir=path.resolve().parent)
+    return parse_job(data, source=str(path), base_dir=path.resolve().parent, overrides=overrides)
+
+
+RESOLVED_FILE = "config.resolved.yaml"
+
+
+def write_resolved(cfg: JobConfig) -> Path:
+    """Write the config a command runs with (file + overrides + defaults, paths resolved) to
+    run_dir/config.resolved.yaml; `load_job` of that file gives the same config."""
+    from ray_ft.io import write_text_atomic
+
+    path = cfg.run_dir / RESOLVED_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    write_text_atomic(path, text)
+    return path

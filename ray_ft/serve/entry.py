@@ -33,12 +33,14 @@ def served_inputs(cfg, job: str) -> dict:
 
 
 def app_builder(args: dict):
-    """Serve's application-builder hook: `args` holds `job` (path of the YAML job file)."""
+    """Serve's application-builder hook: `args` holds `job` (path of the YAML job file); every
+    other argument is a config override (`serve run ray_ft.serve.entry:app_builder job=J.yaml
+    serve.retrieval.top_k=5`)."""
     from ray_ft.serve.app import build_rag_app
 
     if "job" not in args:
         raise RayFTError("ray_ft.serve.entry:app_builder needs the argument job=PATH_TO_JOB.yaml")
-    cfg = load_job(args["job"])
+    cfg = load_job(args["job"], [f"{k}={v}" for k, v in args.items() if k != "job"])
     return build_rag_app(cfg, **served_inputs(cfg, args["job"]))
 
 
