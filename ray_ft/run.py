@@ -15,6 +15,10 @@ from ray_ft.retriever_stages import stage_embed, stage_rerank
 from ray_ft.served import check_extra_models
 
 
+# The eval stage's files an MLflow run gets as artifacts (those that exist).
+EVAL_ARTIFACTS = ("summary.md", "summary.json", "report.html", "metrics.png", "loss.png")
+
+
 class _Timed:
     """Times the stages of one `run_all` call and notes the skipped ones."""
 
@@ -93,23 +97,46 @@ def run_all(cfg: JobConfig, force: set[str] | frozenset[str] = frozenset()) -> d
     (`ray_ft.stages`); `force` names stages to rerun anyway (the stages reading them rerun too).
     """
     from ray_ft.stages import StageLog
+    from ray_ft.tracking import MLflowRun
 
     if cfg.task == "sft":
         check_extra_models(cfg)
     log_ = StageLog(cfg.run_dir, cfg, force)
-    run = _Timed()
+    tracker = MLflowRun.open(cfg)
+    try:
+        summary = _stages(cfg, log_, _Timed(), tracker)
+    except BaseException:
+        if tracker:
+            tracker.end(failed=True)
+        raise
+    write_text_atomic(cfg.run_dir / "run_summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
+    if tracker:
+        tracker.log_artifact(cfg.run_dir / "run_summary.json")
+        tracker.end()
+    return summary
+
+
+def _stages(cfg: JobConfig, log_, run: _Timed, tracker) -> dict:
     summary: dict = {"job": cfg.name, "task": cfg.task}
-    if cfg.task == "embedding" or cfg.embed.enabled:
-        summary["embed"] = _model_stage(cfg, log_, run, "embed", stage_embed)
-    if cfg.trains_reranker:
-        summary["rerank"] = _model_stage(cfg, log_, run, "rerank", stage_rerank)
+    for stage, fit, wanted in (("embed", stage_embed, cfg.task == "embedding" or cfg.embed.enabled),
+                               ("rerank", stage_rerank, cfg.trains_reranker)):
+        if wanted:
+            summary[stage] = _model_stage(cfg, log_, run, stage, fit)
+            if tracker:
+                history = cfg.run_dir / stage / "metrics.jsonl"
+                tracker.log_history(stage, read_jsonl(history) if history.is_file() else [], stage in log_.ran)
     if cfg.task == "sft":
         prepared = _prepare_stage(cfg, log_, run)
         require_eval_set(prepared)  # before hours of training, not after
         trained = _train_stage(cfg, log_, run, prepared)
+        if tracker:
+            tracker.log_history("train", trained.history, "train" in log_.ran)
+            tracker.set_tags({"ray_ft.trained": str(trained.adapter_dir.resolve())})
         table = _eval_stage(cfg, log_, run, prepared, trained)
+        if tracker:
+            ev = cfg.run_dir / "eval"
+            tracker.log_eval(table, [ev / n for n in EVAL_ARTIFACTS], "eval" in log_.ran)
         summary.update({"first_loss": trained.first_loss, "final_loss": trained.final_loss,
                         "exported_step": trained.exported_step, "manifest": prepared.manifest(), "eval": table})
     summary.update({"timings": run.timings, "skipped": run.skipped})
-    write_text_atomic(cfg.run_dir / "run_summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
     return summary

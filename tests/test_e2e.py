@@ -19,6 +19,7 @@ def test_run_all_on_a_cmrc_slice(ray_cluster, cmrc_slice, tmp_path, smollm_dir, 
                   "val_generate_samples": 2, "val_max_new_tokens": 8},
         "serve": {"http_port": 8766, "max_tokens": 16},
         "eval": {"max_samples": 3, "concurrency": 4},
+        "tracking": {"mlflow": {"enabled": True}},
     })
     summary = run_all(cfg)
     run = tmp_path / "runs" / "e2e"
@@ -79,6 +80,33 @@ def test_run_all_on_a_cmrc_slice(ray_cluster, cmrc_slice, tmp_path, smollm_dir, 
     assert third["skipped"] == ["prepare", "train"]
     assert {t["n"] for t in third["eval"]} == {2}
     assert json.loads((run / "stages.json").read_text())["train"]["outputs"]["exported_step"] == summary["exported_step"]
+    _check_mlflow(tmp_path / "runs", summary, third)
+
+
+def _check_mlflow(output_dir, summary, third):
+    """Read the runs back through MLflow's client: the first config's run (continued, not
+    duplicated, by the rerun that skipped everything) and the run of the changed eval config."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{output_dir / 'mlflow.db'}")
+    runs = list(json.loads((output_dir / "e2e" / "tracking.json").read_text()).values())
+    assert len(runs) == 2  # two configs: max_samples 3, then 2
+    first, changed = (client.get_run(r["run_id"]) for r in runs)
+    assert first.info.status == changed.info.status == "FINISHED"
+    assert first.data.params["train.learning_rate"] == "0.0003" and first.data.params["eval.max_samples"] == "3"
+    assert changed.data.params["eval.max_samples"] == "2"
+    for run in (first, changed):  # the changed config's run gets the history of the train stage it skipped
+        loss = client.get_metric_history(run.info.run_id, "train/loss")
+        assert [m.step for m in loss] == list(range(1, 7))
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "train/val/loss")] == [3, 6]
+        assert run.data.tags["ray_ft.trained"].endswith("train/adapter")
+        assert {f.path for f in client.list_artifacts(run.info.run_id, "eval")} >= {"eval/summary.md", "eval/summary.json"}
+    for table, run in ((summary["eval"], first), (third["eval"], changed)):
+        ft = next(t for t in table if (t["model"], t["mode"]) == ("finetuned", "gold"))
+        assert run.data.metrics["eval/gold/finetuned/em"] == pytest.approx(ft["em"])
+        assert run.data.metrics["eval/gold/finetuned/n"] == ft["n"]
+    local = client.download_artifacts(first.info.run_id, "eval/summary.json")
+    assert json.loads(open(local).read()) == summary["eval"]
 
 
 @pytest.mark.slow

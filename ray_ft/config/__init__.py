@@ -18,6 +18,7 @@ from ray_ft.config.base import SafeName, _Strict
 from ray_ft.config.data import DataConfig, NodeGroupConfig, RetrievalAugmentConfig
 from ray_ft.config.lsr import LSRConfig
 from ray_ft.config.overrides import apply_overrides, override_for
+from ray_ft.config.tracking import MLflowConfig, TrackingConfig
 from ray_ft.config.rerank import RerankConfig, ServeRerankSettings
 from ray_ft.config.generation import QAEndpointConfig, QAFilterConfig, QAGenerationConfig
 from ray_ft.config.evaluation import EndpointConfig, EvalConfig, JudgeConfig
@@ -33,7 +34,7 @@ from ray_ft.errors import RayFTError
 __all__ = [
     "AutoscalingSettings", "DEEPSPEED_OWNED_KEYS", "DataConfig", "DeepSpeedConfig", "DeploymentSettings",
     "EmbedConfig", "EmbedderBatching", "EndpointConfig", "EvalConfig", "HardNegativeConfig", "LSRConfig",
-    "IngressDeploymentSettings", "JobConfig", "JudgeConfig", "ModelConfig", "NodeGroupConfig", "QAEndpointConfig",
+    "IngressDeploymentSettings", "JobConfig", "JudgeConfig", "MLflowConfig", "TrackingConfig", "ModelConfig", "NodeGroupConfig", "QAEndpointConfig",
     "QAFilterConfig", "QAGenerationConfig", "RayConfig",
     "RerankConfig", "RetrievalAugmentConfig", "RetrievalSettings", "ServeRerankSettings", "ServeConfig", "ServeDeployments", "TrainConfig",
     "VLLMConfig", "load_job", "parse_job", "write_resolved",
@@ -85,6 +86,7 @@ class JobConfig(_Strict):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _check_combinations(self) -> "JobConfig":

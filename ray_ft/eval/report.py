@@ -73,7 +73,7 @@ def _gains(rows: list[dict], base: list[dict]) -> dict[str, list[float]]:
             for col in GAIN_COLUMNS if col in both[0][0] and col in both[0][1]}
 
 
-def _cell(t: dict, col: str) -> str:
+def format_cell(t: dict, col: str) -> str:
     mean = t.get(col)
     if mean is None:
         return "—"
@@ -97,7 +97,7 @@ def to_markdown(table: list[dict], images: list[str] | None = None, notes: list[
         out.append(f"### {mode} context (n = {ts[0]['n']})\n")
         out.append("| metric | " + " | ".join(t["model"] for t in ts) + " |")
         out.append("|---|" + "---:|" * len(ts))
-        out.extend(f"| {ALL_COLUMNS[c]} | " + " | ".join(_cell(t, c) for t in ts) + " |" for c in cols)
+        out.extend(f"| {ALL_COLUMNS[c]} | " + " | ".join(format_cell(t, c) for t in ts) + " |" for c in cols)
         out.append("")
         gains = [t for t in ts if t.get("gain_vs_base")]
         if gains:

@@ -30,6 +30,7 @@ from ray_ft.train.learning_curve import curve_points, plot_learning_curve
 from ray_ft.train.learning_curve import to_markdown as learning_curve_markdown
 from ray_ft.metrics.retrieval import SENTENCE_SPLITTERS
 from ray_ft.plots import plot_loss
+from ray_ft.eval.html_report import write_html_report
 from ray_ft.eval.report import plot_metrics, summarize, to_markdown
 from ray_ft.eval.scoring import score_rows
 from ray_ft.io import write_jsonl_atomic, write_text_atomic
@@ -180,7 +181,10 @@ def run_eval(client: RAGClient, items: list[dict], targets: list[EvalTarget], ec
         if loss_history:
             images.append(plot_loss(loss_history, out_dir / "loss.png").name)
             images.append(_learning_curve_image(loss_history, out_dir))
-    write_text_atomic(out_dir / "summary.md", to_markdown(table, images=[i for i in images if i], notes=notes))
+    images = [i for i in images if i]
+    write_text_atomic(out_dir / "summary.md", to_markdown(table, images=images, notes=notes))
+    write_html_report(out_dir, table, rows, [out_dir / i for i in images], notes,
+                      title=f"{out_dir.parent.name}: evaluation")
     return table
 
 
