@@ -52,6 +52,8 @@ def test_run_all_on_a_cmrc_slice(ray_cluster, cmrc_slice, tmp_path, smollm_dir, 
     md = (run / "eval" / "summary.md").read_text()
     assert md.startswith("### gold context (n = 3)") and "| metric | base | finetuned |" in md
     assert "![loss](loss.png)" in md and (run / "eval" / "loss.png").stat().st_size > 1000
+    page = (run / "eval" / "report.html").read_text()  # the same run as a page: plots embedded, answers as data
+    assert page.count("data:image/png;base64,") == 3 and '"questions":[' in page
     # The learning curve (validations at steps 3 and 6) is drawn by the train stage and linked.
     assert "![learning_curve](../train/learning_curve.png)" in md and "| 3 | " in md
     assert (run / "train" / "learning_curve.png").stat().st_size > 1000
@@ -100,7 +102,8 @@ def _check_mlflow(output_dir, summary, third):
         assert [m.step for m in loss] == list(range(1, 7))
         assert [m.step for m in client.get_metric_history(run.info.run_id, "train/val/loss")] == [3, 6]
         assert run.data.tags["ray_ft.trained"].endswith("train/adapter")
-        assert {f.path for f in client.list_artifacts(run.info.run_id, "eval")} >= {"eval/summary.md", "eval/summary.json"}
+        assert {f.path for f in client.list_artifacts(run.info.run_id, "eval")} >= {
+            "eval/summary.md", "eval/summary.json", "eval/report.html", "eval/metrics.png"}
     for table, run in ((summary["eval"], first), (third["eval"], changed)):
         ft = next(t for t in table if (t["model"], t["mode"]) == ("finetuned", "gold"))
         assert run.data.metrics["eval/gold/finetuned/em"] == pytest.approx(ft["em"])

@@ -132,7 +132,10 @@ def plot_metrics(table: list[dict], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     modes = sorted({t["mode"] for t in table})
-    fig, axes = plt.subplots(1, len(modes), figsize=(7 * len(modes), 4), squeeze=False)
+    widest = max(len([c for c in ALL_COLUMNS if all(t.get(c) is not None for t in table if t["mode"] == m)])
+                 * len([t for t in table if t["mode"] == m]) for m in modes)
+    # Width grows with the bars so labels never overlap: ~0.32 inch per bar, labels slanted.
+    fig, axes = plt.subplots(1, len(modes), figsize=(max(6.0, 1.5 + 0.32 * widest) * len(modes), 4.6), squeeze=False)
     for ax, mode in zip(axes[0], modes):
         ts = [t for t in table if t["mode"] == mode]
         cols = [c for c in ALL_COLUMNS if all(t.get(c) is not None for t in ts)]
@@ -141,10 +144,13 @@ def plot_metrics(table: list[dict], path: Path) -> Path:
         for i, t in enumerate(ts):
             vals = [100 * t[c] for c in cols]
             bars = ax.bar(x + (i - (len(ts) - 1) / 2) * width, vals, width, label=t["model"])
-            ax.bar_label(bars, fmt="%.0f", fontsize=7)
-        ax.set_xticks(x, [ALL_COLUMNS[c].replace(" (", "\n(") for c in cols], fontsize=8, rotation=30)
-        ax.set_ylim(0, 105)
+            ax.bar_label(bars, fmt="%.0f", fontsize=6, padding=1)
+        ax.set_xticks(x, [ALL_COLUMNS[c] for c in cols], fontsize=8, rotation=35, ha="right",
+                      rotation_mode="anchor")
+        ax.set_ylim(0, 112)
         ax.set_ylabel("score (%)")
         ax.set_title(f"{mode} context, n = {ts[0]['n']}")
-        ax.legend(fontsize=8)
+        # Above the axes, not over the bars.
+        ax.legend(fontsize=8, ncol=min(len(ts), 4), loc="lower center", bbox_to_anchor=(0.5, 1.08), frameon=False)
+    fig.tight_layout()
     return write_png(fig, path)
