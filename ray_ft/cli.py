@@ -12,6 +12,9 @@
     ray-ft serve JOB.yaml        serve a finished run (base, adapters, retriever) until Ctrl-C
     ray-ft kb build JOB.yaml     embed the run's knowledge base into its LanceDB table (Ray Data;
                                  only nodes the table lacks), build its indexes, print what it did
+    ray-ft runs [OUTPUT_DIR]     list the runs (task, model, data, date, stages done, headline metric)
+    ray-ft compare RUN_DIR…      runs side by side: scores on the questions all answered, config
+                                 differences (printed, and written as .md + .html)
     ray-ft kb add JOB.yaml PATH… add or replace documents (PDF, HTML, Markdown, text) in that table
 
 Job commands (all but `kb add`) take KEY=VALUE overrides after the job file
@@ -27,6 +30,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from ray_ft.errors import RayFTError
 from ray_ft.stages import STAGES
@@ -179,6 +183,24 @@ def _cmd_serve(args) -> int:
     return 0
 
 
+def _cmd_runs(args) -> int:
+    from ray_ft.runs import list_runs, runs_markdown
+
+    print(runs_markdown(list_runs(Path(args.output_dir))), end="")
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from ray_ft.runs import compare_markdown, read_run, write_comparison
+
+    runs = [read_run(Path(p)) for p in args.runs]
+    out = Path(args.out) if args.out else runs[0].path.parent / "compare" / "_vs_".join(r.name for r in runs)
+    md_path, html_path = write_comparison(runs, out)
+    print(compare_markdown(runs))
+    print(f"written: {md_path}, {html_path}")
+    return 0
+
+
 def _cmd_kb(args) -> int:
     from dataclasses import asdict
 
@@ -244,6 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve_p.add_argument("job", help="YAML job file of a run whose data (and adapter) exist")
     serve_p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="set a config field over the file's value")
     serve_p.set_defaults(fn=_cmd_serve)
+    runs_p = sub.add_parser("runs", help="list the run folders: task, model, data, date, stages done, headline metric")
+    runs_p.add_argument("output_dir", nargs="?", default="runs", help="the jobs' output_dir (default: runs)")
+    runs_p.set_defaults(fn=_cmd_runs)
+    cmp_p = sub.add_parser("compare", help="two or more runs side by side: scores on shared questions, config differences")
+    cmp_p.add_argument("runs", nargs="+", help="run folders (output_dir/NAME)")
+    cmp_p.add_argument("--out", help="path without suffix for the .md and .html (default: OUTPUT_DIR/compare/A_vs_B)")
+    cmp_p.set_defaults(fn=_cmd_compare)
     kb = sub.add_parser("kb", help="the knowledge base's LanceDB table")
     ksub = kb.add_subparsers(dest="kb_cmd", required=True)
     build = ksub.add_parser("build", help="embed the nodes the table lacks (Ray Data) and index it")
