@@ -4,8 +4,9 @@ screenshot of a real run's report.
 Opens a report of N synthetic questions (2 models x 2 modes, top-3 retrieved passages each; the
 rows `run_eval` writes, from tests/eval/fakes.py) `--repeat` times in a fresh page and prints the
 time from navigation to the question browser's first page being drawn (median and max), the
-file size and the time a filter change takes. With `--report PATH` it also writes a full-page
-screenshot of that report to `--screenshot`.
+file size and the time a filter change takes. With `--report PATH` it also writes screenshots of
+that report: its first screen to `--screenshot`, the question browser filtered to the questions
+the fine-tuned model gets right and the base does not to `..._browser.png`.
 
     .venv/bin/python bench/report_open.py --questions 1000 --report runs/cmrc_lora_smoke/eval/report.html \
         --screenshot bench/report_screenshot.png
@@ -62,7 +63,13 @@ def main() -> None:
             page.goto(args.report.resolve().as_uri())
             page.wait_for_selector("body[data-ready='1']")
             page.screenshot(path=str(args.screenshot))  # the first screen: tables, plots start
-            print(f"screenshot: {args.screenshot}")
+            # The question browser, showing where the fine-tuned model beats the base.
+            page.select_option("#f-outcome", "beats")
+            page.locator("#filters").scroll_into_view_if_needed()
+            page.evaluate("document.getElementById('filters').scrollIntoView()")
+            browser_shot = args.screenshot.with_name(args.screenshot.stem + "_browser.png")
+            page.screenshot(path=str(browser_shot))
+            print(f"screenshots: {args.screenshot}, {browser_shot}")
         browser.close()
     shutil.rmtree(out)
 

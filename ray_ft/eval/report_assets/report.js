@@ -79,13 +79,19 @@
     return out;
   }
 
+  // The metrics the mode's answers have (no retrieval columns in gold mode), for the cards.
+  let shownMetrics = D.metrics;
+  function metricsOf(mode) {
+    return D.metrics.filter((c) => D.questions.some((q) => q.by[mode] && Object.values(q.by[mode]).some((a) => c in a.s)));
+  }
+
   function card(item) {
     const by = item.by[state.mode];
     const needles = item.refs.map((r) => ({text: r, cls: "ref", who: "reference"}));
     D.models.forEach((m, k) => { if (by[m]) needles.push({text: by[m].a.trim(), cls: "m" + (k % 6), who: m}); });
     const rows = D.models.filter((m) => by[m]).map((m, k) => {
       const a = by[m];
-      const cells = D.metrics.map((c) => `<td class="num">${fmt(a.s[c])}</td>`).join("");
+      const cells = shownMetrics.map((c) => `<td class="num">${fmt(a.s[c])}</td>`).join("");
       return `<tr><th><span class="dot m${D.models.indexOf(m) % 6}"></span>${esc(m)}</th>` +
              `<td class="answer">${esc(a.a) || "<em>(empty)</em>"}${a.err ? ` <span class="err">${esc(a.err)}</span>` : ""}</td>${cells}</tr>`;
     }).join("");
@@ -94,15 +100,16 @@
       `${id ? ` <span class="nid">${esc(id)}</span>` : ""}${gold ? ' <span class="tag">gold passage</span>' : ""}` +
       `<div>${highlight(D.texts[t], needles)}</div></li>`).join("");
     return `<article class="q" data-id="${esc(item.id)}"><h3>${esc(item.q)}</h3>` +
-      `<p class="refs">reference: ${item.refs.map((r) => `<mark class="ref">${esc(r)}</mark>`).join(" / ")}</p>` +
+      `<p class="refs">reference: ${[...new Set(item.refs)].map((r) => `<mark class="ref">${esc(r)}</mark>`).join(" / ")}</p>` +
       `<table class="answers"><thead><tr><th>model</th><th>answer (${esc(state.mode)})</th>` +
-      D.metrics.map((c) => `<th class="num">${esc(D.metric_names[c] || c)}</th>`).join("") + `</tr></thead><tbody>${rows}</tbody></table>` +
+      shownMetrics.map((c) => `<th class="num">${esc(D.metric_names[c] || c)}</th>`).join("") + `</tr></thead><tbody>${rows}</tbody></table>` +
       `<details${state.mode === "gold" ? " open" : ""}><summary>passage</summary><div class="passage">${highlight(D.texts[item.p] || "", needles)}</div></details>` +
       (retrieved ? `<details open><summary>retrieved passages</summary><ol class="retrieved">${retrieved}</ol></details>` : "") +
       `<p class="qid">${esc(item.id)}</p></article>`;
   }
 
   function render() {
+    shownMetrics = metricsOf(state.mode);
     const hits = D.questions.filter(keep);
     const pages = Math.max(1, Math.ceil(hits.length / PAGE));
     const page = Math.min(Math.max(1, parseInt(state.page, 10) || 1), pages);
