@@ -191,12 +191,12 @@ def _cmd_runs(args) -> int:
 
 
 def _cmd_compare(args) -> int:
-    from ray_ft.runs import compare_markdown, read_run, write_comparison
+    from ray_ft.runs import read_run, write_comparison
 
     runs = [read_run(Path(p)) for p in args.runs]
     out = Path(args.out) if args.out else runs[0].path.parent / "compare" / "_vs_".join(r.name for r in runs)
     md_path, html_path = write_comparison(runs, out)
-    print(compare_markdown(runs))
+    print(md_path.read_text(encoding="utf-8"))
     print(f"written: {md_path}, {html_path}")
     return 0
 

@@ -15,12 +15,13 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from ray_ft.config import RESOLVED_FILE
 from ray_ft.errors import RayFTError
 from ray_ft.io import read_jsonl, write_text_atomic
+from ray_ft.stages import STAGES, STATE_FILE
 from ray_ft.tracking import flatten
 
 HEADLINE = ("cmrc_f1", "em", "context_hit")  # the metrics a run's one line shows, where present
-STAGE_ORDER = ("embed", "rerank", "prepare", "train", "eval")
 
 
 @dataclass
@@ -33,7 +34,7 @@ class RunInfo:
 
     @property
     def date(self) -> str:
-        files = [self.path / f for f in ("stages.json", "config.resolved.yaml") if (self.path / f).is_file()]
+        files = [self.path / f for f in (STATE_FILE, RESOLVED_FILE) if (self.path / f).is_file()]
         return time.strftime("%Y-%m-%d %H:%M", time.localtime(max(f.stat().st_mtime for f in files))) if files else "—"
 
     def headline(self) -> str:
@@ -51,7 +52,7 @@ class RunInfo:
 def read_run(path: Path) -> RunInfo:
     """A run folder's record; a folder with neither a resolved config nor stages.json is not a run."""
     path = Path(path)
-    cfg_file, stages_file = path / "config.resolved.yaml", path / "stages.json"
+    cfg_file, stages_file = path / RESOLVED_FILE, path / STATE_FILE
     if not cfg_file.is_file() and not stages_file.is_file():
         raise RayFTError(f"{path}: not a run folder (no config.resolved.yaml or stages.json)")
     info = RunInfo(path, path.name)
@@ -85,7 +86,7 @@ def runs_markdown(runs: list[RunInfo]) -> str:
     for r in runs:
         c = r.config
         data = (c.get("data") or {}).get("source", "—") if c else "—"
-        done = ", ".join(s for s in STAGE_ORDER if s in r.stages) or "none"
+        done = ", ".join(s for s in STAGES if s in r.stages) or "none"
         out.append(f"| {r.name} | {c.get('task', '—')} | {(c.get('model') or {}).get('name', '—')} | "
                    f"{Path(str(data)).name} | {r.date} | {done} | {r.headline()} |")
     return "\n".join(out) + "\n"
