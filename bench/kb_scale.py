@@ -1,4 +1,4 @@
-"""The knowledge base at scale: LanceDB table vs the in-memory store, side by side per corpus size.
+"""The knowledge base at scale: the LanceDB table per corpus size.
 
 Corpora of N nodes are cut from real text (Financial-QA-10k contexts and CMRC2018 passages,
 sentence windows; past the real text, the same windows with a numbered perturbation so no two
@@ -10,9 +10,9 @@ bench/retrieval_modes.py. Queries are nodes' vectors plus a little noise: the no
 from is its true nearest neighbour (recall@1), and exact search gives the true top 10.
 
 Per size it prints: table write and index build time, on-disk size; dense search p50/p95 and
-recall@10 exact vs ANN (IVF_HNSW_SQ past `ann_min_rows`), full-text and hybrid p50/p95; for the
-memory store, BM25 build time and numpy exact search p50/p95; the RSS each store adds to the
-process that holds it (a retriever replica's cost).
+recall@10 exact vs ANN (IVF_HNSW_SQ past `ann_min_rows`), full-text and hybrid p50/p95; the RSS the opened table adds to the process that holds it
+(a retriever replica's cost). (Until 2026-12-05 it also ran the in-memory store that the table
+replaced: its numbers are in bench/RESULTS.md with the commit that measured them.)
 
     .venv/bin/python bench/kb_scale.py --sizes 10000 100000 [--queries 200]
 """
@@ -33,8 +33,6 @@ import numpy as np
 
 from ray_ft.config.knowledge_base import KnowledgeBaseConfig
 from ray_ft.kb.store import KnowledgeBase, node_row
-from ray_ft.serve.engines import VectorIndex
-from ray_ft.serve.retrieval import BM25Index
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 DIM = 384
@@ -88,7 +86,7 @@ def folder_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20
 
 
-def run_size(n: int, windows: list[str], n_queries: int, ann_min_rows: int, memory_max: int) -> list[str]:
+def run_size(n: int, windows: list[str], n_queries: int, ann_min_rows: int) -> list[str]:
     nodes, vecs = corpus(n, windows), clustered(n, seed=n)
     rng = np.random.default_rng(1)
     picks = rng.choice(n, n_queries, replace=False)
@@ -121,18 +119,6 @@ def run_size(n: int, windows: list[str], n_queries: int, ann_min_rows: int, memo
                     f"| {ann}: {p50:.1f} / {p95:.1f} | {recall1:.3f} / {recall:.3f} | {t50:.1f} / {t95:.1f} | {h50:.1f} / {h95:.1f} "
                     f"| {lance_rss:.0f} |")
 
-    if n <= memory_max:
-        before = rss_mb()
-        t0 = time.perf_counter()
-        index = VectorIndex(nodes, vecs.copy())
-        bm25 = BM25Index(nodes)
-        build_s = time.perf_counter() - t0
-        hits, p50, p95 = timed(lambda q: index.search(q, 10), qvecs)
-        _, t50, t95 = timed(lambda q: bm25.search(q, 10), qtexts)
-        rows.append(f"| {n:,} | memory | - | {build_s:.1f} (BM25 postings) | - | exact: {p50:.1f} / {p95:.1f} | 1.000 / 1.000 "
-                    f"| {t50:.1f} / {t95:.1f} | - | {rss_mb() - before:.0f} |")
-    else:
-        rows.append(f"| {n:,} | memory | not run (> --memory-max {memory_max:,}) | | | | | | | |")
     return rows
 
 
@@ -141,7 +127,6 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--ann-min-rows", type=int, default=100_000)
-    ap.add_argument("--memory-max", type=int, default=100_000)
     args = ap.parse_args()
     windows = sentence_windows()
     with tempfile.TemporaryDirectory() as tmp:  # load LanceDB's runtime first: RSS then counts data only
@@ -154,7 +139,7 @@ def main() -> None:
           "| full-text p50 / p95 ms | hybrid p50 / p95 ms | RSS added MB |")
     print("|---:|---|---:|---:|---:|---|---:|---:|---:|---:|")
     for n in args.sizes:
-        for row in run_size(n, windows, args.queries, args.ann_min_rows, args.memory_max):
+        for row in run_size(n, windows, args.queries, args.ann_min_rows):
             print(row, flush=True)
 
 

@@ -1,11 +1,11 @@
 """Retrieval quality and speed of the retriever's modes side by side: dense (MiniLM, exact cosine),
 BM25, and hybrid (reciprocal-rank fusion of both), on CMRC2018 dev (Chinese) and Financial-QA-10k
-(English), for both knowledge-base stores: `memory` (the replica's numpy VectorIndex and
-hand-written BM25Index) and `lancedb` (the LanceDB table: flat vector search, Lance's BM25
+(English), searched in the knowledge-base table as served (LanceDB: flat vector search, its BM25
 full-text index with the language's tokenizer, its hybrid query with RRF). Hit@k: the question's
-own passage is among the top k, with a 95% bootstrap interval; the last column is the paired
-hit@1 change of lancedb vs memory on the same questions. In-process, the classes the served
+own passage is among the top k, with a 95% bootstrap interval. In-process, the class the served
 retriever uses; the query vectors are computed once and shared, so queries/s is the search alone.
+(Until 2026-12-05 it also ran the in-memory store the table replaced, with the paired hit@1
+difference: those numbers are in bench/RESULTS.md with the commit that measured them.)
 
     .venv/bin/python bench/retrieval_modes.py [--passages 300] [--questions 600] [--skip 0]
                                               [--fts-tokenizer auto] [--modes dense bm25 hybrid]
@@ -24,11 +24,9 @@ import numpy as np
 
 from ray_ft.config.knowledge_base import KnowledgeBaseConfig
 from ray_ft.embedder import SentenceTransformerEmbedder
-from ray_ft.eval.intervals import bootstrap_ci, paired_difference_ci
+from ray_ft.eval.intervals import bootstrap_ci
 from ray_ft.kb.store import KnowledgeBase, node_row
 from ray_ft.models import resolve_model
-from ray_ft.serve.engines import VectorIndex
-from ray_ft.serve.retrieval import BM25Index, reciprocal_rank_fusion
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
@@ -52,19 +50,12 @@ def finqa(n_passages: int, skip: int = 0) -> tuple[list[dict], list[tuple[str, s
 
 
 def searches(nodes: list[dict], vecs: np.ndarray, language: str, folder: str, fts_tokenizer: str) -> dict:
-    """(store, mode) -> search(query, query_vector) -> top-5 node ids."""
-    dense, bm25 = VectorIndex(nodes, vecs), BM25Index(nodes)
+    """mode -> search(query, query_vector) -> top-5 hits."""
     kb = KnowledgeBase(folder, "nodes", "bench", None, KnowledgeBaseConfig(fts_tokenizer=fts_tokenizer), language)
     kb.upsert([node_row(n) for n in nodes], vecs)
     kb.ensure_indexes()
-    return {
-        ("memory", "dense"): lambda q, v: dense.search(v, 5),
-        ("lancedb", "dense"): lambda q, v: kb.dense(v, 5),
-        ("memory", "bm25"): lambda q, v: bm25.search(q, 5),
-        ("lancedb", "bm25"): lambda q, v: kb.text(q, 5),
-        ("memory", "hybrid"): lambda q, v: reciprocal_rank_fusion([dense.search(v, 50), bm25.search(q, 50)], 5),
-        ("lancedb", "hybrid"): lambda q, v: kb.hybrid(v, q, 5, 50),
-    }
+    return {"dense": lambda q, v: kb.dense(v, 5), "bm25": lambda q, v: kb.text(q, 5),
+            "hybrid": lambda q, v: kb.hybrid(v, q, 5, 50)}
 
 
 def _ci(values) -> str:
@@ -81,30 +72,24 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=["dense", "bm25", "hybrid"])
     args = ap.parse_args()
     emb = SentenceTransformerEmbedder(str(resolve_model("all-MiniLM-L6-v2")))
-    print("| data | mode | store | questions | hit@1 | hit@5 | hit@1 lancedb - memory | queries/s (search only) |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
+    print("| data | mode | questions | hit@1 | hit@5 | queries/s (search only) |")
+    print("|---|---|---:|---:|---:|---:|")
     for name, language, (nodes, questions) in (("CMRC2018 dev (zh)", "zh", cmrc(args.passages, args.skip)),
                                                ("Financial-QA-10k (en)", "en", finqa(args.passages, args.skip))):
         questions = questions[: args.questions]
         qvecs = emb.embed([q for q, _ in questions])
         with tempfile.TemporaryDirectory() as folder:
-            hit1 = {}
-            for (store, mode), search in searches(nodes, emb.embed([n["text"] for n in nodes]), language,
-                                                  folder, args.fts_tokenizer).items():
+            for mode, search in searches(nodes, emb.embed([n["text"] for n in nodes]), language,
+                                         folder, args.fts_tokenizer).items():
                 if mode not in args.modes:
                     continue
                 t0 = time.perf_counter()
                 ranked = [[h.node_id for h in search(q, v)] for (q, _), v in zip(questions, qvecs)]
                 qps = len(questions) / (time.perf_counter() - t0)
-                hit1[store] = [float(r[:1] == [gold]) for r, (_, gold) in zip(ranked, questions)]
+                hit1 = [float(r[:1] == [gold]) for r, (_, gold) in zip(ranked, questions)]
                 hit5 = [float(gold in r) for r, (_, gold) in zip(ranked, questions)]
-                diff = ""
-                if store == "lancedb":
-                    d, lo, hi = paired_difference_ci(hit1["lancedb"], hit1["memory"])
-                    diff = f"{d:+.1%} [{lo:+.1%}, {hi:+.1%}]"
-                print(f"| {name}, {len(nodes)} passages | {mode} | {store} | {len(questions)} | {_ci(hit1[store])} "
-                      f"| {_ci(hit5)} | {diff} | {qps:.0f} |", flush=True)
-
+                print(f"| {name}, {len(nodes)} passages | {mode} | {len(questions)} | {_ci(hit1)} "
+                      f"| {_ci(hit5)} | {qps:.0f} |", flush=True)
 
 if __name__ == "__main__":
     main()

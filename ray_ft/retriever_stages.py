@@ -132,32 +132,14 @@ def stage_lsr(cfg: JobConfig, data, start: Path, val: dict | None, resume: bool 
 
 
 def first_stage_search(cfg: JobConfig):
-    """The served retriever's ranking (serve.retrieval for data.language: dense, BM25 or hybrid)
-    as a `Search` over a list of passages, for the rerank stage's candidates."""
+    """The served retriever's ranking (serve.retrieval for data.language: dense, BM25 or hybrid,
+    by LanceDB as served) as a `Search` over a list of passages, for the rerank stage's candidates."""
     from ray_ft.embedder import SentenceTransformerEmbedder
-    from ray_ft.metrics.reranking import dense_search
-    from ray_ft.serve.protocols import Hit
-    from ray_ft.serve.retrieval import BM25Index, reciprocal_rank_fusion
+    from ray_ft.kb.search import table_search
 
     r = cfg.serve.retrieval_for(cfg.data.language)
-    dense = None if r.mode == "bm25" else dense_search(
-        SentenceTransformerEmbedder(str(resolve_model(cfg.serve.embedder))).embed, r.query_instruction)
-
-    def search(questions: list[str], passages: list[str], n: int) -> list[list[int]]:
-        if r.mode == "dense":
-            return dense(questions, passages, n)
-        nodes = [{"node_id": str(i), "text": p} for i, p in enumerate(passages)]
-        bm25 = BM25Index(nodes, r.bm25_k1, r.bm25_b)
-        if r.mode == "bm25":
-            return [[int(h.node_id) for h in bm25.search(q, n)] for q in questions]
-        pool = max(n, r.candidates)  # as the served hybrid: fuse each ranking's top `candidates`
-        fused = []
-        for q, row in zip(questions, dense(questions, passages, pool)):
-            by_dense = [Hit(str(i), passages[i], 0.0, {}) for i in row]
-            fused.append([int(h.node_id) for h in reciprocal_rank_fusion([by_dense, bm25.search(q, pool)], n, r.rrf_k)])
-        return fused
-
-    return search, r.mode
+    embed = None if r.mode == "bm25" else SentenceTransformerEmbedder(str(resolve_model(cfg.serve.embedder))).embed
+    return table_search(r, embed, cfg.serve.knowledge_base, cfg.data.language), r.mode
 
 
 def stage_rerank(cfg: JobConfig, resume: bool = True) -> dict:

@@ -287,5 +287,5 @@ def test_the_configuration_reference_is_generated_from_the_config_tree():
     leaves = {f"{path}{name}" for path, model in sections(JobConfig) for name, field in model.model_fields.items()
               if not (isinstance(field.annotation, type) and issubclass(field.annotation, JobConfig.__base__))}
     assert leaves <= rows and len(rows) > 300
-    assert "| `serve.knowledge_base.store` | `memory` \\| `lancedb` | `\"memory\"` |" in text
+    assert "| `serve.knowledge_base.fts_tokenizer` | `auto` \\| `words` \\| `cjk` \\| `ngram` | `\"auto\"` |" in text
     assert "| `train.lora_rank` | int | `8` |" in text

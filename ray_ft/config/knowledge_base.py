@@ -15,12 +15,6 @@ class KnowledgeBaseConfig(_Strict):
     embedder's fingerprint, so a changed embedder is never served stale). Built by Ray Data before
     the graph deploys; retriever replicas open it read-only."""
 
-    store: Literal["memory", "lancedb"] = Field(
-        "memory", description="memory: every replica embeds the nodes at start and searches them with "
-        "exact numpy cosine and an in-process BM25 (serve.retrieval.persist_index keeps the vectors); "
-        "lancedb: the table at `uri`, written once by Ray Data and shared by every replica (vector, "
-        "full-text and hybrid search by LanceDB).",
-    )
     uri: str | None = Field(
         None, description="LanceDB database: a folder or an object-storage URI (None: the run "
         "folder's knowledge_base.lance).",
@@ -44,7 +38,7 @@ class KnowledgeBaseConfig(_Strict):
     fts_tokenizer: Literal["auto", "words", "cjk", "ngram"] = Field(
         "auto", description="Full-text index tokenizer. words: LanceDB's simple tokenizer (lower-cased "
         "words, English stemming); cjk: words plus, for CJK runs, character unigrams and bigrams "
-        "(Chinese has no spaces; the terms the in-memory BM25 uses), written to a `terms` column "
+        "(Chinese has no spaces: ray_ft.kb.terms), written to a `terms` column "
         "that LanceDB indexes by whitespace; ngram: LanceDB's character 1-2-grams of all text. "
         "auto: cjk for data.language zh, words otherwise.",
     )

@@ -143,22 +143,18 @@ class RetrievalSettings(_Strict):
     """How the retriever ranks knowledge-base nodes."""
 
     mode: Literal["auto", "dense", "bm25", "hybrid"] = Field(
-        "auto", description="dense: exact cosine of embeddings; bm25: lexical (words; CJK character "
-        "unigrams + bigrams); hybrid: both, fused by reciprocal rank. auto: follows data.language, "
+        "auto", description="dense: vector search of the knowledge-base table (exact below "
+        "knowledge_base.ann_min_rows, an ANN index above); bm25: its full-text index (words; for CJK "
+        "character unigrams + bigrams, knowledge_base.fts_tokenizer); hybrid: both, fused by "
+        "reciprocal rank. auto: follows data.language, "
         "bm25 for zh (the packaged embedder is English-only: on CMRC2018 it finds the passage for "
         "18% of the questions, BM25 for 93%), dense for en.",
     )
     candidates: int = Field(50, ge=1, description="hybrid: nodes taken from each ranking before fusion.")
     rrf_k: int = Field(60, ge=1, description="hybrid: k of reciprocal-rank fusion, score = sum 1 / (k + rank).")
-    bm25_k1: float = Field(1.5, ge=0.0, description="BM25 term-frequency saturation.")
-    bm25_b: float = Field(0.75, ge=0.0, le=1.0, description="BM25 length normalisation.")
     query_instruction: str = Field(
         "", description="Prefix of each query when it is embedded (the instruction the embedder was "
         "fine-tuned with; embed.enabled sets it unless given). BM25 sees the bare query.",
-    )
-    persist_index: bool = Field(
-        False, description="Save the dense index under the run folder (serve_index/NODE_GROUP) and "
-        "reload it while the nodes and the embedder are unchanged, instead of re-embedding.",
     )
 
 
@@ -273,9 +269,6 @@ class ServeConfig(_Strict):
                              "fusion could not fill top_k")
         if self.live_adapters.enabled and not self.auth_token_env:
             raise ValueError("live_adapters.enabled needs auth_token_env: registering adapters is never open")
-        if self.retrieval.persist_index and self.knowledge_base.store == "lancedb":
-            raise ValueError("retrieval.persist_index is for knowledge_base.store memory; the lancedb "
-                             "store keeps its vectors in the table")
         b, e = self.embedder_batching, self.deployments.embedder
         if b.max_batch_size > e.max_ongoing_requests:
             raise ValueError(f"embedder_batching.max_batch_size={b.max_batch_size} exceeds "

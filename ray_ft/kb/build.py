@@ -92,6 +92,25 @@ def build_job_knowledge_base(cfg, documents: list[dict], embedder_dir: str) -> K
                                 cfg.serve.knowledge_base, cfg.data.language, sync=True)
 
 
+def check_job_knowledge_base(cfg, documents: list[dict], embedder_dir: str, job: str) -> None:
+    """Raise unless the job's table holds every knowledge-base node with the served embedder's
+    vectors: what a graph built without a build step (`serve run ...:app_builder`) needs."""
+    from ray_ft.data.nodes import build_nodes
+    from ray_ft.errors import RayFTError
+
+    uri, table = job_table(cfg)
+    nodes = build_nodes(documents, cfg.data.node_groups[cfg.serve.node_group])
+    try:
+        kb = KnowledgeBase(uri, table, embedder_fingerprint(embedder_dir, cfg.serve.embedder_dtype), None,
+                           cfg.serve.knowledge_base, cfg.data.language, create=False)
+        missing = len(kb.stale(nodes))
+    except RayFTError:
+        missing = len(nodes)
+    if missing:
+        raise RayFTError(f"{uri}/{table}: {missing} of {len(nodes)} knowledge-base nodes lack the served "
+                         f"embedder's vectors; run `ray-ft kb build {job}` first")
+
+
 def add_files(cfg, paths: list[str], embedder_dir: str) -> KBBuild:
     """`ray-ft kb add`: documents (PDF, HTML, Markdown, text; files, folders, globs, URIs) read
     on Ray Data, cut by `serve.node_group`, embedded and written; a document already in the table

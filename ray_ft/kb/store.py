@@ -24,7 +24,7 @@ import numpy as np
 from ray_ft.config.knowledge_base import KnowledgeBaseConfig
 from ray_ft.errors import RayFTError
 from ray_ft.serve.protocols import Hit
-from ray_ft.serve.retrieval import lexical_tokens
+from ray_ft.kb.terms import lexical_tokens
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".json", ".txt", ".model")
 

@@ -26,7 +26,6 @@ from ray.serve.schema import LoggingConfig
 
 from ray_ft.config import EmbedderBatching, JobConfig
 from ray_ft.errors import RayFTError
-from ray_ft.paths import inside
 from ray_ft.embedder import SentenceTransformerEmbedder
 from ray_ft.serve.engines import VLLMGenerator
 from ray_ft.serve.ingress import IngressSettings, LiveAdapterSettings, RAGService, build_api
@@ -164,14 +163,6 @@ class RAGIngress:
         return build_api(self.service)
 
 
-def embedder_identity(embedder_dir: str, dtype: str) -> str:
-    """Names the embedder in a persisted index's fingerprint: folder, dtype and the newest file
-    time in it (a model re-exported to the same folder re-embeds)."""
-    folder = Path(embedder_dir)
-    newest = max((p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()), default=0)
-    return f"{folder.resolve()}|{dtype}|{newest}"
-
-
 def live_adapter_settings(cfg: JobConfig, model_dir: str, fixed: tuple[str, ...]) -> LiveAdapterSettings | None:
     """Where live adapters are registered and from where they may come (serve.live_adapters)."""
     a = cfg.serve.live_adapters
@@ -211,7 +202,7 @@ def ingress_settings(cfg: JobConfig) -> IngressSettings:
         max_input_chars=s.max_input_chars, max_embed_inputs=s.max_embed_inputs,
         max_request_bytes=s.max_request_bytes, auth_token=auth_token(s.auth_token_env),
         rerank_candidates=s.rerank.candidates if s.rerank.enabled else None,
-        max_rerank_documents=s.rerank.max_documents, live_documents=s.knowledge_base.store == "lancedb",
+        max_rerank_documents=s.rerank.max_documents,
     )
 
 
@@ -221,12 +212,11 @@ def engine_deployment_name(served_name: str) -> str:
 
 
 def build_rag_app(cfg: JobConfig, model_dir: str, embedder_dir: str, adapters: dict[str, str],
-                  documents: list[dict], whole_models: dict[str, str] | None = None,
-                  reranker_dir: str | None = None):
-    """The bound Serve application for `cfg` (deploy it with `serve.run`): the base engine with
-    `adapters` {served name: location}, one more engine per entry of `whole_models`
-    {served name: model folder}, and with `reranker_dir` (serve.rerank) a reranker between the
-    retriever and the generator."""
+                  whole_models: dict[str, str] | None = None, reranker_dir: str | None = None):
+    """The bound Serve application for `cfg` (deploy it with `serve.run`; the job's knowledge-base
+    table must be built: `deploy` does it): the base engine with `adapters` {served name:
+    location}, one more engine per entry of `whole_models` {served name: model folder}, and with
+    `reranker_dir` (serve.rerank) a reranker between the retriever and the generator."""
     s, d = cfg.serve, cfg.serve.deployments
     whole_models = whole_models or {}
     names = [engine_deployment_name(n) for n in whole_models]
@@ -240,13 +230,10 @@ def build_rag_app(cfg: JobConfig, model_dir: str, embedder_dir: str, adapters: d
         ray_actor_options={"num_cpus": s.embedder_cpus}, user_config=s.embedder_batching.model_dump(),
         **d.embedder.serve_options(),
     ).bind(embedder_dir, s.embedder_threads, s.embedder_dtype)
-    lance = knowledge_base_spec(cfg, embedder_dir) if s.knowledge_base.store == "lancedb" else None
     retriever = RetrieverDeployment.options(
         ray_actor_options={"num_cpus": 0.1}, **d.retriever.serve_options(),
-    ).bind([] if lance else documents, cfg.data.node_groups[s.node_group], embedder, s.request_timeout_s,
-           s.retries, s.retrieval_for(cfg.data.language).model_dump(),
-           str(inside(cfg.run_dir / "serve_index", s.node_group)) if s.retrieval.persist_index else None,
-           embedder_identity(embedder_dir, s.embedder_dtype), lance)
+    ).bind(knowledge_base_spec(cfg, embedder_dir), cfg.data.node_groups[s.node_group], embedder,
+           s.request_timeout_s, s.retries, s.retrieval_for(cfg.data.language).model_dump())
 
     def engine(name: str | None, folder: str, served: str, engine_adapters: dict[str, str], live: str | None = None):
         # Each engine holds its own weights and KV cache: one GPU each with serve.use_gpu.
@@ -274,25 +261,24 @@ def build_rag_app(cfg: JobConfig, model_dir: str, embedder_dir: str, adapters: d
 def deploy(cfg: JobConfig, model_dir: str, embedder_dir: str, adapters: dict[str, str],
            documents: list[dict], whole_models: dict[str, str] | None = None,
            take_over: bool = True, reranker_dir: str | None = None) -> str:
-    """Start Serve on `serve.http_host:http_port`, deploy the graph, build the index; return the
-    URL to reach it from this machine. `take_over=False`: refuse when a ray_ft app already runs on
+    """Bring the knowledge-base table to `documents` (Ray Data; embeds only what changed), start
+    Serve on `serve.http_host:http_port`, deploy the graph; return the URL to reach it from this machine. `take_over=False`: refuse when a ray_ft app already runs on
     the cluster (an evaluation must not take down a live deployment)."""
     if not take_over and APP_NAME in _running_apps():
         raise RayFTError(f"a '{APP_NAME}' Serve app is already running on this cluster (ray.address="
                          f"{cfg.ray.address}): stop it, or evaluate on another cluster")
-    if cfg.serve.knowledge_base.store == "lancedb":  # on the cluster, by Ray Data, before any replica opens it
-        from ray_ft.kb.build import build_job_knowledge_base
+    from ray_ft.kb.build import build_job_knowledge_base
 
-        built = build_job_knowledge_base(cfg, documents, embedder_dir)
-        log.info("knowledge base %s/%s: %d nodes (%d embedded, %d removed), version %d, indexes %s, %.1f s",
-                 built.uri, built.table, built.rows, built.embedded, built.removed, built.version,
-                 ", ".join(built.indexes) or "none", built.seconds)
+    built = build_job_knowledge_base(cfg, documents, embedder_dir)  # on the cluster, before any replica opens it
+    log.info("knowledge base %s/%s: %d nodes (%d embedded, %d removed), version %d, indexes %s, %.1f s",
+             built.uri, built.table, built.rows, built.embedded, built.removed, built.version,
+             ", ".join(built.indexes) or "none", built.seconds)
     serve.start(proxy_location=cfg.serve.proxy_location,
                 http_options={"host": cfg.serve.http_host, "port": cfg.serve.http_port})
-    serve.run(build_rag_app(cfg, model_dir, embedder_dir, adapters, documents, whole_models, reranker_dir),
+    serve.run(build_rag_app(cfg, model_dir, embedder_dir, adapters, whole_models, reranker_dir),
               name=APP_NAME, route_prefix="/", blocking=False,
               logging_config=LoggingConfig(enable_access_log=False))  # one line per call is noise
-    # Embed the knowledge base now, so the first request does not pay for it.
+    # Open the table in the retriever replicas now, so the first request does not pay for it.
     retriever = serve.get_deployment_handle("RetrieverDeployment", app_name=APP_NAME)
     retriever.ready.remote().result(timeout_s=600)
     host = "127.0.0.1" if cfg.serve.http_host in ("0.0.0.0", "::") else cfg.serve.http_host

@@ -1,6 +1,6 @@
-"""Engines behind the protocols: vLLM generator (CPU or CUDA build) and exact-cosine vector index
-(the sentence-transformers embedder is `ray_ft.embedder`, shared with data and training). None
-of them knows about Ray Serve."""
+"""The generator engine behind its protocol: vLLM (CPU or CUDA build). The sentence-transformers
+embedder is `ray_ft.embedder` (shared with data and training), the knowledge base `ray_ft.kb`.
+None of them knows about Ray Serve."""
 
 from __future__ import annotations
 
@@ -8,14 +8,13 @@ import os
 import re
 import uuid
 
-import numpy as np
 
 from ray_ft.config import VLLMConfig
 from ray_ft.engine_args import cpu_engine_env, resolve_dtype
 from ray_ft.errors import RayFTError
 from ray_ft.serve.adapter_registry import AdapterRegistry
 from ray_ft.serve.adapters import fetch_adapter
-from ray_ft.serve.protocols import Completion, Hit
+from ray_ft.serve.protocols import Completion
 
 
 class UnknownModelError(RayFTError):
@@ -174,31 +173,3 @@ class VLLMGenerator:
 
     def shutdown(self) -> None:
         self.engine.shutdown()
-
-
-class VectorIndex:
-    """Exact cosine top-k over L2-normalised vectors (a dot product)."""
-
-    def __init__(self, nodes: list[dict], vectors: np.ndarray):
-        if len(nodes) != len(vectors):
-            raise ValueError(f"{len(nodes)} nodes but {len(vectors)} vectors")
-        self.nodes, self.vectors = nodes, np.asarray(vectors, dtype=np.float32)
-
-    def search(self, query_vec: np.ndarray, top_k: int) -> list[Hit]:
-        scores = self.vectors @ np.asarray(query_vec, dtype=np.float32)
-        k = min(top_k, len(scores))
-        top = np.argpartition(-scores, k - 1)[:k]
-        top = top[np.argsort(-scores[top], kind="stable")]
-        return [Hit(self.nodes[i]["node_id"], self.nodes[i]["text"], float(scores[i]),
-                    self.nodes[i].get("metadata", {})) for i in top]
-
-
-class EmbeddingRetriever:
-    """Retriever protocol over an Embedder and a VectorIndex (used outside Ray Serve)."""
-
-    def __init__(self, nodes: list[dict], embedder):
-        self.embedder = embedder
-        self.index = VectorIndex(nodes, embedder.embed([n["text"] for n in nodes]))
-
-    def retrieve(self, query: str, top_k: int) -> list[Hit]:
-        return self.index.search(self.embedder.embed([query])[0], top_k)

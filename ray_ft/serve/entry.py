@@ -36,12 +36,17 @@ def app_builder(args: dict):
     """Serve's application-builder hook: `args` holds `job` (path of the YAML job file); every
     other argument is a config override (`serve run ray_ft.serve.entry:app_builder job=J.yaml
     serve.retrieval.top_k=5`)."""
+    from ray_ft.kb.build import check_job_knowledge_base
     from ray_ft.serve.app import build_rag_app
 
     if "job" not in args:
         raise RayFTError("ray_ft.serve.entry:app_builder needs the argument job=PATH_TO_JOB.yaml")
     cfg = load_job(args["job"], [f"{k}={v}" for k, v in args.items() if k != "job"])
-    return build_rag_app(cfg, **served_inputs(cfg, args["job"]))
+    inputs = served_inputs(cfg, args["job"])
+    # The builder only binds the graph (Serve runs it in its controller): the table is built
+    # beforehand, by `ray-ft kb build` (`ray-ft serve` and `ray-ft run` build it themselves).
+    check_job_knowledge_base(cfg, inputs.pop("documents"), inputs["embedder_dir"], args["job"])
+    return build_rag_app(cfg, **inputs)
 
 
 def serve_until_stopped(cfg, job: str, announce=print) -> None:

@@ -65,7 +65,6 @@ class IngressSettings:
     model_names: tuple[str, ...] = ()
     rerank_candidates: int | None = None  # None: no reranker in the graph
     max_rerank_documents: int = 256
-    live_documents: bool = False  # POST/DELETE /v1/documents: the knowledge base is a shared table
     live_adapters: "LiveAdapterSettings | None" = None  # POST/DELETE /v1/adapters
 
 
@@ -245,8 +244,7 @@ class RAGService:
             raise RequestError(403, f"{what} needs bearer auth (serve.auth_token_env)", "permission_error")
 
     def _writes(self) -> None:
-        self._write_allowed(self.s.live_documents, "live document updates need serve.knowledge_base.store: lancedb",
-                            "document writes")
+        self._write_allowed(True, "", "document writes")
 
     async def add_documents(self, req: DocumentsRequest, stats: dict) -> DocumentsResponse:
         self._writes()

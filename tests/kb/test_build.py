@@ -80,7 +80,7 @@ def test_kb_add_reads_documents_and_a_re_added_document_replaces_its_nodes(ray_c
     (docs / "guide.md").write_text("# Install\n\nRun the installer twice.\n\n# Usage\n\nType ray-ft run.\n")
     (docs / "notes.txt").write_text("Quarterly revenue rose sharply.\n")
     cfg = parse_job({"name": "kbadd", "output_dir": str(tmp_path / "runs"), "serve": {"embedder": str(minilm_dir),
-                     "knowledge_base": {"store": "lancedb", "refresh_s": 0}}})
+                     "knowledge_base": {"refresh_s": 0}}})
     first = add_files(cfg, [str(docs)], str(minilm_dir))
     assert (first.rows, first.embedded, first.removed) == (3, 3, 0)  # two sections + one text
     uri, table = job_table(cfg)

@@ -1,9 +1,12 @@
 """The LanceDB knowledge base: rows keyed by node, vectors per embedder, LanceDB's searches
-against the in-memory ones they replace, versions seen by a second reader, concurrent writers."""
+against reference computations written here (numpy cosine, Okapi BM25, reciprocal-rank fusion),
+versions seen by a second reader, concurrent writers."""
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
+from collections import Counter
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -12,8 +15,7 @@ import pytest
 from ray_ft.config.knowledge_base import KnowledgeBaseConfig
 from ray_ft.errors import RayFTError
 from ray_ft.kb.store import KnowledgeBase, embedder_fingerprint, node_row
-from ray_ft.serve.engines import VectorIndex
-from ray_ft.serve.retrieval import BM25Index, lexical_tokens, reciprocal_rank_fusion
+from ray_ft.kb.terms import lexical_tokens
 
 ZH = ["北京是中国的首都，也是政治和文化中心。", "上海是中国最大的城市，位于长江入海口。",
       "长城是古代中国修建的军事防御工程。", "熊猫主要生活在四川的山区，以竹子为食。",
@@ -31,6 +33,34 @@ def _nodes(texts, prefix="p"):
 def _unit(n, dim=16, seed=0):
     v = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
     return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def cosine_top(vecs, q, k):
+    """Reference exact search: node indices by dot product (unit vectors: cosine), best first."""
+    scores = vecs @ q
+    order = np.argsort(-scores, kind="stable")[:k]
+    return order, scores[order]
+
+
+def bm25_top(texts, query, k1=1.2, b=0.75):
+    """Reference Okapi BM25 (Lucene idf) over `lexical_tokens`: the index of the best text."""
+    docs = [Counter(lexical_tokens(t)) for t in texts]
+    avg = sum(sum(d.values()) for d in docs) / len(docs)
+    def score(d):
+        n = sum(d.values())
+        return sum(math.log(1 + (len(docs) - df + 0.5) / (df + 0.5)) * d[t] * (k1 + 1)
+                   / (d[t] + k1 * (1 - b + b * n / avg))
+                   for t in set(lexical_tokens(query)) if (df := sum(t in e for e in docs)) and t in d)
+    return max(range(len(docs)), key=lambda i: score(docs[i]))
+
+
+def rrf(rankings, top_k, k=60):
+    """Reference reciprocal-rank fusion: (node_id, sum of 1 / (k + rank)), best first."""
+    fused = Counter()
+    for ranking in rankings:
+        for rank, hit in enumerate(ranking, 1):
+            fused[hit.node_id] += 1 / (k + rank)
+    return sorted(fused.items(), key=lambda kv: -kv[1])[:top_k]
 
 
 def _kb(tmp_path, fp="e1", language="en", **cfg):
@@ -58,11 +88,10 @@ def test_rows_are_keyed_by_node_and_only_changed_or_unembedded_nodes_are_stale(t
 def test_dense_search_is_exact_and_equals_numpy_cosine(tmp_path):
     kb, nodes, vecs = _kb(tmp_path), _nodes(EN * 20, "n"), _unit(120)
     kb.upsert([node_row(n) for n in nodes], vecs)
-    numpy_index = VectorIndex(nodes, vecs)
     for q in _unit(5, seed=3):
-        want, got = numpy_index.search(q, 10), kb.dense(q, 10)
-        assert [h.node_id for h in got] == [h.node_id for h in want]
-        np.testing.assert_allclose([h.score for h in got], [h.score for h in want], atol=1e-5)
+        (order, scores), got = cosine_top(vecs, q, 10), kb.dense(q, 10)
+        assert [h.node_id for h in got] == [nodes[i]["node_id"] for i in order]
+        np.testing.assert_allclose([h.score for h in got], scores, atol=1e-5)
 
 
 @pytest.mark.parametrize("language, tokenizer, texts, queries", [
@@ -71,8 +100,9 @@ def test_dense_search_is_exact_and_equals_numpy_cosine(tmp_path):
     ("en", "auto", EN, ["where did the cat sleep", "fiscal revenue growth", "quick brown fox jumps", "net sales"]),
 ])
 def test_full_text_search_finds_what_bm25_finds(tmp_path, language, tokenizer, texts, queries):
-    """Lance's BM25 with the language's tokenizer (for zh: the in-memory BM25's terms, or Lance's
-    character 1-2-grams; stemmed words for en) puts the same node first as the hand-written BM25."""
+    """Lance's BM25 with the language's tokenizer (for zh: character unigrams + bigrams in `terms`,
+    or Lance's character 1-2-grams; stemmed words for en) puts the same node first as a reference
+    Okapi BM25."""
     nodes = _nodes(texts)
     kb = _kb(tmp_path, language=language, fts_tokenizer=tokenizer)
     kb.upsert([node_row(n) for n in nodes], _unit(len(nodes)))
@@ -82,9 +112,8 @@ def test_full_text_search_finds_what_bm25_finds(tmp_path, language, tokenizer, t
     assert terms == (" ".join(lexical_tokens(texts[0])) if cjk else None)
     reader = _kb(tmp_path, language="en")  # a replica's config does not override the table's index
     assert reader.fts_column == kb.fts_column == ("terms" if cjk else "text")
-    ours = BM25Index(nodes)
     for q in queries:
-        assert kb.text(q, 1)[0].node_id == ours.search(q, 1)[0].node_id, q
+        assert kb.text(q, 1)[0].node_id == nodes[bm25_top(texts, q)]["node_id"], q
     assert kb.text("   ", 3) == []
     assert kb.text("it's \"quoted\": AND OR (", 3) is not None  # query syntax is not parsed
 
@@ -105,9 +134,9 @@ def test_hybrid_is_reciprocal_rank_fusion_of_the_two_rankings(tmp_path):
     kb.ensure_indexes()
     q, text = _unit(1, seed=9)[0], "cat mat fiscal revenue"
     fused = kb.hybrid(q, text, top_k=30, candidates=30, rrf_k=60)
-    want = reciprocal_rank_fusion([kb.dense(q, 30), kb.text(text, 30)], 30, 60)
-    assert len(fused) == 30 and [round(h.score, 6) for h in fused] == [round(h.score, 6) for h in want]
-    assert {(h.node_id, round(h.score, 6)) for h in fused} == {(h.node_id, round(h.score, 6)) for h in want}
+    want = rrf([kb.dense(q, 30), kb.text(text, 30)], 30, 60)
+    assert len(fused) == 30 and [round(h.score, 6) for h in fused] == [round(s, 6) for _, s in want]
+    assert {(h.node_id, round(h.score, 6)) for h in fused} == {(i, round(s, 6)) for i, s in want}
     assert [h.node_id for h in kb.hybrid(q, text, 3, 30, 60)] == [h.node_id for h in fused[:3]]
 
 

@@ -92,7 +92,7 @@ def served(ray_cluster, smollm_dir, minilm_dir, tmp_path_factory):
                                "rerank": {"enabled": True, "model": str(reranker), "candidates": 3, "cpus": 0.3},
                                # the shared LanceDB table, built by Ray Data on deploy; both
                                # retriever replicas open it
-                               "knowledge_base": {"store": "lancedb", "refresh_s": 0},
+                               "knowledge_base": {"refresh_s": 0},
                                "live_adapters": {"enabled": True, "allowed_roots": [str(live_root)]},
                                "deployments": {
                                    "embedder": {"num_replicas": 2},

@@ -23,19 +23,19 @@ TOKEN = "tok-docs"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-def _graph(tmp_path, live=True, token=TOKEN, node_group="passage"):
+def _graph(tmp_path, token=TOKEN, node_group="passage"):
     emb = CountingEmbedder()
     uri = str(tmp_path / "kb.lance")
     kb = KnowledgeBase(uri, "nodes_passage", "e1", None, language="en")
     nodes = build_nodes(DOCS, "passage")
     kb.upsert([node_row(n) for n in nodes], asyncio.run(emb.embed([n["text"] for n in nodes])))
     kb.ensure_indexes()
-    spec = {"uri": uri, "table": "nodes_passage", "fingerprint": "e1", "cfg": {"store": "lancedb", "refresh_s": 0},
+    spec = {"uri": uri, "table": "nodes_passage", "fingerprint": "e1", "cfg": {"refresh_s": 0},
             "language": "en"}
     retriever = RetrieverDeployment.func_or_class(
-        [], node_group, FakeHandle(emb), 30.0, 1, RetrievalSettings(mode="dense").model_dump(), None, "", spec)
+        spec, node_group, FakeHandle(emb), 30.0, 1, RetrievalSettings(mode="dense").model_dump())
     settings = IngressSettings(base_name="base", prompt=RAGPrompt("en", "sys"), top_k=1, max_tokens=8, max_tokens_limit=64,
-                               auth_token=SecretStr(token) if token else None, live_documents=live,
+                               auth_token=SecretStr(token) if token else None,
                                max_embed_inputs=3, max_input_chars=400)
     service = RAGService(FakeHandle(object()), FakeHandle(retriever), FakeHandle(emb), settings)
     return TestClient(build_api(service)), emb
@@ -102,12 +102,10 @@ def test_bad_document_requests_are_4xx_with_a_reason_and_the_service_keeps_servi
     assert http.post("/v1/retrieve", json={"query": "dog", "top_k": 1}, headers=AUTH).status_code == 200
 
 
-def test_writes_need_auth_and_a_lancedb_store(tmp_path):
+def test_writes_need_auth(tmp_path):
     http, _ = _graph(tmp_path)
     assert http.post("/v1/documents", json={"documents": [{"id": "a", "text": "x"}]}).status_code == 401
     open_http, _ = _graph(tmp_path / "open", token=None)
     resp = open_http.post("/v1/documents", json={"documents": [{"id": "a", "text": "x"}]})
     assert resp.status_code == 403 and "bearer auth (serve.auth_token_env)" in resp.json()["error"]["message"]
-    memory_http, _ = _graph(tmp_path / "memory", live=False)
-    resp = memory_http.delete("/v1/documents/a", headers=AUTH)
-    assert resp.status_code == 404 and "serve.knowledge_base.store: lancedb" in resp.json()["error"]["message"]
+    assert open_http.delete("/v1/documents/a").status_code == 403

@@ -23,7 +23,7 @@ def _deployment_names(app) -> set[str]:
     return names
 
 
-def test_serve_config_file_validates_and_names_real_deployments():
+def test_serve_config_file_validates_and_names_real_deployments(minilm_dir):
     from ray.serve.schema import ServeDeploySchema
 
     text = (ROOT / "cluster" / "serve" / "serve_config.yaml").read_text()
@@ -32,7 +32,7 @@ def test_serve_config_file_validates_and_names_real_deployments():
     module, _, attr = app.import_path.partition(":")
     assert callable(getattr(importlib.import_module(module), attr))
     assert load_job(ROOT / app.args["job"]).name  # the job file exists and validates
-    graph = build_rag_app(parse_job({"name": "x"}), "model", "embedder", {}, [])
+    graph = build_rag_app(parse_job({"name": "x"}), "model", str(minilm_dir), {})
     assert _deployment_names(graph) == {"RAGIngress", "GeneratorDeployment", "RetrieverDeployment",
                                         "EmbedderDeployment"}
     overridden = {d.name: d for d in app.deployments}
@@ -40,5 +40,5 @@ def test_serve_config_file_validates_and_names_real_deployments():
     # The embedder's user_config is what its reconfigure() validates.
     EmbedderBatching.model_validate(overridden["EmbedderDeployment"].user_config)
     # A whole model's engine is a deployment of its own, named after it (overridable by name).
-    graph = build_rag_app(parse_job({"name": "x"}), "model", "embedder", {}, [], {"merged/v1": "folder"})
+    graph = build_rag_app(parse_job({"name": "x"}), "model", str(minilm_dir), {}, {"merged/v1": "folder"})
     assert "GeneratorDeployment_merged_v1" in _deployment_names(graph)
