@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
 
+from ray_ft.console import stage
 from ray_ft.errors import RayFTError
 from ray_ft.stages import STAGES
 
@@ -40,9 +40,18 @@ def _load(args):
     """The job file with the command line's KEY=VALUE overrides (`main` writes it to the run
     folder when the command ends)."""
     from ray_ft.config import load_job
+    from ray_ft.console import setup_logging
 
     args.cfg = load_job(args.job, getattr(args, "overrides", ()) or ())
+    setup_logging(args.cfg.run_dir, getattr(args, "verbose", True), os.environ.get("RAY_FT_LOG", "INFO"))
     return args.cfg
+
+
+def _view(cfg, stages: list[str]):
+    """The run view of a job command (`ray_ft.console.RunView`)."""
+    from ray_ft.console import RunView
+
+    return RunView(stages, cfg.run_dir)
 
 
 def _cmd_models(args) -> int:
@@ -61,16 +70,17 @@ def _cmd_prepare(args) -> int:
     from ray_ft.pipeline import stage_prepare
 
     cfg = _load(args)
-    if cfg.task in ("embedding", "rerank"):  # both learn from the embedding data
-        from ray_ft.retriever_stages import stage_embed_data
+    with _view(cfg, ["prepare"]), stage("prepare"):
+        if cfg.task in ("embedding", "rerank"):  # both learn from the embedding data
+            from ray_ft.retriever_stages import stage_embed_data
 
-        if args.force:
-            import shutil
+            if args.force:
+                import shutil
 
-            shutil.rmtree(cfg.run_dir / "embed" / "data", ignore_errors=True)
-        manifest = stage_embed_data(cfg).manifest
-    else:
-        manifest = stage_prepare(cfg, force=args.force).manifest()
+                shutil.rmtree(cfg.run_dir / "embed" / "data", ignore_errors=True)
+            manifest = stage_embed_data(cfg).manifest
+        else:
+            manifest = stage_prepare(cfg, force=args.force).manifest()
     print(json.dumps({k: v for k, v in manifest.items() if k != "files"}, indent=2, ensure_ascii=False))
     return 0
 
@@ -91,7 +101,8 @@ def _cmd_train(args) -> int:
     if cfg.task == "embedding":
         from ray_ft.retriever_stages import stage_embed
 
-        summary = stage_embed(cfg, resume=not args.force)
+        with _view(cfg, ["embed"]), stage("embed"):
+            summary = stage_embed(cfg, resume=not args.force)
         print("\n" + _embed_table(summary))
         print(f"model: {summary['model_dir']}\nloss: {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}")
         if "lsr" in summary:
@@ -102,11 +113,18 @@ def _cmd_train(args) -> int:
     if cfg.task == "rerank":
         from ray_ft.retriever_stages import stage_rerank
 
-        _print_rerank(stage_rerank(cfg, resume=not args.force))
+        with _view(cfg, ["rerank"]), stage("rerank"):
+            summary = stage_rerank(cfg, resume=not args.force)
+        _print_rerank(summary)
         return 0
     # A preference recipe learns from its pairs file; the SFT shards are not its input.
-    prepared = None if cfg.train.is_preference else stage_prepare(cfg)
-    result = stage_train(cfg, prepared, resume=not args.force)
+    with _view(cfg, ["train"] if cfg.train.is_preference else ["prepare", "train"]):
+        prepared = None
+        if not cfg.train.is_preference:
+            with stage("prepare"):
+                prepared = stage_prepare(cfg)
+        with stage("train"):
+            result = stage_train(cfg, prepared, resume=not args.force)
     kind = "adapter" if cfg.train.finetuning_type == "lora" else "model"
     print(f"{kind}: {result.adapter_dir} (step {result.exported_step})\n"
           f"loss: {result.first_loss:.4f} -> {result.final_loss:.4f}")
@@ -129,7 +147,9 @@ def _cmd_eval(args) -> int:
     from ray_ft.pipeline import run_eval_only
 
     cfg = _load(args)
-    print("\n" + to_markdown(run_eval_only(cfg)))
+    with _view(cfg, ["eval"]), stage("eval"):
+        table = run_eval_only(cfg)
+    print("\n" + to_markdown(table))
     print(f"report: {cfg.run_dir / 'eval' / 'summary.md'}")
     return 0
 
@@ -138,8 +158,11 @@ def _cmd_run(args) -> int:
     from ray_ft.eval import report
     from ray_ft.run import run_all
 
+    from ray_ft.run import planned_stages
+
     cfg = _load(args)
-    summary = run_all(cfg, set(args.force or ()))
+    with _view(cfg, planned_stages(cfg)):
+        summary = run_all(cfg, set(args.force or ()))
     if summary["skipped"]:
         print(f"skipped (config and inputs unchanged): {', '.join(summary['skipped'])}; rerun with --force STAGE")
     if "embed" in summary:
@@ -161,7 +184,8 @@ def _cmd_pairs(args) -> int:
     from ray_ft.pipeline import run_pairs
 
     cfg = _load(args)
-    path, mined = run_pairs(cfg)
+    with _view(cfg, ["pairs"]), stage("pairs"):
+        path, mined = run_pairs(cfg)
     print(json.dumps(mined.summary()))
     print(f"pairs: {path} (set train.preference.source to it, with train.method: dpo or orpo)")
     return 0
@@ -229,6 +253,12 @@ def _cmd_kb(args) -> int:
     return 0
 
 
+def _verbose_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show Ray's, Ray Data's, Serve's and vLLM's own output on the terminal (by default "
+                        "it goes to OUTPUT_DIR/NAME/logs/)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ray-ft", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -243,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("job", help="YAML job file")
         sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="set a config field over the file's value, e.g. train.learning_rate=1e-4")
+        _verbose_flag(sp)
         if name == "run":
             sp.add_argument("--force", action="append", choices=list(STAGES),
                             help="rerun this stage (and the ones reading its outputs) even if unchanged; repeatable")
@@ -265,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_p = sub.add_parser("serve", help="serve a finished run until Ctrl-C (graceful shutdown)")
     serve_p.add_argument("job", help="YAML job file of a run whose data (and adapter) exist")
     serve_p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="set a config field over the file's value")
+    _verbose_flag(serve_p)
     serve_p.set_defaults(fn=_cmd_serve)
     runs_p = sub.add_parser("runs", help="list the run folders: task, model, data, date, stages done, headline metric")
     runs_p.add_argument("output_dir", nargs="?", default="runs", help="the jobs' output_dir (default: runs)")
@@ -278,25 +310,46 @@ def build_parser() -> argparse.ArgumentParser:
     build = ksub.add_parser("build", help="embed the nodes the table lacks (Ray Data) and index it")
     build.add_argument("job", help="YAML job file of a run whose data exist")
     build.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="set a config field over the file's value")
+    _verbose_flag(build)
     add = ksub.add_parser("add", help="add or replace documents in the table (embedded on Ray Data)")
     add.add_argument("job", help="YAML job file")
     add.add_argument("paths", nargs="+", help="files, folders, globs or URIs of PDF/HTML/Markdown/text documents")
+    _verbose_flag(add)
     kb.set_defaults(fn=_cmd_kb)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=os.environ.get("RAY_FT_LOG", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per eval request is noise
+    from ray_ft.console import setup_logging
+
+    setup_logging(None, True, os.environ.get("RAY_FT_LOG", "INFO"))  # a job's command narrows it (_load)
     try:
         return args.fn(args)
     except RayFTError as err:
-        print(f"error: {err}", file=sys.stderr)
+        log_file = _log_file(args)
+        print(f"error: {err}" + (f" (log: {log_file})" if log_file is not None else ""), file=sys.stderr)
         return 2
     finally:
         _record_config(args)
+        _collect_logs(args)
+
+
+def _log_file(args):
+    from ray_ft.console import driver_log
+
+    cfg = getattr(args, "cfg", None)
+    path = driver_log(cfg.run_dir) if cfg is not None else None
+    return path if path is not None and path.is_file() else None
+
+
+def _collect_logs(args) -> None:
+    """Ray's session logs of this command (driver, workers, Serve, Ray Data) into run_dir/logs/ray."""
+    from ray_ft.console import collect_ray_logs
+
+    cfg = getattr(args, "cfg", None)
+    if cfg is not None and cfg.run_dir.is_dir():
+        collect_ray_logs(cfg.run_dir)
 
 
 def _record_config(args) -> None:

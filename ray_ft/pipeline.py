@@ -36,13 +36,18 @@ def init_ray(cfg: JobConfig) -> None:
     """
     import ray
 
+    from ray_ft import console
+
     if ray.is_initialized():
         return
+    # Workers' output (training ranks, vLLM, Ray Data actors) stays in Ray's log files unless
+    # --verbose; `ray-ft` copies them to run_dir/logs/ray.
     if cfg.ray.address:
-        ray.init(address=cfg.ray.address)
-        return
-    num_cpus = cfg.ray.num_cpus or max(4, os.cpu_count() or 1)
-    ray.init(num_cpus=num_cpus, include_dashboard=cfg.ray.include_dashboard)
+        ray.init(address=cfg.ray.address, log_to_driver=console.verbose())
+    else:
+        num_cpus = cfg.ray.num_cpus or max(4, os.cpu_count() or 1)
+        ray.init(num_cpus=num_cpus, include_dashboard=cfg.ray.include_dashboard, log_to_driver=console.verbose())
+    console.quiet_libraries()
 
 
 def stage_prepare(cfg: JobConfig, force: bool = False) -> PreparedData:

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from ray_ft.config import JobConfig
+from ray_ft.console import report_stage
 from ray_ft.data.prepare import PreparedData, reusable
 from ray_ft.io import read_jsonl, write_text_atomic
 from ray_ft.pipeline import require_eval_set, stage_eval, stage_prepare, stage_serve, stage_train
@@ -19,19 +20,38 @@ from ray_ft.served import check_extra_models
 EVAL_ARTIFACTS = ("summary.md", "summary.json", "report.html", "metrics.png", "loss.png")
 
 
+def planned_stages(cfg: JobConfig) -> list[str]:
+    """The stages `run_all` goes through for this job, in order (what the run view lists)."""
+    stages = [s for s, wanted in (("embed", cfg.task == "embedding" or cfg.embed.enabled),
+                                  ("rerank", cfg.trains_reranker)) if wanted]
+    return stages + (["prepare", "train", "serve", "eval"] if cfg.task == "sft" else [])
+
+
 class _Timed:
-    """Times the stages of one `run_all` call and notes the skipped ones."""
+    """Times the stages of one `run_all` call, notes the skipped ones, and tells the run view
+    (`ray_ft.console`, when one is open) what runs."""
 
     def __init__(self):
         self.timings: dict[str, float] = {}
         self.skipped: list[str] = []
 
     def __call__(self, key: str, fn):
+        stage = key.removesuffix("_s").removesuffix("_start")
+        report_stage(stage, "running")
         t = time.perf_counter()
+        state = "failed"
         try:
-            return fn()
+            out = fn()
+            state = "done"
+            return out
         finally:
             self.timings[key] = time.perf_counter() - t
+            report_stage(stage, state, self.timings[key])
+
+    def skip(self, *stages: str) -> None:
+        self.skipped.append(stages[0])
+        for stage in stages:
+            report_stage(stage, "skipped")
 
 
 def _model_stage(cfg: JobConfig, log_, run: _Timed, stage: str, fit) -> dict:
@@ -39,7 +59,7 @@ def _model_stage(cfg: JobConfig, log_, run: _Timed, stage: str, fit) -> dict:
     unless its record is fresh (then that summary is read back)."""
     summary_file = cfg.run_dir / stage / "retrieval.json"
     if log_.fresh(stage) is not None:
-        run.skipped.append(stage)
+        run.skip(stage)
         return json.loads(summary_file.read_text())
     summary = run(f"{stage}_s", lambda: fit(cfg, resume=stage not in log_.force))
     log_.done(stage, {"model_dir": summary["model_dir"]}, [Path(summary["model_dir"]), summary_file])
@@ -49,7 +69,7 @@ def _model_stage(cfg: JobConfig, log_, run: _Timed, stage: str, fit) -> dict:
 def _prepare_stage(cfg: JobConfig, log_, run: _Timed) -> PreparedData:
     prepared = PreparedData(cfg.run_dir / "data")
     if log_.fresh("prepare") is not None and reusable(prepared, cfg):
-        run.skipped.append("prepare")
+        run.skip("prepare")
         return prepared
     prepared = run("prepare_s", lambda: stage_prepare(cfg, force=log_.must_run("prepare")))
     log_.done("prepare", {}, [prepared.manifest_file])
@@ -61,7 +81,7 @@ def _train_stage(cfg: JobConfig, log_, run: _Timed, prepared: PreparedData):
 
     rec = log_.fresh("train")
     if rec is not None:
-        run.skipped.append("train")
+        run.skip("train")
         return TrainResult(Path(rec["adapter_dir"]), Path(rec["metrics_file"]),
                            read_jsonl(Path(rec["metrics_file"])), rec["exported_step"])
     trained = run("train_s", lambda: stage_train(cfg, prepared, resume="train" not in log_.force))
@@ -76,7 +96,7 @@ def _eval_stage(cfg: JobConfig, log_, run: _Timed, prepared: PreparedData, train
 
     summary_file = cfg.run_dir / "eval" / "summary.json"
     if log_.fresh("eval") is not None:
-        run.skipped.append("eval")
+        run.skip("eval", "serve")
         return json.loads(summary_file.read_text())
     url = run("serve_start_s", lambda: stage_serve(cfg, prepared, trained.adapter_dir))
     try:

@@ -19,8 +19,8 @@ from typing import Callable
 
 import httpx
 import numpy as np
-from tqdm import tqdm
 
+from ray_ft.console import report_progress
 from ray_ft.errors import RayFTError
 from ray_ft.eval.clients import ChatModel
 from ray_ft.metrics.qa import clipped_cosine
@@ -160,6 +160,7 @@ def judge_rows(rows: list[dict], chat: ChatModel, embed: EmbedFn, s: JudgeSettin
         return out
 
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        for r, extra in zip(rows, tqdm(pool.map(one, rows), total=len(rows), desc="judge", unit="q")):
+        for i, (r, extra) in enumerate(zip(rows, pool.map(one, rows)), 1):
             r.update(extra)
+            report_progress("eval", i, len(rows), "judge")
     return rows

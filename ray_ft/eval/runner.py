@@ -20,9 +20,9 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
 
 from ray_ft.config import EvalConfig
+from ray_ft.console import report_progress
 from ray_ft.errors import RayFTError
 from ray_ft.eval.clients import ChatModel, RAGClient, RequestRejected
 from ray_ft.eval.judge import JudgeSettings, judge_rows
@@ -105,8 +105,13 @@ def predict(client: RAGClient, items: list[dict], target: EvalTarget, mode: str,
         }
 
     t0 = time.perf_counter()
-    with tqdm(total=len(items), desc=f"eval {target.label}/{mode}", unit="q") as bar:
-        rows = run_by_passage(items, one, concurrency, on_done=lambda _: bar.update())
+    done = []
+
+    def answered(_):
+        done.append(1)
+        report_progress("eval", len(done), len(items), f"{target.label}/{mode}")
+
+    rows = run_by_passage(items, one, concurrency, on_done=answered)
     return sorted(rows, key=lambda r: r["id"]), time.perf_counter() - t0
 
 

@@ -27,7 +27,7 @@ from ray_ft.train import metrics as tm
 from ray_ft.train.launch import Launch, Workers, launch
 from ray_ft.train.loss import supports_logits_to_keep
 from ray_ft.train.loop import (
-    Counts, Schedule, latest_checkpoint, restore, run_steps, start_worker, steps_per_epoch, tensorboard,
+    Counts, Schedule, latest_checkpoint, restore, run_steps, start_worker, step_writer, steps_per_epoch,
     total_steps,
 )
 from ray_ft.train.methods import build_model, load_trained_weights, save_trained
@@ -133,7 +133,7 @@ def preference_loop_per_worker(loop_config: dict) -> None:
         steps.reference = stepper.module
         steps.trained_only = supports_logits_to_keep(model)
         state = restore(stepper, ckpt)
-    writer = tensorboard(loop_config.get("tensorboard_dir"), rank)
+    writer = step_writer(loop_config, rank)
     run_steps(steps, stepper, Schedule.of(tcfg, n_steps, per_epoch, flops_per_token(num_params, tcfg), tcfg.method),
               state, rank, world, device, writer, loop_config.get("test_faults"))
     if writer:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ray_ft.console import PROGRESS_FILE
 from ray_ft.train import faults
 from ray_ft.train.checkpoints import fit_and_export, ordered_ingest, prune_superseded_runs, resumable_run_name
 
@@ -53,9 +54,12 @@ def launch(spec: Launch, out_dir: Path, resume: bool = True) -> tuple[Path, list
     storage = spec.storage_path or str((out_dir / "ray").resolve())
     run_name = resumable_run_name(spec.run_prefix, spec.identity, storage, fresh=not resume)
     w = spec.workers
+    progress = out_dir / PROGRESS_FILE  # rank 0's step rows, for the driver's run view
+    progress.write_text("")
     trainer = TorchTrainer(
         spec.loop,
-        train_loop_config={**spec.loop_config, "test_faults": faults.from_environment()},
+        train_loop_config={**spec.loop_config, "test_faults": faults.from_environment(),
+                           "progress_file": str(progress.resolve())},
         scaling_config=ScalingConfig(num_workers=w.num_workers, use_gpu=w.use_gpu,
                                      resources_per_worker=None if w.use_gpu else {"CPU": w.cpus_per_worker}),
         run_config=RunConfig(

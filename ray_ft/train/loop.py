@@ -309,16 +309,39 @@ def log_row(row: dict, sched: Schedule, writer) -> None:
     log.info(f"[{sched.tag}] {row['step']}/{sched.n_steps} " + " ".join(
         f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "step"))
     if writer:
-        for k, v in row.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
-                writer.add_scalar(f"train/{k}" if not k.startswith("val_") else f"val/{k[4:]}", v, row["step"])
-        writer.flush()
+        writer.write(row, sched)
 
 
-def tensorboard(folder: str | None, rank: int):
-    """Rank 0 writes TensorBoard events live (on rank 0's node; the run folder on one machine)."""
-    if rank != 0 or not folder:
+class StepWriter:
+    """Where rank 0's logged step rows go besides the worker's log: TensorBoard events
+    (train.tensorboard; on rank 0's node, the run folder on one machine) and the stage's progress
+    file, which the driver's run view reads (`ray_ft.console`; shared storage on a cluster)."""
+
+    def __init__(self, tensorboard_dir: str | None, progress_file: str | None):
+        self.tb = None
+        if tensorboard_dir:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(tensorboard_dir)
+        self.progress_file = progress_file
+
+    def write(self, row: dict, sched: Schedule) -> None:
+        if self.progress_file:
+            with open(self.progress_file, "a", encoding="utf-8") as f:
+                f.write(json.dumps({**row, "n_steps": sched.n_steps, "tag": sched.tag}) + "\n")
+        if self.tb:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+                    self.tb.add_scalar(f"train/{k}" if not k.startswith("val_") else f"val/{k[4:]}", v, row["step"])
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb:
+            self.tb.close()
+
+
+def step_writer(loop_config: dict, rank: int) -> StepWriter | None:
+    """Rank 0's StepWriter for the run's `tensorboard_dir` and `progress_file` (from `launch`)."""
+    if rank != 0:
         return None
-    from tensorboardX import SummaryWriter
-
-    return SummaryWriter(folder)
+    return StepWriter(loop_config.get("tensorboard_dir"), loop_config.get("progress_file"))

@@ -23,7 +23,7 @@ from ray_ft.train.embed import (
     SentenceEncoder, retrieval_validation, start_embed_worker, write_sentence_transformer,
 )
 from ray_ft.train.launch import Launch, Workers, launch
-from ray_ft.train.loop import Counts, Schedule, latest_checkpoint, restore, run_steps
+from ray_ft.train.loop import Counts, Schedule, latest_checkpoint, restore, run_steps, step_writer
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metric=val_metric(ecfg), patience=None, seed=ecfg.seed,
         flops_per_token=tm.flops_per_token(num_params, "full"), peak_tflops=tm.peak_tflops(ecfg.use_gpu),
         use_gpu=ecfg.use_gpu, micro_steps=False, all_ranks_save=False, tag="lsr")
-    run_steps(steps, stepper, sched, state, rank, world, device, None, loop_config.get("test_faults"))
+    run_steps(steps, stepper, sched, state, rank, world, device, step_writer(loop_config, rank),
+              loop_config.get("test_faults"))
 
 
 def write_questions(table: list[dict], out_dir: Path) -> Path:

@@ -24,7 +24,7 @@ from ray_ft.reranker import encode_pairs, load_cross_encoder, pair_logits
 from ray_ft.train import metrics as tm
 from ray_ft.train.embed import group_passages, steps_per_epoch, total_steps, write_triplets
 from ray_ft.train.launch import Launch, Workers, launch
-from ray_ft.train.loop import Counts, Schedule, latest_checkpoint, restore, run_steps
+from ray_ft.train.loop import Counts, Schedule, latest_checkpoint, restore, run_steps, step_writer
 
 log = logging.getLogger(__name__)
 VAL_METRIC = "val_mrr_at_10"
@@ -133,7 +133,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metric=VAL_METRIC, patience=rcfg.early_stopping_patience, seed=rcfg.seed,
         flops_per_token=tm.flops_per_token(num_params, "full"), peak_tflops=tm.peak_tflops(rcfg.use_gpu),
         use_gpu=rcfg.use_gpu, micro_steps=False, all_ranks_save=False, tag="rerank")
-    run_steps(steps, stepper, sched, state, rank, world, device, None, loop_config.get("test_faults"))
+    run_steps(steps, stepper, sched, state, rank, world, device, step_writer(loop_config, rank),
+              loop_config.get("test_faults"))
 
 
 def run_rerank_training(cfg: JobConfig, triplets: list[dict], model_dir: Path, out_dir: Path,

@@ -21,7 +21,7 @@ from ray_ft.train import metrics as tm
 from ray_ft.train.batches import PadCollate, answer_tokens, flattens, model_inputs
 from ray_ft.train.launch import Launch, Workers, launch
 from ray_ft.train.loop import (
-    Counts, Schedule, latest_checkpoint, restore, run_steps, start_worker, steps_per_epoch, tensorboard,
+    Counts, Schedule, latest_checkpoint, restore, run_steps, start_worker, step_writer, steps_per_epoch,
     total_steps,
 )
 from ray_ft.train.result import TrainResult
@@ -91,7 +91,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     steps = SFTSteps(ray.train.get_dataset_shard("train"), tok, tcfg, flatten, loop_config.get("val_rows") or [],
                      rank, world, device)
-    writer = tensorboard(loop_config.get("tensorboard_dir"), rank)
+    writer = step_writer(loop_config, rank)
     run_steps(steps, stepper, Schedule.of(tcfg, n_steps, per_epoch, tm.flops_per_token(num_params, tcfg.finetuning_type),
                                           "train"),
               state, rank, world, device, writer, loop_config.get("test_faults"))
