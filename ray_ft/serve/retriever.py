@@ -62,13 +62,25 @@ class RetrieverDeployment:
                  timeout_s: float = 300.0, retries: int = 2, retrieval: dict | None = None):
         self.embedder, self.node_group = embedder, node_group
         self.timeout_s, self.retries = timeout_s, retries
-        self.r = RetrievalSettings.model_validate(retrieval or {"mode": "dense"})
-        if self.r.mode == "auto":
-            raise ValueError("retrieval mode 'auto' must be resolved for the job's language first "
-                             "(ServeConfig.retrieval_for)")
+        self.r = self._settings(retrieval or {"mode": "dense"})
         self.store = LanceIndex(knowledge_base, self.r)
         self.opened = False
         self._build: asyncio.Future | None = None
+
+    @staticmethod
+    def _settings(retrieval: dict) -> RetrievalSettings:
+        r = RetrievalSettings.model_validate(retrieval)
+        if r.mode == "auto":
+            raise ValueError("retrieval mode 'auto' must be resolved for the job's language first "
+                             "(ServeConfig.retrieval_for)")
+        return r
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Serve's user_config {"retrieval": {...}}: the ranking (mode, candidates, rrf_k,
+        query_instruction) changed on running replicas by `serve deploy`, with no restart and no
+        reopening of the table. Invalid settings raise, so Serve keeps the replica's old ones."""
+        if "retrieval" in user_config:
+            self.r = self.store.r = self._settings(user_config["retrieval"])
 
     async def _embed(self, texts: list[str], timeout_s: float) -> np.ndarray:
         return await call_with_retries(lambda: self.embedder.embed.remote(texts), "embedder",

@@ -88,6 +88,28 @@ def test_bm25_mode_needs_no_embedder_and_hybrid_fuses_both_rankings(tmp_path):
     asyncio.run(run())
 
 
+def test_reconfigure_changes_the_ranking_of_a_running_replica_and_rejects_auto(tmp_path):
+    emb = CountingEmbedder()
+    _write_table(tmp_path, emb)
+
+    async def run():
+        r = _retriever(emb, tmp_path, mode="bm25")
+        assert (await r.retrieve("fiscal revenue", 1))[0].node_id == "fin" and emb.texts == 0
+        version = (await r.ready())["table_version"]
+        r.reconfigure({"retrieval": {"mode": "dense"}})
+        assert (await r.ready()) == {"nodes": 4, "mode": "dense", "table_version": version}
+        await r.retrieve("fiscal revenue", 1)
+        assert emb.texts == 1  # dense now: the query is embedded
+        with pytest.raises(ValueError, match="'auto' must be resolved"):
+            r.reconfigure({"retrieval": {"mode": "auto"}})
+        assert r.r.mode == "dense"  # the old settings stay
+        r.reconfigure({"retrieval": {"mode": "hybrid", "rrf_k": 10, "candidates": 4}})
+        hits = await r.retrieve("mailman dog", 2)
+        assert hits[0].node_id == "dog" and hits[0].score == pytest.approx(2 / 11)
+
+    asyncio.run(run())
+
+
 def test_a_replica_without_its_embedders_vectors_names_the_build_and_opens_once_built(tmp_path):
     emb = CountingEmbedder()
     _write_table(tmp_path, emb, fingerprint="e1")
