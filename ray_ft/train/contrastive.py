@@ -54,18 +54,32 @@ def gather_keep_local_grad(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward; the backward multiplies the incoming gradient by `scale`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
+
+
 def cross_device_loss(q: torch.Tensor, p: torch.Tensor, temperature: float) -> torch.Tensor:
     """InfoNCE over the global batch: every worker's passages are negatives for every query.
 
     The value equals the single-worker loss on the combined batch. Each worker back-propagates
-    only through its own rows, and DDP averages gradients over W workers, so the loss is scaled
-    by W for the backward pass: the averaged gradient is then the single-worker one.
+    only through its own rows, and DDP averages gradients over W workers, so the gradient is
+    scaled by W on the way back (the value is not): the averaged gradient is then the
+    single-worker one, and the logged loss is the combined batch's.
     """
     import torch.distributed as dist
 
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     loss = info_nce(gather_keep_local_grad(q), gather_keep_local_grad(p), temperature)
-    return loss * world if world > 1 else loss
+    return _ScaleGradient.apply(loss, float(world)) if world > 1 else loss
 
 
 class _RngState:

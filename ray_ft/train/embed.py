@@ -1,11 +1,13 @@
-"""Contrastive fine-tuning of a sentence-transformers embedder on Ray Train.
+"""Contrastive fine-tuning of a sentence-transformers embedder on Ray Train, on the shared step
+loop (`ray_ft.train.loop`: resume, metrics, validation cadence, best checkpoint).
 
 Each worker reads its shard of FlagEmbedding-format triplets (`ray.train.get_dataset_shard`),
 samples `train_group_size - 1` of each query's stored negatives per step (seeded), embeds
 queries (with the instruction prefix) and passages with the model, and minimizes InfoNCE with
 in-batch and, across workers, cross-device negatives (`ray_ft.train.contrastive`), optionally
-through GradCache. The final checkpoint is a complete sentence-transformers folder (the base
-folder's modules with the trained weights), loadable by sentence-transformers and FlagEmbedding.
+through GradCache (whose chunked backward runs inside the recipe's objective). The final
+checkpoint is a complete sentence-transformers folder (the base folder's modules with the
+trained weights), loadable by sentence-transformers and FlagEmbedding.
 """
 
 from __future__ import annotations
@@ -16,19 +18,14 @@ import logging
 import math
 import random
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ray_ft.config import EmbedConfig, JobConfig
+from ray_ft.config import EmbedConfig, JobConfig, TrainConfig
 from ray_ft.errors import RayFTError
-from ray_ft.io import read_jsonl
 from ray_ft.train import metrics as tm
-from ray_ft.train import faults
-from ray_ft.train.checkpoints import HISTORY_FILE, report_checkpoint
 from ray_ft.train.launch import Launch, Workers, launch
-from ray_ft.train.loop import step_seed
-from ray_ft.train.steppers import TRAINER_STATE
+from ray_ft.train.loop import Counts, Schedule, latest_checkpoint, restore, run_steps, step_writer
 
 log = logging.getLogger(__name__)
 
@@ -135,112 +132,123 @@ def start_embed_worker(loop_config: dict) -> tuple[EmbedConfig, int, int]:
     return ecfg, ctx.get_world_rank(), ctx.get_world_size()
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
-    import ray.train
-    import ray.train.torch
-    import torch
-    from transformers import AutoTokenizer, get_scheduler
+def step_settings(ecfg: EmbedConfig) -> TrainConfig:
+    """The contrastive recipe's optimizer and schedule in the form the shared stepper reads: a full
+    fine-tune in fp32, AdamW (torch's default weight decay 0.01), linear schedule, clipped at 1.0."""
+    return TrainConfig(
+        finetuning_type="full", learning_rate=ecfg.learning_rate, warmup_ratio=ecfg.warmup_ratio,
+        weight_decay=0.01, lr_scheduler_type="linear", max_grad_norm=1.0, precision="fp32",
+        num_workers=ecfg.num_workers, use_gpu=ecfg.use_gpu, cpus_per_worker=ecfg.cpus_per_worker, seed=ecfg.seed,
+        eval_every_n_steps=ecfg.eval_every_n_steps, tensorboard=False)
 
+
+class Backpropagated:
+    """A micro-batch loss whose backward pass the recipe already ran (GradCache replays the
+    encoder chunk by chunk): the loop's `backward` has nothing left to do, `item` is the value."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def backward(self) -> None:
+        pass
+
+    def item(self) -> float:
+        return self.value.item()
+
+
+def contrastive_objective(ecfg: EmbedConfig):
+    """The stepper's `loss_of`: queries and passages through the encoder -> InfoNCE (cross-device
+    negatives when configured); through GradCache, whose backward runs here, when chunked."""
     from ray_ft.train.contrastive import cross_device_loss, grad_cache_backward, info_nce
-
-    ecfg, rank, world = start_embed_worker(loop_config)
-
-    tok = AutoTokenizer.from_pretrained(loop_config["model_dir"])
-    tok.padding_side = "right"  # GradCache trims each chunk's trailing padding
-    encoder = SentenceEncoder.build(loop_config["model_dir"], ecfg.pooling)
-    optim = torch.optim.AdamW(encoder.parameters(), lr=ecfg.learning_rate)
-    n_steps = total_steps(loop_config["triplets_per_worker"], ecfg)
-    per_epoch = steps_per_epoch(loop_config["triplets_per_worker"], ecfg)
-    sched = get_scheduler("linear", optim, math.ceil(ecfg.warmup_ratio * n_steps), n_steps)
-    step, history = _resume(encoder, optim, sched)
-    model = ray.train.torch.prepare_model(encoder)
-    device = ray.train.torch.get_device()
 
     def loss_fn(q, p):
         if ecfg.negatives_cross_device:
             return cross_device_loss(q, p, ecfg.temperature)
         return info_nce(q, p, ecfg.temperature)
 
-    def tokenize(texts: list[str], max_len: int) -> dict:
-        enc = tok(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
-        return {k: v.to(device) for k, v in enc.items()}
+    def loss_of(model, inputs: dict):
+        if ecfg.grad_cache_chunk_size:
+            return Backpropagated(grad_cache_backward(model, inputs["q"], inputs["p"], ecfg.grad_cache_chunk_size,
+                                                      loss_fn, getattr(model, "no_sync", None)))
+        return loss_fn(model(inputs["q"]), model(inputs["p"]))
 
-    def save(folder: Path) -> None:
-        write_sentence_transformer(model, tok, Path(loop_config["model_dir"]), folder, ecfg.pooling)
-        torch.save({"step": step, "optim": optim.state_dict(), "sched": sched.state_dict()},
-                   folder / TRAINER_STATE)
-
-    shard = ray.train.get_dataset_shard("train")
-    t0 = time.perf_counter()
-    model.train()
-    while step < n_steps:
-        skip = step % per_epoch  # batches of this epoch a resumed run has already trained on
-        for i, batch in enumerate(shard.iter_batches(batch_size=ecfg.per_device_batch_size, drop_last=True)):
-            if i < skip:
-                continue
-            if i >= per_epoch:
-                break
-            seed = step_seed(ecfg.seed, rank, step)  # negatives and dropout: a resumed run draws the same
-            torch.manual_seed(seed)
-            queries = [ecfg.query_instruction + str(q) for q in batch["query"]]
-            passages = group_passages(batch, ecfg.train_group_size, random.Random(seed))
-            q_in, p_in = tokenize(queries, ecfg.query_max_len), tokenize(passages, ecfg.passage_max_len)
-            if ecfg.grad_cache_chunk_size:
-                loss = grad_cache_backward(model, q_in, p_in, ecfg.grad_cache_chunk_size, loss_fn,
-                                           getattr(model, "no_sync", None))
-            else:
-                loss = loss_fn(model(q_in), model(p_in))
-                loss.backward()
-                loss = loss.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optim.step()
-            sched.step()
-            optim.zero_grad(set_to_none=True)
-            step += 1
-            dt = time.perf_counter() - t0
-            # cross_device_loss is scaled by the world size for the backward pass; log the loss.
-            value = loss.item() / (world if ecfg.negatives_cross_device and world > 1 else 1)
-            stats = tm.sum_over_ranks(torch.tensor([value, len(queries) + len(passages)], dtype=torch.float64),
-                                      device)
-            row = {"step": step, "loss": stats[0].item() / world, "lr": sched.get_last_lr()[0],
-                   "grad_norm": float(grad_norm), "sentences_per_s": stats[1].item() / dt,
-                   "peak_mem_mb": tm.peak_memory_mb(ecfg.use_gpu), "step_time_s": dt}
-            evaluate = step == n_steps or bool(ecfg.eval_every_n_steps and step % ecfg.eval_every_n_steps == 0)
-            if evaluate and rank == 0 and loop_config.get("val"):
-                row.update(retrieval_validation(model, tok, loop_config["val"], ecfg, device))
-            history.append(row)
-            if rank == 0:
-                log.info("[embed] " + " ".join(
-                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-            faults.maybe_fail(loop_config.get("test_faults"), step, rank)
-            if evaluate:
-                report_checkpoint(history, rank, save)  # CheckpointConfig keeps the best ones
-            else:
-                ray.train.report(row)
-            t0 = time.perf_counter()
-            if step == n_steps:
-                break
+    return loss_of
 
 
-def _resume(encoder, optim, sched) -> tuple[int, list[dict]]:
-    """Restore weights, optimizer, scheduler, step and history from Ray Train's latest checkpoint
-    (after a worker failure, with FailureConfig); (0, []) on a fresh start."""
+class ContrastiveSteps:
+    """The embedding recipe's part of the step loop: triplet batches with seeded negatives, the
+    InfoNCE loss, retrieval validation on the held-out pairs, a sentence-transformers folder."""
+
+    def __init__(self, shard, tok, ecfg: EmbedConfig, val: dict | None, base_dir: Path, rank: int, device):
+        self.shard, self.tok, self.ecfg, self.val = shard, tok, ecfg, val
+        self.base_dir, self.rank, self.device = base_dir, rank, device
+
+    def micro_batches(self):
+        return self.shard.iter_batches(batch_size=self.ecfg.per_device_batch_size, drop_last=True)
+
+    def tokenize(self, texts: list[str], max_len: int) -> dict:
+        enc = self.tok(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+        return {k: v.to(self.device) for k, v in enc.items()}
+
+    def losses(self, stepper, group: list):
+        import torch
+
+        e = self.ecfg
+        for batch in group:
+            # The loop seeded torch with this step's seed: the negatives drawn from it are the ones
+            # a resumed run draws.
+            queries = [e.query_instruction + str(q) for q in batch["query"]]
+            passages = group_passages(batch, e.train_group_size, random.Random(torch.initial_seed()))
+            q_in, p_in = self.tokenize(queries, e.query_max_len), self.tokenize(passages, e.passage_max_len)
+            loss = stepper.forward({"q": q_in, "p": p_in})
+            masks = (q_in["attention_mask"], p_in["attention_mask"])
+            yield loss, Counts(int(sum(m.sum() for m in masks)), sum(m.numel() for m in masks), len(queries))
+
+    def validate(self, stepper) -> dict:
+        # Rank 0 only: nothing here stops early, and the checkpoint Ray Train keeps is picked by
+        # rank 0's reported score.
+        if self.rank != 0 or not self.val:
+            return {}
+        return retrieval_validation(stepper.module, self.tok, self.val, self.ecfg, self.device)
+
+    def save(self, stepper, folder: Path) -> None:
+        if self.rank == 0:
+            (folder / "model").mkdir(parents=True, exist_ok=True)
+            write_sentence_transformer(stepper.module, self.tok, self.base_dir, folder / "model", self.ecfg.pooling)
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
-    import torch
+    import ray.train.torch
     from safetensors.torch import load_file
+    from transformers import AutoTokenizer
 
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
-        return 0, []
-    with ckpt.as_directory() as d:
-        d = Path(d)
-        encoder.model.load_state_dict(load_file(str(d / "model.safetensors")))
-        state = torch.load(d / TRAINER_STATE, weights_only=False)
-        optim.load_state_dict(state["optim"])
-        sched.load_state_dict(state["sched"])
-        history = read_jsonl(d / HISTORY_FILE)
-    log.info("[embed] resumed from %s at step %d", ckpt.path, state["step"])
-    return state["step"], history
+    from ray_ft.train.steppers import TorchStepper
+
+    ecfg, rank, world = start_embed_worker(loop_config)
+    start = loop_config["model_dir"]
+    tok = AutoTokenizer.from_pretrained(start)
+    tok.padding_side = "right"  # GradCache trims each chunk's trailing padding
+    encoder = SentenceEncoder.build(start, ecfg.pooling)
+    per_worker = loop_config["triplets_per_worker"]
+    n_steps = total_steps(per_worker, ecfg)
+    with latest_checkpoint() as ckpt:
+        if ckpt is not None:  # a restart after a failure: the weights first, before DDP wraps them
+            encoder.model.load_state_dict(load_file(str(ckpt / "model" / "model.safetensors")))
+        stepper = TorchStepper(encoder, step_settings(ecfg), n_steps, loss_of=contrastive_objective(ecfg))
+        state = restore(stepper, ckpt)
+    device = ray.train.torch.get_device()
+    steps = ContrastiveSteps(ray.train.get_dataset_shard("train"), tok, ecfg, loop_config.get("val"), Path(start),
+                             rank, device)
+    num_params = sum(p.numel() for p in encoder.parameters())
+    sched = Schedule(
+        n_steps=n_steps, per_epoch=steps_per_epoch(per_worker, ecfg), accumulation=1,
+        eval_every=ecfg.eval_every_n_steps, log_every=1, metric=f"val_mrr_at_{ecfg.eval_top_k}", patience=None,
+        seed=ecfg.seed, flops_per_token=tm.flops_per_token(num_params, "full"),
+        peak_tflops=tm.peak_tflops(ecfg.use_gpu), use_gpu=ecfg.use_gpu, micro_steps=False, all_ranks_save=False,
+        tag="embed")
+    run_steps(steps, stepper, sched, state, rank, world, device, step_writer(loop_config, rank),
+              loop_config.get("test_faults"))
 
 
 def write_sentence_transformer(model, tok, base_dir: Path, out: Path, pooling: str) -> None:
@@ -308,6 +316,6 @@ def run_embed_training(cfg: JobConfig, triplets: list[dict], model_dir: Path, ou
         identity={"embed": ecfg.model_dump(exclude={"lsr"}), "triplets": triplets_key, "val": val, "model": str(model_dir)},
         datasets={"train": ray.data.read_parquet(str(write_triplets(triplets, out_dir).resolve()))},
         export_name="model", keep_checkpoints=ecfg.keep_checkpoints, max_failures=ecfg.max_failures,
-        best_by=score, best_mode="max", drop=(TRAINER_STATE,))
+        best_by=score, best_mode="max", subdir="model")
     final, history, chosen = launch(spec, out_dir, resume)
     return EmbedTrainResult(final, history, chosen.get("step"))
