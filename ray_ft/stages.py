@@ -18,6 +18,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import ray_ft
 from ray_ft.config import JobConfig
 from ray_ft.io import write_text_atomic
 
@@ -79,7 +80,8 @@ def stage_hash(cfg: JobConfig, stage: str, memo: dict[str, str] | None = None) -
         "eval": lambda: {"serve": cfg.serve.model_dump(), "eval": cfg.eval.model_dump(),
                          "models": served_model_fingerprints(cfg)},
     }[stage]()
-    memo[stage] = _digest({"own": own, **upstream})
+    # The package version too: outputs written by another release of ray_ft are never reused.
+    memo[stage] = _digest({"own": own, "ray_ft": ray_ft.__version__, **upstream})
     return memo[stage]
 
 

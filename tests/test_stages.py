@@ -31,6 +31,20 @@ def test_a_change_reruns_its_stage_and_everything_after_it(tmp_path):
     assert stage_hashes(_cfg(tmp_path))["prepare"] != base["prepare"]
 
 
+def test_another_ray_ft_version_reruns_every_stage_and_rebuilds_the_data(tmp_path, monkeypatch):
+    import ray_ft
+    from ray_ft.data.embed_data import embed_config_hash
+    from ray_ft.data.prepare import data_config_hash
+
+    cfg = _cfg(tmp_path)
+    before, data, embed = stage_hashes(cfg), data_config_hash(cfg), embed_config_hash(cfg)
+    monkeypatch.setattr(ray_ft, "__version__", ray_ft.__version__ + ".post1")
+    after = stage_hashes(cfg)
+    assert all(after[s] != before[s] for s in before)
+    # The prepared data's and the triplets' own manifests (what `ray-ft prepare` reuses) too.
+    assert data_config_hash(cfg) != data and embed_config_hash(cfg) != embed
+
+
 def test_stage_log_skips_only_finished_unchanged_stages(tmp_path):
     cfg = _cfg(tmp_path)
     out = tmp_path / "out.txt"

@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import ray_ft
 from ray_ft.config import JobConfig
 from ray_ft.data.sources import source_fingerprint, suffix_of
 from ray_ft.data.split import seeded_sample
@@ -38,7 +39,7 @@ def embed_config_hash(cfg: JobConfig) -> str:
     keys = ("source", "on_error", "test_size", "seed", "neg_num", "hard_negatives", "query_instruction",
             "max_train_samples", "val_size", "val_max_queries", "model")
     # The layout version: bumped when the written files change shape (2: triplets keep answers).
-    h = hashlib.sha256(json.dumps({"layout": 2, **{k: e.model_dump()[k] for k in keys}}, sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps({"layout": 2, "ray_ft": ray_ft.__version__, **{k: e.model_dump()[k] for k in keys}}, sort_keys=True).encode())
     h.update(hashlib.sha256(source_fingerprint(e.source)).digest())
     if excludes_sft_heldout(cfg):
         from ray_ft.data.prepare import heldout_split_fingerprint

@@ -15,6 +15,7 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import ray_ft
 from ray_ft.config import JobConfig
 from ray_ft.data.evalset import read_eval_source, train_and_eval
 from ray_ft.data.examples import ExampleBuilder, ExampleSettings, chat_row, qa_row, rows_table
@@ -96,7 +97,7 @@ def data_config_hash(cfg: JobConfig) -> str:
     the retrieving embedder."""
     h = hashlib.sha256()
     h.update(json.dumps({"data": cfg.data.model_dump(), "model": cfg.model.model_dump(),
-                         "num_shards": cfg.num_shards}, sort_keys=True).encode())
+                         "num_shards": cfg.num_shards, "ray_ft": ray_ft.__version__}, sort_keys=True).encode())
     if cfg.data.documents:  # the generated pairs replace data.source
         from ray_ft.data.from_documents import generation_key
 
