@@ -27,7 +27,7 @@ def dev_questions(cfg):
 
     d = cfg.data
     records = read_source(d.source, d.format, d.on_error, d.bad_answer).qa
-    train, _ = split_by_group(records, lambda r: r.passage_id, d.val_size, d.seed)
+    train, _ = split_by_group(records, lambda r: r.passage_id, d.eval_size, d.seed)
     _, dev = split_by_group(train, lambda r: r.passage_id, d.dev_size, d.seed + 1)
     return dev
 

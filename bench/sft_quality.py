@@ -60,7 +60,7 @@ def main() -> None:
 
     full = load_job(Path(__file__).resolve().parents[1] / "jobs" / "cmrc_full_cpu.yaml")
     records = read_qa_source(str(CMRC))
-    train, _ = split_by_group(records, lambda r: r.passage_id, full.data.val_size, full.data.seed)
+    train, _ = split_by_group(records, lambda r: r.passage_id, full.data.eval_size, full.data.seed)
     pool, dev = split_by_group(train, lambda r: r.passage_id, args.dev_share, full.data.seed + 7)
     work = Path(tempfile.mkdtemp(prefix="bench_sft_quality_"))
     train_file, dev_file = squad_file(pool, work / "train.json"), squad_file(dev, work / "dev.json")

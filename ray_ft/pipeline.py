@@ -138,7 +138,7 @@ def eval_notes(cfg: JobConfig, items: list[dict], manifest: dict) -> list[str]:
     mode = cfg.serve.retrieval_for(cfg.data.language).mode
     evalset = manifest.get("eval_set")
     if evalset is None:
-        origin = f"held out of data.source by passage (data.val_size {cfg.data.val_size}, seed {cfg.data.seed})"
+        origin = f"held out of data.source by passage (data.eval_size {cfg.data.eval_size}, seed {cfg.data.seed})"
     else:
         origin = f"eval.source {evalset['source']} ({evalset['read']['skipped_records']} bad records skipped)"
         leak = evalset.get("leakage")

@@ -26,9 +26,16 @@ def test_unknown_key_names_the_field_path(tmp_path):
     assert str(err.value) == f"{job}: field 'train.lora_rnk': unknown key"
 
 
+def test_the_renamed_eval_share_names_its_new_field():
+    with pytest.raises(RayFTError, match=r"field 'data': data.val_size is now data.eval_size"):
+        parse_job({"name": "x", "data": {"val_size": 0.2}})
+    assert parse_job({"name": "x", "data": {"eval_size": 0.3}}).data.eval_size == 0.3
+    assert parse_job({"name": "x", "embed": {"val_size": 0.1}}).embed.val_size == 0.1  # the embedder's dev split
+
+
 def test_bad_value_names_field_and_reason():
-    with pytest.raises(RayFTError, match=r"field 'data.val_size': Input should be less than 1"):
-        parse_job({"name": "x", "data": {"val_size": 1.5}})
+    with pytest.raises(RayFTError, match=r"field 'data.eval_size': Input should be less than 1"):
+        parse_job({"name": "x", "data": {"eval_size": 1.5}})
     with pytest.raises(RayFTError, match=r"field 'train.learning_rate'"):
         parse_job({"name": "x", "train": {"learning_rate": "fast"}})
     with pytest.raises(RayFTError, match=r"field 'name': Field required"):
@@ -149,7 +156,7 @@ def test_every_job_file_loads():
     # The same experiment sized for 2 CPU cores: every training question, all 652 held-out ones.
     full = load_job(ROOT / "jobs" / "cmrc_full_cpu.yaml")
     assert full.data.max_samples is None and full.eval.max_samples == 652 and full.eval.source is None
-    assert full.data.val_size == 0.2 and full.data.seed == 42 and full.data.packing_len == 2048 and full.data.cutoff_len == 448
+    assert full.data.eval_size == 0.2 and full.data.seed == 42 and full.data.packing_len == 2048 and full.data.cutoff_len == 448
     assert finetuned_served_as(full) == "merged" and full.serve.retrieval_for(full.data.language).mode == "bm25"
     # rag_eval scores the smoke run's adapter: the same data config, so the same held-out questions.
     rag, smoke = load_job(ROOT / "jobs" / "rag_eval.yaml"), load_job(ROOT / "jobs" / "cmrc_lora_smoke.yaml")
@@ -171,8 +178,8 @@ def test_every_job_file_loads():
     assert dpo.train.method == "dpo" and smoke.train.export_merged
     assert dpo.model.name == f"runs/{smoke.name}/train/merged"
     assert dpo.train.preference.source == str(ROOT / "runs" / smoke.name / "pairs" / "pairs.jsonl")
-    assert {k: getattr(dpo.data, k) for k in ("source", "val_size", "seed", "language")} == \
-        {k: getattr(smoke.data, k) for k in ("source", "val_size", "seed", "language")}
+    assert {k: getattr(dpo.data, k) for k in ("source", "eval_size", "seed", "language")} == \
+        {k: getattr(smoke.data, k) for k in ("source", "eval_size", "seed", "language")}
     # financial_embed's embedder recipe is the one radit runs as its first stage.
     fin = load_job(ROOT / "jobs" / "financial_embed.yaml").embed
     keys = {"model", "source", "seed", "test_size", "neg_num", "query_instruction", "learning_rate", "max_steps"}

@@ -13,7 +13,7 @@ from tests.conftest import FINQA, finqa_slice
 def test_run_all_on_a_cmrc_slice(ray_cluster, cmrc_slice, tmp_path, smollm_dir, minilm_dir):
     cfg = parse_job({
         "name": "e2e", "output_dir": str(tmp_path / "runs"),
-        "data": {"source": str(cmrc_slice), "max_samples": 6, "cutoff_len": 1024, "val_size": 0.1,
+        "data": {"source": str(cmrc_slice), "max_samples": 6, "cutoff_len": 1024, "eval_size": 0.1,
                  "packing": True, "dev_size": 0.1},
         "train": {"max_steps": 6, "learning_rate": 3e-4, "eval_every_n_steps": 3, "val_max_examples": 2,
                   "val_generate_samples": 2, "val_max_new_tokens": 8},
@@ -130,7 +130,7 @@ def test_run_with_an_embed_stage_serves_and_retrieves_with_the_fine_tuned_embedd
         "embed": {"enabled": True, "source": str(src), "test_size": 0.2, "neg_num": 2, "train_group_size": 2,
                   "per_device_batch_size": 4, "max_steps": 2, "val_size": 0.0, "learning_rate": 5e-4,
                   "passage_max_len": 128, "query_instruction": instruction},
-        "data": {"source": str(src), "format": "qa_rows", "language": "en", "val_size": 0.25, "max_samples": 4,
+        "data": {"source": str(src), "format": "qa_rows", "language": "en", "eval_size": 0.25, "max_samples": 4,
                  "cutoff_len": 512, "retrieval_augment": {"enabled": True, "top_k": 2, "separate_context": False}},
         "train": {"max_steps": 2, "tensorboard": False},
         "rerank": {"enabled": True, "train_group_size": 2, "per_device_batch_size": 4, "max_steps": 2,

@@ -69,7 +69,7 @@ def test_a_legal_dotted_name_writes_only_under_output_dir_and_the_cache(tmp_path
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump({"name": "v1.2.x", "output_dir": str(tmp_path / "runs"),
                                    "data": {"source": str(src), "max_samples": 4, "cutoff_len": 256,
-                                            "val_size": 0.25, "num_shards": 1,
+                                            "eval_size": 0.25, "num_shards": 1,
                                             "node_groups": {"p.1": {"kind": "passage"}, "passage": {"kind": "passage"}}},
                                    "ray": {"num_cpus": 2, "include_dashboard": False}}))
     before = set(os.listdir(tmp_path))

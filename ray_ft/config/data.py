@@ -50,6 +50,15 @@ class RetrievalAugmentConfig(_Strict):
 
 
 class DataConfig(_Strict):
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        # `val_*` names mean the dev split (val.parquet, val_loss); the eval share was renamed.
+        if isinstance(data, dict) and "val_size" in data:
+            raise ValueError("data.val_size is now data.eval_size (the held-out share the eval stage scores; "
+                             "data.dev_size is the dev split that validates during training)")
+        return data
+
     source: str = Field(
         "../shared/datasets/cmrc2018/cmrc2018_dev.json",
         description="The SFT corpus: a local path, a pyarrow filesystem URI (s3://, gs://, file://) "
@@ -75,10 +84,11 @@ class DataConfig(_Strict):
         None, description="User-turn template with {context} and {question} (None: the "
         "language's built-in one). Training and serving use the same.",
     )
-    val_size: float = Field(
+    eval_size: float = Field(
         0.2, gt=0.0, lt=1.0,
         description="Share of groups (passages; for instruction data, distinct first prompts) held "
-        "out for evaluation, so no group is in both halves.",
+        "out for the eval stage, so no group is in both halves (`dev_size` is the dev split that "
+        "validates during training).",
     )
     max_samples: int | None = Field(
         64, gt=0, description="At most this many training examples (None: all)."

@@ -34,9 +34,9 @@ class JudgeConfig(_Strict):
 class EvalConfig(_Strict):
     source: str | None = Field(
         None, description="A separate eval set (same URI forms and readers as data.source; QA "
-        "records: SQuAD JSON, QA rows). Set: every record of data.source trains (no val_size split), "
+        "records: SQuAD JSON, QA rows). Set: every record of data.source trains (no eval_size split), "
         "the eval questions come from here (bad records follow data.on_error / bad_answer) and the "
-        "knowledge base holds their passages plus data.kb_sources. None: data.val_size of "
+        "knowledge base holds their passages plus data.kb_sources. None: data.eval_size of "
         "data.source's passages is held out. Relative paths: against the job file.",
     )
     format: Literal["auto", "squad", "qa_rows"] = Field(

@@ -1,4 +1,4 @@
-"""The eval set: held out of `data.source` by passage (`data.val_size`), or a separate file
+"""The eval set: held out of `data.source` by passage (`data.eval_size`), or a separate file
 (`eval.source`), checked for what it shares with the training data.
 
 A separate eval set is read with the same readers and URI forms as `data.source` and the same
@@ -83,14 +83,14 @@ def check_leakage(train: list[QARecord], held: list[QARecord], policy: str, trai
 def train_and_eval(cfg: JobConfig, source: SourceData, eval_data: SourceData | None
                    ) -> tuple[list, list[QARecord] | list, Leakage | None]:
     """(training items, eval items, leakage) of the prepare stage. Without `eval_data`: a seeded
-    `data.val_size` share of the groups (passages; for instruction data, distinct first prompts)
+    `data.eval_size` share of the groups (passages; for instruction data, distinct first prompts)
     is held out. With it: every record of the source trains and `eval_data` is checked for
     leakage against the training QA records (instruction data has no passages to compare)."""
     d = cfg.data
     items = source.qa if source.is_qa else source.chats
     if eval_data is None:
         group_of = (lambda r: r.passage_id) if source.is_qa else (lambda c: c.group)
-        train, held = split_by_group(items, group_of, d.val_size, d.seed)
+        train, held = split_by_group(items, group_of, d.eval_size, d.seed)
         return train, held, None
     if not source.is_qa:
         return items, eval_data.qa, None

@@ -123,14 +123,14 @@ def heldout_contexts(cfg: JobConfig) -> set[str]:
     source = read_source(d.source, d.format, d.on_error, d.bad_answer)
     if not source.is_qa:
         return set()
-    _, held = split_by_group(source.qa, lambda r: r.passage_id, d.val_size, d.seed)
+    _, held = split_by_group(source.qa, lambda r: r.passage_id, d.eval_size, d.seed)
     return {r.context.strip() for r in held}
 
 
 def heldout_split_fingerprint(cfg: JobConfig) -> str:
     """Everything `heldout_contexts` depends on."""
     d = cfg.data
-    keys = {"format": d.format, "on_error": d.on_error, "bad_answer": d.bad_answer, "val_size": d.val_size,
+    keys = {"format": d.format, "on_error": d.on_error, "bad_answer": d.bad_answer, "eval_size": d.eval_size,
             "seed": d.seed, "source": hashlib.sha256(source_fingerprint(d.source)).hexdigest()}
     if cfg.eval.source is not None:
         keys["eval_source"] = hashlib.sha256(source_fingerprint(cfg.eval.source)).hexdigest()

@@ -25,7 +25,7 @@ def write_training_job(tmp_path: Path, name: str, model: str | Path, **sections)
     job.write_text(yaml.safe_dump({
         "name": name, "output_dir": str(tmp_path / "runs"), "ray": {"address": "auto"},
         "model": {"name": str(model)},
-        "data": {"source": str(src), "language": "en", "val_size": 0.2, "max_samples": 8, "cutoff_len": 512,
+        "data": {"source": str(src), "language": "en", "eval_size": 0.2, "max_samples": 8, "cutoff_len": 512,
                  "num_shards": 2},
         "train": {"num_workers": 2, "cpus_per_worker": 2, "max_steps": 2, "tensorboard": False},
         **sections,

@@ -90,7 +90,7 @@ def test_a_separate_eval_set_trains_on_all_of_data_source(ray_cluster, cmrc_slic
 
     def job(**eval_):
         return parse_job({"name": "sep", "output_dir": str(tmp_path / "runs"), "model": {"name": str(smollm_dir)},
-                          "data": {"source": str(train), "max_samples": None, "cutoff_len": 512, "val_size": 0.5,
+                          "data": {"source": str(train), "max_samples": None, "cutoff_len": 512, "eval_size": 0.5,
                                    "num_shards": 1, "on_error": "skip", "kb_sources": [str(tmp_path / "notes.txt")]},
                           "eval": {"source": str(test), **eval_}})
 
@@ -103,7 +103,7 @@ def test_a_separate_eval_set_trains_on_all_of_data_source(ray_cluster, cmrc_slic
     cfg = job()
     prepared = prepare(cfg, cfg.run_dir / "data")
     m = prepared.manifest()
-    # No val_size split: every training question trains (val_size 0.5 would have held out half).
+    # No eval_size split: every training question trains (eval_size 0.5 would have held out half).
     assert m["records"] == m["train_questions"] == n_train and m["built_examples"] == n_train
     ev = m["eval_set"]
     assert ev["source"] == str(test) and ev["format"] == "squad"

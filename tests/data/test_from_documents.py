@@ -50,7 +50,7 @@ def test_smollm_on_vllm_in_ray_data_writes_counted_schema_checked_pairs(tmp_path
     monkeypatch.setattr(qa_writers, "writer_for", lambda cfg, d: recorders.append(Recording(real(cfg, d))) or recorders[-1])
     job = {"name": "gen", "output_dir": str(tmp_path / "runs"), "model": {"name": str(smollm_dir)},
            "serve": {"vllm": {"max_model_len": 2048, "dtype": "float32"}},  # fp32: greedy replies as on a CPU without bf16
-           "data": {"documents": [str(docs)], "val_size": 0.34, "seed": 3, "cutoff_len": 1024,
+           "data": {"documents": [str(docs)], "eval_size": 0.34, "seed": 3, "cutoff_len": 1024,
                     # min_support 0: SmolLM2-135M's answers are rarely grounded in the node (the
                     # support filter is tested with hand-made replies); here some pairs must survive
                     "qa_generation": {"questions_per_node": 2, "max_nodes": 4, "batch_size": 8,
@@ -97,6 +97,6 @@ def test_smollm_on_vllm_in_ray_data_writes_counted_schema_checked_pairs(tmp_path
 
     # another split reuses the pairs: no engine starts
     recorders.clear()
-    again = prepare(parse_job({**job, "data": {**job["data"], "val_size": 0.5}}), tmp_path / "data2")
+    again = prepare(parse_job({**job, "data": {**job["data"], "eval_size": 0.5}}), tmp_path / "data2")
     assert recorders == [] and again.manifest()["qa_generation"]["reused"] is True
     assert (again.root / "generated_qa.jsonl").read_text() == (prepared.root / "generated_qa.jsonl").read_text()

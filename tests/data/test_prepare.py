@@ -20,7 +20,7 @@ def _job(smollm_dir, tmp_path, **data):
 def test_prepare_writes_shards_eval_set_kb_and_manifest(ray_cluster, cmrc_slice, tmp_path, smollm_dir):
     (tmp_path / "extra.txt").write_text("额外的文档。第二句。", encoding="utf-8")
     (tmp_path / "copy.txt").write_text("额外的文档。第二句。\n", encoding="utf-8")  # the same document again
-    cfg = _job(smollm_dir, tmp_path, source=str(cmrc_slice), max_samples=12, cutoff_len=1200, val_size=0.25,
+    cfg = _job(smollm_dir, tmp_path, source=str(cmrc_slice), max_samples=12, cutoff_len=1200, eval_size=0.25,
                num_shards=2, kb_sources=[str(tmp_path / "extra.txt"), str(tmp_path / "copy.txt")])
     prepared = prepare(cfg, tmp_path / "data")
     m = prepared.manifest()
@@ -72,13 +72,13 @@ def test_prepare_writes_shards_eval_set_kb_and_manifest(ray_cluster, cmrc_slice,
         f.write("\n")
     assert not reusable(prepared, cfg)
     assert not reusable(prepared, _job(smollm_dir, tmp_path, source=str(cmrc_slice), max_samples=13,
-                                       cutoff_len=1200, val_size=0.25, num_shards=2,
+                                       cutoff_len=1200, eval_size=0.25, num_shards=2,
                                        kb_sources=[str(tmp_path / "extra.txt")]))
 
 
 @pytest.mark.slow
 def test_prepare_packs_rows_and_holds_out_a_dev_split(ray_cluster, cmrc_slice, tmp_path, smollm_dir):
-    base = {"source": str(cmrc_slice), "max_samples": 24, "cutoff_len": 2048, "val_size": 0.2,
+    base = {"source": str(cmrc_slice), "max_samples": 24, "cutoff_len": 2048, "eval_size": 0.2,
             "dev_size": 0.2, "num_shards": 2}
     plain = prepare(_job(smollm_dir, tmp_path, **base), tmp_path / "plain")
     cfg = _job(smollm_dir, tmp_path, **base, packing=True, num_workers=2)
@@ -123,7 +123,7 @@ def test_instruction_data_trains_without_an_eval_set(ray_cluster, tmp_path, smol
             for i in range(40)]
     src = tmp_path / "alpaca.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    cfg = _job(smollm_dir, tmp_path, source=str(src), max_samples=None, val_size=0.25, num_shards=1,
+    cfg = _job(smollm_dir, tmp_path, source=str(src), max_samples=None, eval_size=0.25, num_shards=1,
                sft_format="alpaca")
     radit = _job(smollm_dir, tmp_path, source=str(src), retrieval_augment={"enabled": True})
     with pytest.raises(RayFTError, match=r"alpaca.jsonl: data.retrieval_augment needs a QA source .* alpaca records"):
@@ -174,7 +174,7 @@ def test_full_cmrc2018_dev_split(ray_cluster, tmp_path, smollm_dir):
 @pytest.mark.skipif(not FINQA.is_file(), reason="needs ../shared/datasets/financial-qa-10k")
 def test_full_financial_qa_10k_as_sft_data(ray_cluster, tmp_path, smollm_dir):
     cfg = _job(smollm_dir, tmp_path, source=str(FINQA), language="en", on_error="skip", max_samples=None,
-               cutoff_len=512, val_size=0.1, num_shards=2)
+               cutoff_len=512, eval_size=0.1, num_shards=2)
     prepared = prepare(cfg, tmp_path / "data")
     m = prepared.manifest()
     assert m["format"] == "qa_rows" and m["records"] == 6997 and m["read"]["skipped_records"] == 3

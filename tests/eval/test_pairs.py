@@ -53,7 +53,7 @@ def test_pairs_come_from_training_questions_answered_by_the_served_model(ray_clu
 
     cfg = parse_job({
         "name": "pairs", "output_dir": str(tmp_path / "runs"),
-        "data": {"source": str(cmrc_slice), "max_samples": 6, "cutoff_len": 1024, "val_size": 0.2},
+        "data": {"source": str(cmrc_slice), "max_samples": 6, "cutoff_len": 1024, "eval_size": 0.2},
         "serve": {"http_port": 8767, "max_tokens": 16},
         "train": {"preference": {"mining": {"model": "base", "max_f1": 1.0, "max_questions": 6}}},
     })
