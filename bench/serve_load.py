@@ -17,6 +17,10 @@ to one free port). It shows what the proxy hop costs and whether it limits the b
     .venv/bin/python bench/serve_load.py [--embed-requests 600] [--concurrency 32] [--rounds 2]
         [--rag-requests 48] [--rag-concurrency 8] [--max-tokens 32] [--time-cap-s 120] [--direct-ingress]
         [--rerank runs/financial_rerank/rerank/model [--rerank-candidates 20]] [--skip-embed]
+        [--retrieve-requests 400 [--retrieve-modes dense bm25 hybrid]] [--skip-rag]
+
+`--retrieve-requests N` adds a /v1/retrieve phase: the retriever's ranking mode is switched on the
+running replica (its `reconfigure`, Serve's user_config) and each mode serves the same questions.
 """
 
 from __future__ import annotations
@@ -118,6 +122,48 @@ def model_ceiling(questions: list[str], dtype: str, threads: int) -> dict:
             "unbounded_batch_ratio": round(single / (per_token * single_tokens), 2)}
 
 
+def retrieve_phase(cfg, url: str, questions: list[str], args) -> None:
+    """/v1/retrieve (top 5) per ranking mode, switched on the running retriever replica through its
+    `reconfigure` (Serve's user_config), each mode on the same questions, at concurrency 1 and
+    `--concurrency`; the retriever replica's resident memory after each mode."""
+    from ray import serve
+
+    from ray_ft.serve.app import APP_NAME
+
+    retriever = serve.get_deployment_handle("RetrieverDeployment", app_name=APP_NAME)
+    base = cfg.serve.retrieval_for(cfg.data.language).model_dump()
+    print(f"\n| /v1/retrieve (top 5, {args.kb} passages) | mode | concurrency | requests | failed | requests/s "
+          "| p50 (ms) | p95 (ms) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for mode in args.retrieve_modes:
+        retriever.reconfigure.remote({"retrieval": {**base, "mode": mode}}).result()
+        asyncio.run(load(url, "/v1/retrieve", [{"query": q, "top_k": 5} for q in questions[-32:]], 4, 60))  # warm-up
+        for conc in sorted({1, args.concurrency}):
+            n = args.retrieve_requests // 4 if conc == 1 else args.retrieve_requests
+            bodies = [{"query": questions[i], "top_k": 5} for i in range(n)]
+            res = asyncio.run(load(url, "/v1/retrieve", bodies, conc, args.time_cap_s))
+            print(f"| LanceDB | {mode} | {conc} | {res['done']}/{n} | {res['failed']} | {res['rps']:.1f} | "
+                  f"{res['p50_ms']:.1f} | {res['p95_ms']:.1f} |")
+            if res["failed"]:
+                print("failures:", res["first_failures"])
+    print(json.dumps({"retriever_replica_rss_mb": replica_rss_mb("RetrieverDeployment")}))
+
+
+def replica_rss_mb(deployment: str) -> list[float]:
+    """Resident memory of each live replica actor of `deployment` (Ray's State API + psutil)."""
+    import psutil
+    from ray.util.state import list_actors
+
+    out = []
+    for actor in list_actors(filters=[("state", "=", "ALIVE")], detail=True):
+        if deployment in (actor.class_name or "") or deployment in (actor.repr_name or ""):
+            try:
+                out.append(round(psutil.Process(actor.pid).memory_info().rss / 2**20, 1))
+            except psutil.NoSuchProcess:
+                pass
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--embed-requests", type=int, default=600, help="requests per embeddings round")
@@ -132,7 +178,11 @@ def main() -> None:
     ap.add_argument("--time-cap-s", type=float, default=120.0, help="cap per phase")
     ap.add_argument("--embedder-dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--embedder-threads", type=int, default=0, help="torch threads (0: all cores)")
-    ap.add_argument("--skip-rag", action="store_true", help="only the embeddings comparison")
+    ap.add_argument("--retrieve-requests", type=int, default=0,
+                    help="/v1/retrieve requests per ranking mode and concurrency level (0: no retrieve phase)")
+    ap.add_argument("--retrieve-modes", nargs="+", default=["dense", "bm25", "hybrid"],
+                    choices=["dense", "bm25", "hybrid"], help="ranking modes of the retrieve phase")
+    ap.add_argument("--skip-rag", action="store_true", help="no /v1/rag phase")
     ap.add_argument("--skip-embed", action="store_true", help="only /v1/rag (no embeddings rounds)")
     ap.add_argument("--rerank", default=None, metavar="FOLDER",
                     help="serve this cross-encoder (serve.rerank) and time /v1/rag with and without it, "
@@ -214,6 +264,8 @@ def main() -> None:
 
     # /v1/rag: retrieval (embedder, batched again) + generation (vLLM batches concurrent sequences).
     embedder.reconfigure.remote(settings["batched"]).result()
+    if args.retrieve_requests:
+        retrieve_phase(cfg, url, questions, args)
     if args.skip_rag:
         return
     print("\n| /v1/rag (retrieve top-1 + generate) | concurrency | requests | failed | requests/s | p50 (s) | p95 (s) |")

@@ -155,14 +155,21 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_run(args) -> int:
-    from ray_ft.eval import report
-    from ray_ft.run import run_all
+    import contextlib
 
-    from ray_ft.run import planned_stages
+    from ray_ft.eval import report
+    from ray_ft.run import planned_stages, run_chain
 
     cfg = _load(args)
-    with _view(cfg, planned_stages(cfg)):
-        summary = run_all(cfg, set(args.force or ()))
+
+    @contextlib.contextmanager
+    def around(job):
+        if job is not cfg:
+            print(f"job {job.name} (required by {cfg.name}): {job.run_dir}")
+        with _view(job, planned_stages(job)):
+            yield
+
+    summary = run_chain(cfg, set(args.force or ()), around)[-1]
     if summary["skipped"]:
         print(f"skipped (config and inputs unchanged): {', '.join(summary['skipped'])}; rerun with --force STAGE")
     if "embed" in summary:
@@ -174,6 +181,9 @@ def _cmd_run(args) -> int:
     if "eval" in summary:
         print("\n" + report.to_markdown(summary["eval"]))
         print(f"train loss (mean of first/last 8 steps) {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}")
+    if "pairs" in summary:
+        print(f"pairs: {summary['pairs']['pairs']} from {summary['pairs']['questions']} training questions "
+              f"({cfg.run_dir / 'pairs' / 'pairs.jsonl'})")
     t = summary["timings"]
     print(", ".join([*(f"{k}={v:.0f}" for k, v in t.items()), f"total={sum(t.values()):.0f}s"]))
     print(f"outputs: {cfg.run_dir}")

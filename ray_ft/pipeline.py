@@ -182,16 +182,23 @@ def run_pairs(cfg: JobConfig):
     """`ray-ft pairs`: serve the trained adapter (or the base, `train.preference.mining.model`),
     have it answer the training questions, and write its low-scoring answers as preference pairs
     to run_dir/pairs/pairs.jsonl. Returns (that path, the MinedPairs)."""
+    mining = cfg.train.preference.mining
+    trained = trained_model(cfg) if mining.model == "finetuned" else None  # fail before starting anything
+    if mining.model == "finetuned" and trained is None:
+        raise RayFTError("train.preference.mining.model=finetuned, but eval.models leaves out finetuned")
+    return stage_pairs(cfg, stage_prepare(cfg), trained)
+
+
+def stage_pairs(cfg: JobConfig, prepared: PreparedData, trained: Path | None):
+    """The pairs stage: the adapter in `trained` (None: the base model) answers the training
+    questions with their own passages; answers below `mining.max_f1` become pairs in
+    run_dir/pairs/pairs.jsonl. Returns (that path, the MinedPairs)."""
     from ray_ft.eval.clients import RAGClient
     from ray_ft.eval.pairs import mine_pairs, write_pairs
     from ray_ft.serve.app import stop_serving
     from ray_ft.serve.prompting import rag_prompt_of
 
     mining = cfg.train.preference.mining
-    trained = trained_model(cfg) if mining.model == "finetuned" else None  # fail before starting anything
-    if mining.model == "finetuned" and trained is None:
-        raise RayFTError("train.preference.mining.model=finetuned, but eval.models leaves out finetuned")
-    prepared = stage_prepare(cfg)
     if not prepared.train_questions_file.is_file():
         raise RayFTError(f"{prepared.train_questions_file}: no training questions: pairs need a QA data.source "
                          "(squad or qa_rows); data prepared by an older ray_ft needs `ray-ft prepare --force`")

@@ -11,7 +11,7 @@ from ray_ft.config import JobConfig
 from ray_ft.console import report_stage
 from ray_ft.data.prepare import PreparedData, reusable
 from ray_ft.io import read_jsonl, write_text_atomic
-from ray_ft.pipeline import require_eval_set, stage_eval, stage_prepare, stage_serve, stage_train
+from ray_ft.pipeline import require_eval_set, stage_eval, stage_pairs, stage_prepare, stage_serve, stage_train
 from ray_ft.retriever_stages import stage_embed, stage_rerank
 from ray_ft.served import check_extra_models
 
@@ -24,7 +24,9 @@ def planned_stages(cfg: JobConfig) -> list[str]:
     """The stages `run_all` goes through for this job, in order (what the run view lists)."""
     stages = [s for s, wanted in (("embed", cfg.task == "embedding" or cfg.embed.enabled),
                                   ("rerank", cfg.trains_reranker)) if wanted]
-    return stages + (["prepare", "train", "serve", "eval"] if cfg.task == "sft" else [])
+    if cfg.task != "sft":
+        return stages
+    return stages + ["prepare", "train", "serve", "eval"] + (["pairs"] if cfg.train.preference.mining.enabled else [])
 
 
 class _Timed:
@@ -107,11 +109,53 @@ def _eval_stage(cfg: JobConfig, log_, run: _Timed, prepared: PreparedData, train
     return table
 
 
+def _pairs_stage(cfg: JobConfig, log_, run: _Timed, prepared: PreparedData, trained) -> dict:
+    """Preference pairs from the trained model's answers to the training questions."""
+    summary_file = cfg.run_dir / "pairs" / "summary.json"
+    if log_.fresh("pairs") is not None:
+        run.skip("pairs")
+        return json.loads(summary_file.read_text())
+    adapter = trained.adapter_dir if cfg.train.preference.mining.model == "finetuned" else None
+    path, _ = run("pairs_s", lambda: stage_pairs(cfg, prepared, adapter))
+    log_.done("pairs", {"pairs_file": str(path)}, [path, summary_file])
+    return json.loads(summary_file.read_text())
+
+
+def required_jobs(cfg: JobConfig, _chain: tuple[str, ...] = ()) -> list[JobConfig]:
+    """The jobs `cfg.requires` names, each after the ones it requires itself, in order, each once."""
+    from ray_ft.config import load_job
+    from ray_ft.errors import RayFTError
+
+    out: list[JobConfig] = []
+    for req in cfg.requires:
+        key = str(Path(req.job).resolve())
+        if key in _chain:
+            raise RayFTError(f"{req.job}: requires: the jobs require each other ({' -> '.join(_chain + (key,))})")
+        job = load_job(req.job, req.overrides)
+        for dep in [*required_jobs(job, _chain + (key,)), job]:
+            if all(dep.run_dir != o.run_dir for o in out):
+                out.append(dep)
+    return out
+
+
+def run_chain(cfg: JobConfig, force: set[str] | frozenset[str] = frozenset(), around=None) -> list[dict]:
+    """`ray-ft run`: the jobs `cfg` requires (`required_jobs`), then `cfg` itself, each through
+    `run_all`; `force` applies to `cfg` only. `around(job)` (a context manager, e.g. the run
+    view) wraps each job. Returns their summaries, `cfg`'s last."""
+    import contextlib
+
+    summaries = []
+    for job in [*required_jobs(cfg), cfg]:
+        with around(job) if around else contextlib.nullcontext():
+            summaries.append(run_all(job, force if job is cfg else frozenset()))
+    return summaries
+
+
 def run_all(cfg: JobConfig, force: set[str] | frozenset[str] = frozenset()) -> dict:
     """Run every stage of the job in order; return the timings, the skipped stages, the embedder's
     retrieval before/after (with an embed stage) and the eval table.
 
-    task sft: [embed ->] [rerank ->] prepare -> train -> serve + evaluate; task embedding: embed
+    task sft: [embed ->] [rerank ->] prepare -> train -> serve + evaluate [-> pairs]; task embedding: embed
     alone; task rerank: [embed ->] rerank.
     Stages whose config and inputs are unchanged since they last finished are skipped
     (`ray_ft.stages`); `force` names stages to rerun anyway (the stages reading them rerun too).
@@ -158,5 +202,7 @@ def _stages(cfg: JobConfig, log_, run: _Timed, tracker) -> dict:
             tracker.log_eval(table, [ev / n for n in EVAL_ARTIFACTS], "eval" in log_.ran)
         summary.update({"first_loss": trained.first_loss, "final_loss": trained.final_loss,
                         "exported_step": trained.exported_step, "manifest": prepared.manifest(), "eval": table})
+        if cfg.train.preference.mining.enabled:
+            summary["pairs"] = _pairs_stage(cfg, log_, run, prepared, trained)
     summary.update({"timings": run.timings, "skipped": run.skipped})
     return summary

@@ -8,7 +8,8 @@ interrupted run resumes at the stage that did not finish.
 
 The stages and what each reads (`stage_inputs`): embed (optional) -> prepare (only when its
 retrieval-augmented examples use the fine-tuned embedder) -> train -> eval (serves the adapter and
-the embedder). Hashes are computed when asked, after the stages before have run: prepare's hash
+the embedder) -> pairs (optional, `train.preference.mining.enabled`: serves the adapter again and
+mines preference pairs from its answers to training questions). Hashes are computed when asked, after the stages before have run: prepare's hash
 covers the fine-tuned embedder's files, which the embed stage may just have rewritten.
 """
 
@@ -22,7 +23,7 @@ import ray_ft
 from ray_ft.config import JobConfig
 from ray_ft.io import write_text_atomic
 
-STAGES = ("embed", "rerank", "prepare", "train", "eval")
+STAGES = ("embed", "rerank", "prepare", "train", "eval", "pairs")
 STATE_FILE = "stages.json"
 
 
@@ -36,7 +37,7 @@ def stage_inputs(cfg: JobConfig) -> dict[str, tuple[str, ...]]:
     # eval serves the job's own reranker only when serve.rerank names no other one
     rerank = ("rerank",) if cfg.trains_reranker and cfg.serve.rerank.enabled and not cfg.serve.rerank.model else ()
     return {"embed": (), "rerank": embed, "prepare": embed if cfg.data.retrieval_augment.enabled else (),
-            "train": ("prepare",), "eval": ("train", *embed, *rerank)}
+            "train": ("prepare",), "eval": ("train", *embed, *rerank), "pairs": ("train",)}
 
 
 def lsr_lm_key(cfg: JobConfig) -> dict:
@@ -52,7 +53,8 @@ def train_config_key(cfg: JobConfig) -> dict:
     """The train config, and the pairs file's content for a preference recipe."""
     from ray_ft.data.sources import source_fingerprint
 
-    key: dict = cfg.train.model_dump()
+    # Mining is the pairs stage's config; the pairs a preference recipe reads are its input.
+    key: dict = cfg.train.model_dump(exclude={"preference": {"mining"}} if cfg.train.is_preference else {"preference"})
     if cfg.train.is_preference:
         key = {"train": key, "pairs": hashlib.sha256(source_fingerprint(cfg.train.preference.source)).hexdigest()}
     return key
@@ -79,6 +81,8 @@ def stage_hash(cfg: JobConfig, stage: str, memo: dict[str, str] | None = None) -
         # Models named by path are read by eval too: a re-trained adapter there means new numbers.
         "eval": lambda: {"serve": cfg.serve.model_dump(), "eval": cfg.eval.model_dump(),
                          "models": served_model_fingerprints(cfg)},
+        "pairs": lambda: {"mining": cfg.train.preference.mining.model_dump(exclude={"enabled"}),
+                          "serve": cfg.serve.model_dump()},
     }[stage]()
     # The package version too: outputs written by another release of ray_ft are never reused.
     memo[stage] = _digest({"own": own, "ray_ft": ray_ft.__version__, **upstream})

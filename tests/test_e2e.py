@@ -83,6 +83,34 @@ def test_run_all_on_a_cmrc_slice(ray_cluster, cmrc_slice, tmp_path, smollm_dir, 
     assert {t["n"] for t in third["eval"]} == {2}
     assert json.loads((run / "stages.json").read_text())["train"]["outputs"]["exported_step"] == summary["exported_step"]
     _check_mlflow(tmp_path / "runs", summary, third)
+    _check_required_pairs_stage(fewer, tmp_path)
+
+
+def _check_required_pairs_stage(cfg, tmp_path):
+    """A preference job that requires this finished job with pair mining switched on: running
+    its requirement reruns nothing but the new pairs stage, which the trained adapter answers."""
+    import yaml
+
+    from ray_ft.config import load_job, write_resolved
+    from ray_ft.data.preference import read_preference_source
+    from ray_ft.run import required_jobs
+
+    job_file = tmp_path / "dpo.yaml"
+    job_file.write_text(yaml.safe_dump({
+        "name": "dpo", "output_dir": str(tmp_path / "runs"), "train": {"method": "dpo", "preference": {
+            "source": str(cfg.run_dir / "pairs" / "pairs.jsonl")}},
+        "requires": [{"job": str(write_resolved(cfg).relative_to(tmp_path)), "overrides": [
+            "train.preference.mining.enabled=true", "train.preference.mining.max_questions=4",
+            "train.preference.mining.max_f1=1.0"]}]}))
+    (sft,) = required_jobs(load_job(job_file))
+    assert sft.run_dir == cfg.run_dir and sft.train.preference.mining.enabled
+    mined = run_all(sft)
+    assert mined["skipped"] == ["prepare", "train", "eval"]
+    assert mined["pairs"]["questions"] == 4 and mined["pairs"]["answered_by"] == "e2e"
+    pairs, _ = read_preference_source(str(cfg.run_dir / "pairs" / "pairs.jsonl"))
+    held = {json.loads(line)["id"] for line in (cfg.run_dir / "data" / "eval.jsonl").read_text().splitlines()}
+    assert len(pairs) == mined["pairs"]["pairs"] >= 1 and not {p.id.split("#")[0] for p in pairs} & held
+    assert run_all(sft)["skipped"] == ["prepare", "train", "eval", "pairs"]
 
 
 def _check_mlflow(output_dir, summary, third):

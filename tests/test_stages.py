@@ -134,7 +134,7 @@ def test_one_invocation_hashes_the_data_once_until_a_stage_finishes(tmp_path, mo
     calls = []
     real = prepare.data_config_hash
     monkeypatch.setattr(prepare, "data_config_hash", lambda c: calls.append(1) or real(c))
-    assert len(set(stage_hashes(cfg).values())) == 5 and len(calls) == 1  # read by train and eval too
+    assert len(set(stage_hashes(cfg).values())) == 6 and len(calls) == 1  # one per stage; read by train, eval and pairs too
     log = StageLog(cfg.run_dir, cfg)
     assert all(log.fresh(s) == {} for s in ("prepare", "train", "eval")) and len(calls) == 2
     log.done("eval", {}, [out])
@@ -176,3 +176,73 @@ def test_the_rerank_stage_reruns_eval_only_when_eval_serves_its_reranker(tmp_pat
     before = stage_hashes(outside)["eval"]
     (folder / "config.json").write_text('{"changed": 1}')
     assert stage_hashes(outside)["eval"] != before
+
+
+def test_mining_pairs_is_a_stage_of_its_own_after_eval(tmp_path):
+    from ray_ft.run import planned_stages
+
+    cfg = _cfg(tmp_path)
+    mining = _cfg(tmp_path, train={"preference": {"mining": {"enabled": True}}})
+    assert planned_stages(cfg)[-1] == "eval" and planned_stages(mining)[-2:] == ["eval", "pairs"]
+    before, after = stage_hashes(cfg), stage_hashes(mining)
+    # Switching mining on reruns nothing before it; its own settings change only the pairs stage.
+    assert all(after[s] == before[s] for s in ("prepare", "train", "eval"))
+    stricter = stage_hashes(_cfg(tmp_path, train={"preference": {"mining": {"enabled": True, "max_f1": 0.3}}}))
+    assert stricter["pairs"] != after["pairs"] and stricter["train"] == after["train"]
+    assert stage_hashes(_cfg(tmp_path, train={"learning_rate": 1e-4}))["pairs"] != before["pairs"]
+
+
+def _job_file(path, name, requires=()):
+    import yaml
+
+    path.write_text(yaml.safe_dump({"name": name, "output_dir": str(path.parent / "runs"),
+                                    "requires": [dict(r) for r in requires]}))
+    return path
+
+
+def test_required_jobs_run_first_in_order_once_with_their_overrides(tmp_path):
+    from ray_ft.config import load_job
+    from ray_ft.run import required_jobs
+
+    (tmp_path / "jobs").mkdir()
+    _job_file(tmp_path / "jobs" / "sft.yaml", "sft")
+    _job_file(tmp_path / "jobs" / "embed.yaml", "embed", [{"job": "sft.yaml"}])
+    top = _job_file(tmp_path / "jobs" / "dpo.yaml", "dpo", [
+        {"job": "embed.yaml"},  # requires sft.yaml itself: sft comes first, once
+        {"job": "sft.yaml", "overrides": ["train.preference.mining.enabled=true"]}])
+    chain = required_jobs(load_job(top))
+    assert [j.name for j in chain] == ["sft", "embed"]  # paths relative to the requiring job file
+    assert not chain[0].train.preference.mining.enabled  # the first mention of a run folder wins
+
+    only = _job_file(tmp_path / "jobs" / "pairs.yaml", "pairs", [
+        {"job": "sft.yaml", "overrides": ["train.preference.mining.enabled=true"]}])
+    (sft,) = required_jobs(load_job(only))
+    assert sft.train.preference.mining.enabled
+
+
+def test_jobs_that_require_each_other_are_refused(tmp_path):
+    from ray_ft.config import load_job
+    from ray_ft.errors import RayFTError
+    from ray_ft.run import required_jobs
+
+    _job_file(tmp_path / "a.yaml", "a", [{"job": "b.yaml"}])
+    _job_file(tmp_path / "b.yaml", "b", [{"job": "a.yaml"}])
+    with pytest.raises(RayFTError, match="requires: the jobs require each other"):
+        required_jobs(load_job(tmp_path / "a.yaml"))
+    with pytest.raises(RayFTError, match="missing.yaml: job file not found"):
+        required_jobs(load_job(_job_file(tmp_path / "c.yaml", "c", [{"job": "missing.yaml"}])))
+
+
+def test_the_resolved_config_read_back_has_the_same_stage_hashes(tmp_path):
+    from ray_ft.config import load_job, write_resolved
+
+    import yaml
+
+    _cfg(tmp_path)  # writes the source file
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({"name": "s", "output_dir": str(tmp_path / "runs"),
+                                   "data": {"source": "qa.json"}, "train": {"max_steps": 6}}))
+    cfg = load_job(job)
+    again = load_job(write_resolved(cfg))
+    # (an int default of a float field, 2, read back as 2.0 once changed every hash after prepare)
+    assert stage_hashes(again) == stage_hashes(cfg)

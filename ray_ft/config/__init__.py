@@ -68,6 +68,15 @@ class RayConfig(_Strict):
     )
 
 
+class RequiredJob(_Strict):
+    """A job `ray-ft run` runs to its end before this one (its stages skipped when unchanged)."""
+
+    job: str = Field(..., description="The job file (relative to this job file's folder).")
+    overrides: list[str] = Field(
+        default_factory=list, description="`dotted.key=value` overrides for it, as on the command line.",
+    )
+
+
 class JobConfig(_Strict):
     name: SafeName = Field(..., description="Job name; also the run folder's name and the served name of the "
                            "fine-tuned model ([A-Za-z0-9][A-Za-z0-9._-]{0,127}, no '..').")
@@ -87,6 +96,10 @@ class JobConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    requires: list[RequiredJob] = Field(
+        default_factory=list, description="Jobs `ray-ft run` runs first, in order (e.g. the SFT job whose "
+        "mined pairs and merged model this preference job starts from).",
+    )
 
     @model_validator(mode="after")
     def _check_combinations(self) -> "JobConfig":
@@ -275,6 +288,8 @@ def _resolve_source(cfg: JobConfig, base_dir: Path) -> JobConfig:
         update["train"] = cfg.train.model_copy(update={"preference": pref})
     if cfg.eval.source is not None:
         update["eval"] = cfg.eval.model_copy(update={"source": _resolve_path(cfg.eval.source, base_dir)})
+    if cfg.requires:
+        update["requires"] = [r.model_copy(update={"job": _resolve_path(r.job, base_dir)}) for r in cfg.requires]
     return cfg.model_copy(update=update)
 
 

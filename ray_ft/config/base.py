@@ -11,7 +11,9 @@ from ray_ft.paths import name_problem
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # validate_default: an int default of a float field becomes a float, as the same value read
+    # back from config.resolved.yaml does (2 vs 2.0 made stage hashes differ).
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
 def _safe_name(value: str) -> str:

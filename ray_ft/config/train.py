@@ -43,6 +43,10 @@ class PairMiningConfig(_Strict):
     """`ray-ft pairs JOB.yaml`: preference pairs from the served model's own answers to the
     training questions (never the held-out ones), with each question's own passage as context."""
 
+    enabled: bool = Field(
+        False, description="`ray-ft run` ends with a `pairs` stage (after eval): the pairs land in "
+        "run_dir/pairs/pairs.jsonl, where a preference job's `train.preference.source` reads them.",
+    )
     model: Literal["finetuned", "base"] = Field(
         "finetuned", description="Who answers: the job's trained adapter (train/adapter) or the base model.",
     )
