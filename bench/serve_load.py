@@ -150,17 +150,15 @@ def retrieve_phase(cfg, url: str, questions: list[str], args) -> None:
 
 
 def replica_rss_mb(deployment: str) -> list[float]:
-    """Resident memory of each live replica actor of `deployment` (Ray's State API + psutil)."""
+    """Resident memory of each replica process of `deployment` on this machine (Ray titles a
+    replica's process `ray::ServeReplica:APP:DEPLOYMENT`)."""
     import psutil
-    from ray.util.state import list_actors
 
     out = []
-    for actor in list_actors(filters=[("state", "=", "ALIVE")], detail=True):
-        if deployment in (actor.class_name or "") or deployment in (actor.repr_name or ""):
-            try:
-                out.append(round(psutil.Process(actor.pid).memory_info().rss / 2**20, 1))
-            except psutil.NoSuchProcess:
-                pass
+    for proc in psutil.process_iter(["cmdline", "memory_info"]):
+        title = " ".join(proc.info["cmdline"] or [])
+        if title.startswith("ray::ServeReplica") and title.split(":")[-1].split()[0] == deployment:
+            out.append(round(proc.info["memory_info"].rss / 2**20, 1))
     return out
 
 
