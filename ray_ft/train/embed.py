@@ -175,20 +175,58 @@ def contrastive_objective(ecfg: EmbedConfig):
     return loss_of
 
 
-class ContrastiveSteps:
-    """The embedding recipe's part of the step loop: triplet batches with seeded negatives, the
-    InfoNCE loss, retrieval validation on the held-out pairs, a sentence-transformers folder."""
+class EncoderSteps:
+    """What the sentence-encoder recipes' loop parts share (contrastive here, LSR): the shard,
+    tokenizing onto the device, and a checkpoint's sentence-transformers folder (rank 0)."""
 
     def __init__(self, shard, tok, ecfg: EmbedConfig, val: dict | None, base_dir: Path, rank: int, device):
         self.shard, self.tok, self.ecfg, self.val = shard, tok, ecfg, val
         self.base_dir, self.rank, self.device = base_dir, rank, device
 
-    def micro_batches(self):
-        return self.shard.iter_batches(batch_size=self.ecfg.per_device_batch_size, drop_last=True)
-
     def tokenize(self, texts: list[str], max_len: int) -> dict:
         enc = self.tok(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
         return {k: v.to(self.device) for k, v in enc.items()}
+
+    def save(self, stepper, folder: Path) -> None:
+        if self.rank == 0:
+            (folder / "model").mkdir(parents=True, exist_ok=True)
+            write_sentence_transformer(stepper.module, self.tok, self.base_dir, folder / "model", self.ecfg.pooling)
+
+
+def resume_encoder(start: str, ecfg: EmbedConfig, tcfg: TrainConfig, n_steps: int, loss_of):
+    """(encoder, TorchStepper, LoopState) of a sentence-encoder recipe's worker: fresh from
+    `start`, or, after a restart, the latest checkpoint's weights (loaded before DDP wraps them),
+    optimizer, scheduler and loop state."""
+    from safetensors.torch import load_file
+
+    from ray_ft.train.steppers import TorchStepper
+
+    encoder = SentenceEncoder.build(start, ecfg.pooling)
+    with latest_checkpoint() as ckpt:
+        if ckpt is not None:
+            encoder.model.load_state_dict(load_file(str(ckpt / "model" / "model.safetensors")))
+        stepper = TorchStepper(encoder, tcfg, n_steps, loss_of=loss_of)
+        return encoder, stepper, restore(stepper, ckpt)
+
+
+def encoder_schedule(ecfg: EmbedConfig, encoder, n_steps: int, per_epoch: int, eval_every: int | None,
+                     metric: str, tag: str) -> Schedule:
+    """The loop schedule of a sentence-encoder recipe: no accumulation, a row per step, full
+    fine-tune FLOPs (6N per token)."""
+    num_params = sum(p.numel() for p in encoder.parameters())
+    return Schedule(
+        n_steps=n_steps, per_epoch=per_epoch, accumulation=1, eval_every=eval_every, log_every=1, metric=metric,
+        patience=None, seed=ecfg.seed, flops_per_token=tm.flops_per_token(num_params, "full"),
+        peak_tflops=tm.peak_tflops(ecfg.use_gpu), use_gpu=ecfg.use_gpu, micro_steps=False, all_ranks_save=False,
+        tag=tag)
+
+
+class ContrastiveSteps(EncoderSteps):
+    """The embedding recipe's part of the step loop: triplet batches with seeded negatives, the
+    InfoNCE loss, retrieval validation on the held-out pairs."""
+
+    def micro_batches(self):
+        return self.shard.iter_batches(batch_size=self.ecfg.per_device_batch_size, drop_last=True)
 
     def losses(self, stepper, group: list):
         import torch
@@ -211,42 +249,24 @@ class ContrastiveSteps:
             return {}
         return retrieval_validation(stepper.module, self.tok, self.val, self.ecfg, self.device)
 
-    def save(self, stepper, folder: Path) -> None:
-        if self.rank == 0:
-            (folder / "model").mkdir(parents=True, exist_ok=True)
-            write_sentence_transformer(stepper.module, self.tok, self.base_dir, folder / "model", self.ecfg.pooling)
-
 
 def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
-    from safetensors.torch import load_file
     from transformers import AutoTokenizer
-
-    from ray_ft.train.steppers import TorchStepper
 
     ecfg, rank, world = start_embed_worker(loop_config)
     start = loop_config["model_dir"]
     tok = AutoTokenizer.from_pretrained(start)
     tok.padding_side = "right"  # GradCache trims each chunk's trailing padding
-    encoder = SentenceEncoder.build(start, ecfg.pooling)
     per_worker = loop_config["triplets_per_worker"]
     n_steps = total_steps(per_worker, ecfg)
-    with latest_checkpoint() as ckpt:
-        if ckpt is not None:  # a restart after a failure: the weights first, before DDP wraps them
-            encoder.model.load_state_dict(load_file(str(ckpt / "model" / "model.safetensors")))
-        stepper = TorchStepper(encoder, step_settings(ecfg), n_steps, loss_of=contrastive_objective(ecfg))
-        state = restore(stepper, ckpt)
+    encoder, stepper, state = resume_encoder(start, ecfg, step_settings(ecfg), n_steps, contrastive_objective(ecfg))
     device = ray.train.torch.get_device()
     steps = ContrastiveSteps(ray.train.get_dataset_shard("train"), tok, ecfg, loop_config.get("val"), Path(start),
                              rank, device)
-    num_params = sum(p.numel() for p in encoder.parameters())
-    sched = Schedule(
-        n_steps=n_steps, per_epoch=steps_per_epoch(per_worker, ecfg), accumulation=1,
-        eval_every=ecfg.eval_every_n_steps, log_every=1, metric=f"val_mrr_at_{ecfg.eval_top_k}", patience=None,
-        seed=ecfg.seed, flops_per_token=tm.flops_per_token(num_params, "full"),
-        peak_tflops=tm.peak_tflops(ecfg.use_gpu), use_gpu=ecfg.use_gpu, micro_steps=False, all_ranks_save=False,
-        tag="embed")
+    sched = encoder_schedule(ecfg, encoder, n_steps, steps_per_epoch(per_worker, ecfg), ecfg.eval_every_n_steps,
+                             f"val_mrr_at_{ecfg.eval_top_k}", "embed")
     run_steps(steps, stepper, sched, state, rank, world, device, step_writer(loop_config, rank),
               loop_config.get("test_faults"))
 

@@ -18,12 +18,11 @@ from pathlib import Path
 
 from ray_ft.config import EmbedConfig, JobConfig, TrainConfig
 from ray_ft.errors import RayFTError
-from ray_ft.train import metrics as tm
 from ray_ft.train.embed import (
-    SentenceEncoder, retrieval_validation, start_embed_worker, write_sentence_transformer,
+    EncoderSteps, encoder_schedule, resume_encoder, retrieval_validation, start_embed_worker,
 )
 from ray_ft.train.launch import Launch, Workers, launch
-from ray_ft.train.loop import Counts, Schedule, latest_checkpoint, restore, run_steps, step_writer
+from ray_ft.train.loop import Counts, run_steps, step_writer
 
 log = logging.getLogger(__name__)
 
@@ -76,20 +75,12 @@ def lsr_objective(ecfg: EmbedConfig):
     return loss_of
 
 
-class LSRSteps:
+class LSRSteps(EncoderSteps):
     """LSR's part of the step loop: questions with their scored candidates, the KL loss, the
     embedding recipe's retrieval validation."""
 
-    def __init__(self, shard, tok, ecfg: EmbedConfig, val: dict | None, base_dir: Path, rank: int, device):
-        self.shard, self.tok, self.ecfg, self.val = shard, tok, ecfg, val
-        self.base_dir, self.rank, self.device = base_dir, rank, device
-
     def micro_batches(self):
         return self.shard.iter_batches(batch_size=self.ecfg.lsr.per_device_batch_size, drop_last=True)
-
-    def tokenize(self, texts: list[str], max_len: int) -> dict:
-        enc = self.tok(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
-        return {k: v.to(self.device) for k, v in enc.items()}
 
     def length_chunks(self, texts: list[str], max_len: int, size: int = 32):
         """The texts tokenized in chunks of similar length, each padded to its own longest, and
@@ -129,41 +120,22 @@ class LSRSteps:
         # Every rank scores the same (small) validation set, so all agree on best and stop.
         return retrieval_validation(stepper.module, self.tok, self.val, self.ecfg, self.device) if self.val else {}
 
-    def save(self, stepper, folder: Path) -> None:
-        if self.rank == 0:
-            (folder / "model").mkdir(parents=True, exist_ok=True)
-            write_sentence_transformer(stepper.module, self.tok, self.base_dir, folder / "model", self.ecfg.pooling)
-
 
 def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
-    from safetensors.torch import load_file
     from transformers import AutoTokenizer
-
-    from ray_ft.train.steppers import TorchStepper
 
     ecfg, rank, world = start_embed_worker(loop_config)
     start = loop_config["model_dir"]
     tok = AutoTokenizer.from_pretrained(start)
-    encoder = SentenceEncoder.build(start, ecfg.pooling)
     per_worker = loop_config["questions_per_worker"]
     n_steps, per_epoch = total_steps(per_worker, ecfg), max(1, per_worker // ecfg.lsr.per_device_batch_size)
-    tcfg = step_settings(ecfg)
-    with latest_checkpoint() as ckpt:
-        if ckpt is not None:  # a restart after a failure: the weights first, before DDP wraps them
-            encoder.model.load_state_dict(load_file(str(ckpt / "model" / "model.safetensors")))
-        stepper = TorchStepper(encoder, tcfg, n_steps, loss_of=lsr_objective(ecfg))
-        state = restore(stepper, ckpt)
+    encoder, stepper, state = resume_encoder(start, ecfg, step_settings(ecfg), n_steps, lsr_objective(ecfg))
     device = ray.train.torch.get_device()
     steps = LSRSteps(ray.train.get_dataset_shard("train"), tok, ecfg, loop_config.get("val"), Path(start), rank,
                      device)
-    num_params = sum(p.numel() for p in encoder.parameters())
-    sched = Schedule(
-        n_steps=n_steps, per_epoch=per_epoch, accumulation=1, eval_every=ecfg.lsr.eval_every_n_steps, log_every=1,
-        metric=val_metric(ecfg), patience=None, seed=ecfg.seed,
-        flops_per_token=tm.flops_per_token(num_params, "full"), peak_tflops=tm.peak_tflops(ecfg.use_gpu),
-        use_gpu=ecfg.use_gpu, micro_steps=False, all_ranks_save=False, tag="lsr")
+    sched = encoder_schedule(ecfg, encoder, n_steps, per_epoch, ecfg.lsr.eval_every_n_steps, val_metric(ecfg), "lsr")
     run_steps(steps, stepper, sched, state, rank, world, device, step_writer(loop_config, rank),
               loop_config.get("test_faults"))
 
