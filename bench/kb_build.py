@@ -82,6 +82,11 @@ def main() -> None:
     model_dir = str(resolve_model("all-MiniLM-L6-v2"))
     nodes = windows(args.nodes)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    import ray.data  # noqa: F401  (quiet_libraries switches its progress bars off once imported)
+
+    from ray_ft.console import quiet_libraries
+
+    quiet_libraries()  # the table below, not Ray Data's progress lines
     build(nodes[:200], model_dir, 1, 1, 100)  # warm-up: cluster and Ray Data start
     print(f"{len(nodes)} nodes (Financial-QA windows), all-MiniLM-L6-v2 fp32, {os.cpu_count()} CPUs, "
           f"commits of {args.write_every}")

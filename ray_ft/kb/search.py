@@ -26,8 +26,8 @@ def table_search(r: RetrievalSettings, embed: EmbedFn | None, kb_cfg: KnowledgeB
 
     def search(questions: list[str], passages: list[str], n: int) -> list[list[int]]:
         with tempfile.TemporaryDirectory(prefix="ray_ft_first_stage_") as tmp:
-            kb = KnowledgeBase(tmp, "passages", "first_stage", None,
-                               kb_cfg.model_copy(update={"refresh_s": 0, "uri": tmp}), language)
+            kb = KnowledgeBase(tmp, "passages", "first_stage", None, kb_cfg.model_copy(update={"refresh_s": 0}),
+                               language)
             rows = [node_row({"node_id": str(i), "text": p, "metadata": {}}) for i, p in enumerate(passages)]
             vectors = np.zeros((len(passages), 1), np.float32) if r.mode == "bm25" else embed(passages)
             kb.upsert(rows, vectors)
@@ -37,7 +37,7 @@ def table_search(r: RetrievalSettings, embed: EmbedFn | None, kb_cfg: KnowledgeB
             qvecs = embed([r.query_instruction + q for q in questions])
             if r.mode == "dense":
                 return [[int(h.node_id) for h in kb.dense(v, n)] for v in qvecs]
-            pool = max(n, r.candidates)  # as served: fuse each ranking's top `candidates`
-            return [[int(h.node_id) for h in kb.hybrid(v, q, n, pool, r.rrf_k)] for v, q in zip(qvecs, questions)]
+            # as served: fuse each ranking's top `candidates`
+            return [[int(h.node_id) for h in kb.hybrid(v, q, n, r.candidates, r.rrf_k)] for v, q in zip(qvecs, questions)]
 
     return search

@@ -253,9 +253,11 @@ class KnowledgeBase:
         return [_hit(r, r["_score"]) for r in rows]
 
     def hybrid(self, vector: np.ndarray, query: str, top_k: int, candidates: int, rrf_k: int = 60) -> list[Hit]:
-        """Vector and full-text rankings of `candidates` each, fused by LanceDB's RRF reranker."""
+        """Vector and full-text rankings of `candidates` each (at least `top_k`), fused by
+        LanceDB's RRF reranker."""
         from lancedb.rerankers import RRFReranker
 
+        candidates = max(top_k, candidates)
         query = self._fts_query(query)
         if not query.strip():
             return self.dense(vector, top_k)

@@ -49,7 +49,7 @@ class LanceIndex:
         return self.kb.text(query, top_k)
 
     def hybrid(self, qvec: np.ndarray, query: str, top_k: int) -> list[Hit]:
-        return self.kb.hybrid(qvec, query, top_k, max(top_k, self.r.candidates), self.r.rrf_k)
+        return self.kb.hybrid(qvec, query, top_k, self.r.candidates, self.r.rrf_k)
 
 
 @serve.deployment
