@@ -171,7 +171,8 @@ def _pdf_sections(source: str, data: bytes) -> list[tuple[str, int | None, str |
         pages = [(page.extract_text() or "", n + 1, None) for n, page in enumerate(reader.pages)]
     except RayFTError:
         raise
-    except (PyPdfError, ValueError, KeyError, TypeError, OSError) as err:
+    # NotImplementedError: a stream filter pypdf does not decode (found by tests/data/test_reader_fuzz.py).
+    except (PyPdfError, ValueError, KeyError, TypeError, OSError, NotImplementedError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise RayFTError(f"{source}: corrupt PDF ({first})") from None
     if not any(t.strip() for t, _, _ in pages):

@@ -41,6 +41,12 @@ class ReadReport:
     answer_start_fixed: int = 0  # offsets that did not point at the text, moved to where it is
 
 
+def _shown(record_id: object) -> str:
+    """A record id as an error shows it: on one line (newlines and control characters escaped,
+    as JSON writes them; other text as is)."""
+    return json.dumps(str(record_id), ensure_ascii=False)[1:-1]
+
+
 class Problems:
     """Collects record-level problems under one policy."""
 
@@ -56,10 +62,10 @@ class Problems:
             rec = make()
         except RecordError as err:
             rid = err.record_id if err.record_id is not None else record_id
-            self.bad(f"{where}{f' (id={rid})' if rid is not None else ''}: {err}")
+            self.bad(f"{where}{f' (id={_shown(rid)})' if rid is not None else ''}: {err}")
             return
         if rec.id in seen:
-            self.bad(f"{where} (id={rec.id}): duplicate id")
+            self.bad(f"{where} (id={_shown(rec.id)}): duplicate id")
             return
         seen.add(rec.id)
         out.append(rec)
