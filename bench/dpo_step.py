@@ -4,6 +4,8 @@ by side in one process: what preference tuning costs per token against SFT on th
     sft    the prompt + chosen rows of the batch, answer-only SFT loss (ray_ft/train/loss.py)
     orpo   prompt + chosen and prompt + rejected rows, one policy forward
     dpo    the same rows, the policy forward + the reference forward (adapter disabled)
+    *_flat the same sequences padding-free, end to end in one row (what `data.packing` trains),
+           cut per sequence by ray_ft's packed attention
 
 Pairs are financial QA (question with its context; chosen = its answer, rejected = the answer to
 another question), `--pairs` per step, tokenized with the chat template as the recipe does. Each
@@ -57,8 +59,11 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(model_dir)
     pairs = [preference_pair(p, f"line {i + 1}") for i, p in enumerate(_pairs(args.pairs))]
     batch = pair_batch([tokenize_pair(tok, p, "You are a helpful assistant.") for p in pairs], tok.pad_token_id)
+    flat = pair_batch([tokenize_pair(tok, p, "You are a helpful assistant.") for p in pairs], tok.pad_token_id,
+                      flatten=True)
     chosen = {k: v[: args.pairs] for k, v in batch.items()}
-    model, _ = build_model(model_dir, TrainConfig(precision="fp32"), torch.float32)
+    # packed attention for the flat rows; padded batches (a 2-D mask) go to transformers' sdpa
+    model, _ = build_model(model_dir, TrainConfig(precision="fp32"), torch.float32, packed=True)
     model.train()
 
     def step(fn):
@@ -73,17 +78,21 @@ def main() -> None:
         "sft": step(lambda: answer_only_loss(model, chosen)),
         "orpo": step(lambda: preference_loss(model, batch, "orpo", 0.1, 0.0, 0.1).loss),
         "dpo": step(lambda: preference_loss(model, batch, "dpo", 0.1, 0.0, 0.1).loss),
+        "orpo_flat": step(lambda: preference_loss(model, flat, "orpo", 0.1, 0.0, 0.1).loss),
+        "dpo_flat": step(lambda: preference_loss(model, flat, "dpo", 0.1, 0.0, 0.1).loss),
     }
     seconds, _ = time_alternating(steps, args.rounds, args.repeats)
     tokens = {"sft": int(chosen["attention_mask"].sum()), "orpo": int(batch["attention_mask"].sum())}
-    tokens["dpo"] = tokens["orpo"]
+    tokens |= {name: tokens["orpo"] for name in ("dpo", "orpo_flat", "dpo_flat")}
+    assert flat["input_ids"].numel() == tokens["orpo"]  # the flat row is the real tokens, no padding
     out = {name: {"s_per_step": round(s, 3), "tokens_per_s": round(tokens[name] / s, 1),
                   "pairs_per_s": round(args.pairs / s, 3)} for name, s in seconds.items()}
     for name in out:
         out[name]["tokens_per_s_vs_sft"] = round(out[name]["tokens_per_s"] / out["sft"]["tokens_per_s"], 2)
         out[name]["pairs_per_s_vs_sft"] = round(out[name]["pairs_per_s"] / out["sft"]["pairs_per_s"], 2)
     print(json.dumps({"model": args.model, "pairs": args.pairs, "threads": args.threads,
-                      "row_tokens": tokens, "padded_width": batch["input_ids"].shape[1], **out}, indent=2))
+                      "row_tokens": tokens, "padded_width": batch["input_ids"].shape[1],
+                      "padded_tokens": batch["input_ids"].numel(), **out}, indent=2))
 
 
 if __name__ == "__main__":

@@ -76,11 +76,11 @@ def main() -> None:
         job["eval"].update(source=str(dev_file), max_samples=len(dev), modes=["gold"], models=["finetuned"])
         t = time.perf_counter()
         summary = run_all(parse_job(job))
-        row, m = summary["eval"][0], summary["manifest"]
+        row, m = summary.eval[0], summary.manifest
         preds[variant] = {r["id"]: r for r in read_jsonl(work / "runs" / name / "eval" / "predictions.jsonl")}
-        results[variant] = {"wall_s": time.perf_counter() - t, "timings": summary["timings"],
+        results[variant] = {"wall_s": time.perf_counter() - t, "timings": summary.timings,
                             "train_tokens": m["train_tokens"], "shortened_context": m["shortened_context"],
-                            "final_loss": summary["final_loss"], "n": row["n"],
+                            "final_loss": summary.final_loss, "n": row["n"],
                             **{k: row[k] for k in COLUMNS}, **{f"{k}_ci95": row[f"{k}_ci95"] for k in COLUMNS}}
     ref, *others = args.variants
     ids = sorted(preds[ref])

@@ -170,21 +170,20 @@ def _cmd_run(args) -> int:
             yield
 
     summary = run_chain(cfg, set(args.force or ()), around)[-1]
-    if summary["skipped"]:
-        print(f"skipped (config and inputs unchanged): {', '.join(summary['skipped'])}; rerun with --force STAGE")
-    if "embed" in summary:
-        e = summary["embed"]
-        print("\nembedder, retrieval on the held-out questions:\n" + _embed_table(e))
-        print(f"embedder: {e['model_dir']}")
-    if "rerank" in summary:
-        _print_rerank(summary["rerank"])
-    if "eval" in summary:
-        print("\n" + report.to_markdown(summary["eval"]))
-        print(f"train loss (mean of first/last 8 steps) {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}")
-    if "pairs" in summary:
-        print(f"pairs: {summary['pairs']['pairs']} from {summary['pairs']['questions']} training questions "
+    if summary.skipped:
+        print(f"skipped (config and inputs unchanged): {', '.join(summary.skipped)}; rerun with --force STAGE")
+    if summary.embed:
+        print("\nembedder, retrieval on the held-out questions:\n" + _embed_table(summary.embed))
+        print(f"embedder: {summary.embed['model_dir']}")
+    if summary.rerank:
+        _print_rerank(summary.rerank)
+    if summary.eval is not None:
+        print("\n" + report.to_markdown(summary.eval))
+        print(f"train loss (mean of first/last 8 steps) {summary.first_loss:.4f} -> {summary.final_loss:.4f}")
+    if summary.pairs:
+        print(f"pairs: {summary.pairs['pairs']} from {summary.pairs['questions']} training questions "
               f"({cfg.run_dir / 'pairs' / 'pairs.jsonl'})")
-    t = summary["timings"]
+    t = summary.timings
     print(", ".join([*(f"{k}={v:.0f}" for k, v in t.items()), f"total={sum(t.values()):.0f}s"]))
     print(f"outputs: {cfg.run_dir}")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ray_ft.config import JobConfig
@@ -18,6 +19,28 @@ from ray_ft.served import check_extra_models
 
 # The eval stage's files an MLflow run gets as artifacts (those that exist).
 EVAL_ARTIFACTS = ("summary.md", "summary.json", "report.html", "metrics.png", "loss.png")
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What `run_all` did: written to run_dir/run_summary.json (fields that are None left out).
+    The retrieval stages' and the pairs stage's records are their own summary files, as read back."""
+
+    job: str
+    task: str
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage that ran
+    skipped: list[str] = field(default_factory=list)  # stages reused: config and inputs unchanged
+    embed: dict | None = None  # embed/retrieval.json: the embedder's retrieval before/after, its folder
+    rerank: dict | None = None  # rerank/retrieval.json
+    first_loss: float | None = None  # task sft: mean train loss of the first/last 8 steps
+    final_loss: float | None = None
+    exported_step: int | None = None  # the checkpoint exported (the best by metric_for_best, else last)
+    manifest: dict | None = None  # data/manifest.json
+    eval: list[dict] | None = None  # the eval table: one row per (model, mode)
+    pairs: dict | None = None  # pairs/summary.json (train.preference.mining.enabled)
+
+    def to_json(self) -> str:
+        return json.dumps({k: v for k, v in asdict(self).items() if v is not None}, indent=2, ensure_ascii=False)
 
 
 def planned_stages(cfg: JobConfig) -> list[str]:
@@ -138,7 +161,7 @@ def required_jobs(cfg: JobConfig, _chain: tuple[str, ...] = ()) -> list[JobConfi
     return out
 
 
-def run_chain(cfg: JobConfig, force: set[str] | frozenset[str] = frozenset(), around=None) -> list[dict]:
+def run_chain(cfg: JobConfig, force: set[str] | frozenset[str] = frozenset(), around=None) -> list[RunSummary]:
     """`ray-ft run`: the jobs `cfg` requires (`required_jobs`), then `cfg` itself, each through
     `run_all`; `force` applies to `cfg` only. `around(job)` (a context manager, e.g. the run
     view) wraps each job. Returns their summaries, `cfg`'s last."""
@@ -151,7 +174,7 @@ def run_chain(cfg: JobConfig, force: set[str] | frozenset[str] = frozenset(), ar
     return summaries
 
 
-def run_all(cfg: JobConfig, force: set[str] | frozenset[str] = frozenset()) -> dict:
+def run_all(cfg: JobConfig, force: set[str] | frozenset[str] = frozenset()) -> RunSummary:
     """Run every stage of the job in order; return the timings, the skipped stages, the embedder's
     retrieval before/after (with an embed stage) and the eval table.
 
@@ -173,22 +196,23 @@ def run_all(cfg: JobConfig, force: set[str] | frozenset[str] = frozenset()) -> d
         if tracker:
             tracker.end(failed=True)
         raise
-    write_text_atomic(cfg.run_dir / "run_summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
+    write_text_atomic(cfg.run_dir / "run_summary.json", summary.to_json())
     if tracker:
         tracker.log_artifact(cfg.run_dir / "run_summary.json")
         tracker.end()
     return summary
 
 
-def _stages(cfg: JobConfig, log_, run: _Timed, tracker) -> dict:
-    summary: dict = {"job": cfg.name, "task": cfg.task}
+def _stages(cfg: JobConfig, log_, run: _Timed, tracker) -> RunSummary:
+    models: dict = {}
     for stage, fit, wanted in (("embed", stage_embed, cfg.task == "embedding" or cfg.embed.enabled),
                                ("rerank", stage_rerank, cfg.trains_reranker)):
         if wanted:
-            summary[stage] = _model_stage(cfg, log_, run, stage, fit)
+            models[stage] = _model_stage(cfg, log_, run, stage, fit)
             if tracker:
                 history = cfg.run_dir / stage / "metrics.jsonl"
                 tracker.log_history(stage, read_jsonl(history) if history.is_file() else [], stage in log_.ran)
+    sft: dict = {}
     if cfg.task == "sft":
         prepared = _prepare_stage(cfg, log_, run)
         require_eval_set(prepared)  # before hours of training, not after
@@ -200,9 +224,8 @@ def _stages(cfg: JobConfig, log_, run: _Timed, tracker) -> dict:
         if tracker:
             ev = cfg.run_dir / "eval"
             tracker.log_eval(table, [ev / n for n in EVAL_ARTIFACTS], "eval" in log_.ran)
-        summary.update({"first_loss": trained.first_loss, "final_loss": trained.final_loss,
-                        "exported_step": trained.exported_step, "manifest": prepared.manifest(), "eval": table})
+        sft = {"first_loss": trained.first_loss, "final_loss": trained.final_loss,
+               "exported_step": trained.exported_step, "manifest": prepared.manifest(), "eval": table}
         if cfg.train.preference.mining.enabled:
-            summary["pairs"] = _pairs_stage(cfg, log_, run, prepared, trained)
-    summary.update({"timings": run.timings, "skipped": run.skipped})
-    return summary
+            sft["pairs"] = _pairs_stage(cfg, log_, run, prepared, trained)
+    return RunSummary(cfg.name, cfg.task, run.timings, run.skipped, **models, **sft)

@@ -24,7 +24,7 @@ def test_run_all_on_a_cmrc_slice(ray_cluster, cmrc_slice, tmp_path, smollm_dir, 
     summary = run_all(cfg)
     run = tmp_path / "runs" / "e2e"
 
-    table = {(t["model"], t["mode"]): t for t in summary["eval"]}
+    table = {(t["model"], t["mode"]): t for t in summary.eval}
     assert set(table) == {(m, d) for m in ("base", "finetuned") for d in ("gold", "retrieved")}
     for t in table.values():
         assert t["n"] == 3
@@ -47,7 +47,7 @@ def test_run_all_on_a_cmrc_slice(ray_cluster, cmrc_slice, tmp_path, smollm_dir, 
     assert [h["step"] for h in history] == list(range(1, 7))
     val = {h["step"]: h["val_loss"] for h in history if "val_loss" in h}  # SmolLM2 on the dev split
     assert sorted(val) == [3, 6] and all(0 < v < 10 for v in val.values())
-    assert summary["exported_step"] == min(val, key=val.get)
+    assert summary.exported_step == min(val, key=val.get)
     assert (run / "train" / "adapter" / "adapter_model.safetensors").is_file()
     md = (run / "eval" / "summary.md").read_text()
     assert md.startswith("### gold context (n = 3)") and "| metric | base | finetuned |" in md
@@ -74,14 +74,14 @@ def test_run_all_on_a_cmrc_slice(ray_cluster, cmrc_slice, tmp_path, smollm_dir, 
 
     t = time.perf_counter()
     again = run_all(cfg)
-    assert again["skipped"] == ["prepare", "train", "eval"] and time.perf_counter() - t < 20
-    assert again["eval"] == summary["eval"] and again["exported_step"] == summary["exported_step"]
+    assert again.skipped == ["prepare", "train", "eval"] and time.perf_counter() - t < 20
+    assert again.eval == summary.eval and again.exported_step == summary.exported_step
     # ... and changing an eval setting reruns only the eval stage (same adapter, same data).
     fewer = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"max_samples": 2})})
     third = run_all(fewer)
-    assert third["skipped"] == ["prepare", "train"]
-    assert {t["n"] for t in third["eval"]} == {2}
-    assert json.loads((run / "stages.json").read_text())["train"]["outputs"]["exported_step"] == summary["exported_step"]
+    assert third.skipped == ["prepare", "train"]
+    assert {t["n"] for t in third.eval} == {2}
+    assert json.loads((run / "stages.json").read_text())["train"]["outputs"]["exported_step"] == summary.exported_step
     _check_mlflow(tmp_path / "runs", summary, third)
     _check_required_pairs_stage(fewer, tmp_path)
 
@@ -105,12 +105,12 @@ def _check_required_pairs_stage(cfg, tmp_path):
     (sft,) = required_jobs(load_job(job_file))
     assert sft.run_dir == cfg.run_dir and sft.train.preference.mining.enabled
     mined = run_all(sft)
-    assert mined["skipped"] == ["prepare", "train", "eval"]
-    assert mined["pairs"]["questions"] == 4 and mined["pairs"]["answered_by"] == "e2e"
+    assert mined.skipped == ["prepare", "train", "eval"]
+    assert mined.pairs["questions"] == 4 and mined.pairs["answered_by"] == "e2e"
     pairs, _ = read_preference_source(str(cfg.run_dir / "pairs" / "pairs.jsonl"))
     held = {json.loads(line)["id"] for line in (cfg.run_dir / "data" / "eval.jsonl").read_text().splitlines()}
-    assert len(pairs) == mined["pairs"]["pairs"] >= 1 and not {p.id.split("#")[0] for p in pairs} & held
-    assert run_all(sft)["skipped"] == ["prepare", "train", "eval", "pairs"]
+    assert len(pairs) == mined.pairs["pairs"] >= 1 and not {p.id.split("#")[0] for p in pairs} & held
+    assert run_all(sft).skipped == ["prepare", "train", "eval", "pairs"]
 
 
 def _check_mlflow(output_dir, summary, third):
@@ -132,12 +132,12 @@ def _check_mlflow(output_dir, summary, third):
         assert run.data.tags["ray_ft.trained"].endswith("train/adapter")
         assert {f.path for f in client.list_artifacts(run.info.run_id, "eval")} >= {
             "eval/summary.md", "eval/summary.json", "eval/report.html", "eval/metrics.png"}
-    for table, run in ((summary["eval"], first), (third["eval"], changed)):
+    for table, run in ((summary.eval, first), (third.eval, changed)):
         ft = next(t for t in table if (t["model"], t["mode"]) == ("finetuned", "gold"))
         assert run.data.metrics["eval/gold/finetuned/em"] == pytest.approx(ft["em"])
         assert run.data.metrics["eval/gold/finetuned/n"] == ft["n"]
     local = client.download_artifacts(first.info.run_id, "eval/summary.json")
-    assert json.loads(open(local).read()) == summary["eval"]
+    assert json.loads(open(local).read()) == summary.eval
 
 
 @pytest.mark.slow
@@ -168,9 +168,9 @@ def test_run_with_an_embed_stage_serves_and_retrieves_with_the_fine_tuned_embedd
     })
     summary = run_all(cfg)
     run = tmp_path / "runs" / "e2e_embed"
-    assert summary["skipped"] == [] and summary["embed"]["steps"] == 2 and summary["rerank"]["steps"] == 2
-    assert summary["rerank"]["model_dir"] == cfg.finetuned_reranker_dir == cfg.served_reranker
-    assert summary["embed"]["model_dir"] == cfg.finetuned_embedder_dir == cfg.serve.embedder
+    assert summary.skipped == [] and summary.embed["steps"] == 2 and summary.rerank["steps"] == 2
+    assert summary.rerank["model_dir"] == cfg.finetuned_reranker_dir == cfg.served_reranker
+    assert summary.embed["model_dir"] == cfg.finetuned_embedder_dir == cfg.serve.embedder
 
     # The eval's passages are not among the embedder's training passages (excluded, and counted).
     heldout = {json.loads(x)["context"].strip() for x in (run / "data" / "eval.jsonl").read_text().splitlines()}
@@ -178,7 +178,7 @@ def test_run_with_an_embed_stage_serves_and_retrieves_with_the_fine_tuned_embedd
     assert heldout and not heldout & trained_on
     assert json.loads((run / "embed" / "data" / "manifest.json").read_text())["excluded_sft_heldout_pairs"] > 0
     # The training examples were retrieved with the fine-tuned embedder.
-    ra = summary["manifest"]["retrieval_augment"]
+    ra = summary.manifest["retrieval_augment"]
     assert (ra["embedder"], ra["query_instruction"]) == (cfg.finetuned_embedder_dir, instruction)
 
     # The served retriever embeds queries with the fine-tuned model and the instruction: its
@@ -208,4 +208,4 @@ def test_run_with_an_embed_stage_serves_and_retrieves_with_the_fine_tuned_embedd
 
     # Finished: every stage is skipped; an eval-only change reruns eval alone, not the embedder.
     again = run_all(cfg)
-    assert again["skipped"] == ["embed", "rerank", "prepare", "train", "eval"] and again["embed"] == summary["embed"]
+    assert again.skipped == ["embed", "rerank", "prepare", "train", "eval"] and again.embed == summary.embed

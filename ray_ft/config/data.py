@@ -112,7 +112,9 @@ class DataConfig(_Strict):
     )
     packing: bool = Field(
         False, description="Pack several examples into each training row of up to cutoff_len tokens; "
-        "position ids restart per example, so attention never crosses examples.",
+        "position ids restart per example, so attention never crosses examples. Preference recipes "
+        "(dpo, orpo): each micro-batch's chosen and rejected sequences go end to end in one row "
+        "(padding-free) instead of padded rows.",
     )
     packing_len: int | None = Field(
         None, ge=32, description="Tokens per packed row (None: cutoff_len). Longer than cutoff_len, "

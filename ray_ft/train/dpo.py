@@ -5,7 +5,9 @@ prompt into train and dev (seeded), and tokenized on Ray Data with the chat temp
 pair (the prompt stored once). Train: each worker reads its parquet shard; a micro-batch of n
 pairs is one forward pass over 2n rows (chosen, then rejected); the loop (`ray_ft.train.loop`)
 does accumulation, resume, validation and checkpoints as for SFT. Validation scores the dev pairs:
-loss, reward accuracy (chosen reward > rejected) and mean margin. Save: the LoRA adapter, served
+loss, reward accuracy (chosen reward > rejected) and mean margin. With `data.packing`, a
+micro-batch is padding-free: its 2n sequences end to end in one row, cut per sequence by the
+packed attention (`train.attn_implementation` "auto" or flash-attention). Save: the LoRA adapter, served
 like an SFT adapter.
 
 FLOP convention for MFU: LoRA DPO is 6N per token of both rows (policy forward + input gradients
@@ -24,6 +26,7 @@ from ray_ft.data.split import split_by_group
 from ray_ft.errors import RayFTError
 from ray_ft.io import write_text_atomic
 from ray_ft.train import metrics as tm
+from ray_ft.train.batches import flattens
 from ray_ft.train.launch import Launch, Workers, launch
 from ray_ft.train.loss import supports_logits_to_keep
 from ray_ft.train.loop import (
@@ -47,15 +50,16 @@ def flops_per_token(num_params: int, tcfg: TrainConfig) -> float:
 class PreferenceSteps:
     """The preference recipe's part of the step loop."""
 
-    def __init__(self, shard, tok, tcfg: TrainConfig, val_rows: list[dict], rank: int, world: int, device):
-        self.shard, self.tok, self.tcfg, self.val_rows = shard, tok, tcfg, val_rows
+    def __init__(self, shard, tok, tcfg: TrainConfig, flatten: bool, val_rows: list[dict], rank: int, world: int,
+                 device):
+        self.shard, self.tok, self.tcfg, self.flatten, self.val_rows = shard, tok, tcfg, flatten, val_rows
         self.rank, self.world, self.device = rank, world, device
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.reference = None  # the bare model, once the stepper has wrapped it
         self.trained_only = None  # logits at completion positions only: decided on the bare model
 
     def batch(self, rows: list[dict]) -> dict:
-        return {k: v.to(self.device) for k, v in pair_batch(rows, self.pad_id).items()}
+        return {k: v.to(self.device) for k, v in pair_batch(rows, self.pad_id, self.flatten).items()}
 
     def micro_batches(self):
         for batch in self.shard.iter_batches(batch_size=self.tcfg.per_device_train_batch_size,
@@ -67,7 +71,8 @@ class PreferenceSteps:
         for rows in group:
             inputs = self.batch(rows)
             out = stepper.forward(inputs)
-            real = int(inputs["attention_mask"].sum())
+            mask = inputs.get("attention_mask")
+            real = int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
             yield out.loss / len(group), Counts(
                 real, inputs["input_ids"].numel(), len(rows),
                 {"reward_accuracy": float((out.chosen_rewards > out.rejected_rewards).sum()),
@@ -120,9 +125,13 @@ def preference_loop_per_worker(loop_config: dict) -> None:
 
     w = start_worker(loop_config)
     tcfg, tok, rank, world = w.tcfg, w.tok, w.rank, w.world
-    model, num_params = build_model(w.model_dir, tcfg, weights_dtype(tcfg))
+    model, num_params = build_model(w.model_dir, tcfg, weights_dtype(tcfg), packed=loop_config["packed"])
     device = ray.train.torch.get_device()
-    steps = PreferenceSteps(ray.train.get_dataset_shard("train"), tok, tcfg, loop_config["val_rows"], rank,
+    flatten = loop_config["packed"] and flattens(model.config._attn_implementation)
+    if rank == 0 and loop_config["packed"]:
+        log.info("[%s] %s", tcfg.method, "padding-free: a micro-batch's sequences go end to end in one row"
+                 if flatten else f"data.packing, but {model.config._attn_implementation} attention needs padded rows")
+    steps = PreferenceSteps(ray.train.get_dataset_shard("train"), tok, tcfg, flatten, loop_config["val_rows"], rank,
                             world, device)
     rows_per_worker = loop_config["rows_per_worker"]
     n_steps, per_epoch = total_steps(rows_per_worker, tcfg), steps_per_epoch(rows_per_worker, tcfg)
@@ -169,13 +178,14 @@ def run_preference(cfg: JobConfig, prepared: PreparedData | None, model_dir: Pat
     spec = Launch(
         preference_loop_per_worker,
         loop_config={"job": cfg.model_dump(), "model_dir": str(model_dir), "rows_per_worker": rows_per_worker,
-                     "val_rows": shards.dev_rows,
+                     "val_rows": shards.dev_rows, "packed": cfg.data.packing,
                      "tensorboard_dir": str((out_dir / "tensorboard").resolve()) if tcfg.tensorboard else None},
         workers=Workers(tcfg.num_workers, tcfg.use_gpu, tcfg.cpus_per_worker),
         run_prefix=f"{tcfg.method}_{cfg.name}",
         identity={"train": tcfg.model_dump(), "pairs": hashlib.sha256(source_fingerprint(p.source)).hexdigest(),
                   "data": {"seed": cfg.data.seed, "on_error": cfg.data.on_error}, "model": str(model_dir),
-                  "system_prompt": cfg.model.system_prompt, "cutoff_len": cfg.data.cutoff_len},
+                  "system_prompt": cfg.model.system_prompt, "cutoff_len": cfg.data.cutoff_len,
+                  "packing": cfg.data.packing},
         datasets={"train": ray.data.read_parquet(str(shards.train_dir))},
         export_name="adapter", keep_checkpoints=tcfg.keep_checkpoints, max_failures=tcfg.max_failures,
         best_by=score, best_mode="min" if score == "val_loss" else "max", storage_path=tcfg.storage_path,

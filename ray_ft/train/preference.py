@@ -2,7 +2,10 @@
 
 A preference batch holds each pair as two rows, chosen then rejected, sharing the prompt: rows
 [0, n) are the chosen completions of pairs 0..n-1 and rows [n, 2n) the rejected ones, with the
-prompt masked in `labels` (-100), as SFT masks it.
+prompt masked in `labels` (-100), as SFT masks it. A padding-free batch (`pair_batch(...,
+flatten=True)`, for `data.packing`) puts the same 2n sequences end to end in one row instead:
+position ids restart per sequence (the packed attention cuts the row there, as for packed SFT),
+and `segments` names the sequence of each position, so the log-probs are summed per sequence.
 
     DPO   logits_i = beta * ((log pi(c_i) - log ref(c_i)) - (log pi(r_i) - log ref(r_i)))
           loss     = mean_i[ -(1 - eps) * log sigmoid(logits_i) - eps * log sigmoid(-logits_i) ]
@@ -59,20 +62,41 @@ def completion_logps(logits, labels):
 
 
 def sequence_logps(model, inputs: dict, trained_only: bool | None = None):
-    """(sum of completion log-probs, completion tokens) per row of a preference batch.
+    """(sum of completion log-probs, completion tokens) per sequence of a preference batch.
     `trained_only`: ask the model for the logits of the completion positions only (transformers'
     `logits_to_keep`, as the SFT loss does: the head and softmax skip the prompt); None: when the
     model supports it (a DDP wrapper hides that: decide on the bare model and pass it)."""
     from ray_ft.train.loss import supports_logits_to_keep, trained_positions
 
     labels = inputs["labels"]
-    forward = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+    forward = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
     if trained_only is None:
         trained_only = supports_logits_to_keep(model)
+    segments = inputs.get("segments")
     if not trained_only:
-        return completion_logps(model(**forward).logits, labels)
-    positions = trained_positions(labels)
-    return token_logps(model(**forward, logits_to_keep=positions).logits, labels[:, positions + 1])
+        logits, targets, owner = model(**forward).logits[:, :-1], labels[:, 1:], None
+        if segments is not None:
+            owner = segments[1:]
+    else:
+        positions = trained_positions(labels)
+        logits = model(**forward, logits_to_keep=positions).logits
+        targets = labels[:, positions + 1]
+        owner = None if segments is None else segments[positions + 1]
+    if segments is None:
+        return token_logps(logits, targets)
+    return _per_segment(logits[0], targets[0], owner, int(segments[-1]) + 1)
+
+
+def _per_segment(logits, targets, owner, n: int):
+    """token_logps of one flattened row [len, vocab], summed per sequence (`owner` [len]: the
+    sequence of each target) into [n] tensors."""
+    import torch
+
+    logps, _ = token_logps(logits[:, None], targets[:, None])  # every position a row of one token
+    counted = (targets != IGNORE_INDEX).long()
+    sums = torch.zeros(n, dtype=logps.dtype, device=logps.device).index_add(0, owner, logps)
+    counts = torch.zeros(n, dtype=counted.dtype, device=counted.device).index_add(0, owner, counted)
+    return sums, counts
 
 
 def reference_logps(model, inputs: dict, trained_only: bool | None = None):
@@ -127,12 +151,15 @@ def preference_loss(model, inputs: dict, method: str, beta: float, label_smoothi
     return dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], beta, label_smoothing)
 
 
-def pair_batch(rows: list[dict], pad_id: int) -> dict:
+def pair_batch(rows: list[dict], pad_id: int, flatten: bool = False) -> dict:
     """A preference batch from tokenized pairs ({prompt_ids, chosen_ids, rejected_ids}): every
-    pair's prompt + chosen, then every pair's prompt + rejected, right-padded, prompt masked."""
+    pair's prompt + chosen, then every pair's prompt + rejected, prompt masked; right-padded rows,
+    or (`flatten`) one row with position ids restarting per sequence and `segments`."""
     import torch
 
     seqs = [(r["prompt_ids"], r[key]) for key in ("chosen_ids", "rejected_ids") for r in rows]
+    if flatten:
+        return _flat_pairs(seqs)
     width = max(len(p) + len(c) for p, c in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
@@ -143,3 +170,20 @@ def pair_batch(rows: list[dict], pad_id: int) -> dict:
         labels[i, len(p):n] = torch.tensor(c)
         mask[i, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _flat_pairs(seqs: list[tuple]) -> dict:
+    """The sequences end to end in one row [1, total]: no padding. Each sequence starts with its
+    (masked) prompt, so no sequence's first token is a target of the one before."""
+    import torch
+
+    ids, labels, positions, segments = [], [], [], []
+    for i, (p, c) in enumerate(seqs):
+        n = len(p) + len(c)
+        ids += [*p, *c]
+        labels += [IGNORE_INDEX] * len(p) + list(c)
+        positions += range(n)
+        segments += [i] * n
+    as_row = lambda x: torch.tensor(x, dtype=torch.long)[None]  # noqa: E731
+    return {"input_ids": as_row(ids), "labels": as_row(labels), "position_ids": as_row(positions),
+            "segments": torch.tensor(segments, dtype=torch.long)}

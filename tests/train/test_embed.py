@@ -30,8 +30,10 @@ def test_embedding_job_two_workers_saves_a_loadable_model(ray_cluster, minilm_di
                   "eval_every_n_steps": 2, "keep_checkpoints": 1},
     })
     run = run_all(cfg)  # `ray-ft run` of a task: embedding job is its embed stage
-    summary = run["embed"]
-    assert run["skipped"] == [] and "eval" not in run
+    summary = run.embed
+    assert run.skipped == [] and run.eval is None
+    written = json.loads((tmp_path / "runs" / "embedtest" / "run_summary.json").read_text())
+    assert written["embed"] == summary and "eval" not in written and "first_loss" not in written
     out = tmp_path / "runs" / "embedtest" / "embed"
     # The data stage's outputs: triplets + splits with a manifest, reused on the next call.
     from ray_ft.retriever_stages import stage_embed_data
@@ -56,8 +58,8 @@ def test_embedding_job_two_workers_saves_a_loadable_model(ray_cluster, minilm_di
         assert r["recall_at_1"] <= r["recall_at_5"]
     assert "| recall_at_5 |" in (out / "retrieval.md").read_text()
     again = run_all(cfg)  # finished and unchanged: skipped, the recorded summary returned
-    assert again["skipped"] == ["embed"] and again["timings"] == {}
-    assert again["embed"]["after"] == summary["after"] and again["embed"]["exported_step"] == summary["exported_step"]
+    assert again.skipped == ["embed"] and again.timings == {}
+    assert again.embed["after"] == summary["after"] and again.embed["exported_step"] == summary["exported_step"]
 
     trained = SentenceTransformer(str(out / "model"), device="cpu")
     texts = ["What was Apple's revenue?", "Operating expenses rose in 2023."]

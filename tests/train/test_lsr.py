@@ -112,7 +112,7 @@ def test_lsr_stage_moves_the_embedder_toward_the_lm(ray_cluster, tmp_path, monke
                           "lm_max_len": 256, "lm_cpus": 1, "per_device_batch_size": 8, "num_train_epochs": 3,
                           "learning_rate": 5e-5, "warmup_ratio": 0.0, "lm_temperature": 0.2}},
     })
-    summary = run_all(cfg)["embed"]
+    summary = run_all(cfg).embed
     out = tmp_path / "runs" / "lsrtest" / "embed"
     rows = pq.read_table(out / "lsr" / "lsr_scores.parquet").to_pylist()
     assert len(rows) == 24 * 4 and {r["rank"] for r in rows} == {0, 1, 2, 3}

@@ -139,3 +139,49 @@ def test_logits_at_completion_positions_only_give_the_same_log_probs(tiny_model_
         kept, n_kept = sequence_logps(model, batch, trained_only=True)
     assert torch.allclose(full, kept, atol=1e-4) and n_full.tolist() == n_kept.tolist()
     assert n_full.tolist() == [7, 7, 7, 10, 10, 10]  # "Kelby harbour." / "The moon, on Tuesdays." + "<|im_end|>\n"
+
+
+def test_a_padding_free_batch_gives_the_padded_batch_log_probs_and_loss(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ray_ft.data.preference import read_preference_source
+    from ray_ft.train.attention import register_packed_sdpa
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    records = [{"prompt": f"Question {i}: which port does the Marren sail from?", "chosen": "Kelby harbour.",
+                "rejected": "The moon, on Tuesdays" + " and Fridays" * i + "."} for i in range(3)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    rows = [tokenize_pair(tok, p, "You are a ferry clerk.") for p in read_preference_source(str(path))[0]]
+    padded, flat = pair_batch(rows, tok.pad_token_id), pair_batch(rows, tok.pad_token_id, flatten=True)
+    lengths = padded["attention_mask"].sum(1).tolist()
+    # one row, every token real: the padded batch's real tokens end to end, no attention mask
+    assert flat["input_ids"].shape == (1, sum(lengths)) and "attention_mask" not in flat
+    assert padded["attention_mask"].numel() > sum(lengths)  # the padded batch did pad
+    starts = (flat["position_ids"][0] == 0).nonzero().squeeze(1).tolist()
+    assert starts == [sum(lengths[:i]) for i in range(6)]
+    assert flat["segments"].bincount().tolist() == lengths
+    assert torch.equal(flat["labels"][0][flat["labels"][0] != IGNORE_INDEX], padded["labels"][padded["labels"] != IGNORE_INDEX])
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32,
+                                                 attn_implementation=register_packed_sdpa())
+    with torch.no_grad():
+        want, want_n = sequence_logps(model, padded, trained_only=False)
+        for trained_only in (False, True):
+            got, n = sequence_logps(model, flat, trained_only=trained_only)
+            assert torch.allclose(got, want, atol=1e-4), (trained_only, got, want)
+            assert n.tolist() == want_n.tolist()
+    lora, _ = build_model(str(tiny_model_dir), TrainConfig(finetuning_type="lora", lora_rank=8, seed=0),
+                          torch.float32, packed=True)
+    with torch.no_grad():  # a trained-looking adapter: policy != reference, so rewards are not 0
+        for name, w in lora.named_parameters():
+            if "lora_B" in name:
+                w.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    a = preference_loss(lora, padded, "dpo", 0.1, 0.0, 0.1)
+    b = preference_loss(lora, flat, "dpo", 0.1, 0.0, 0.1)
+    assert b.loss.item() == pytest.approx(a.loss.item(), abs=1e-5)
+    assert a.chosen_rewards.abs().min() > 1e-3
+    assert torch.allclose(b.chosen_rewards, a.chosen_rewards, atol=1e-5)
+    assert torch.allclose(b.rejected_rewards, a.rejected_rewards, atol=1e-5)
+    o_a, o_b = (preference_loss(lora, x, "orpo", 0.1, 0.0, 0.1) for x in (padded, flat))
+    assert o_b.loss.item() == pytest.approx(o_a.loss.item(), abs=1e-5)

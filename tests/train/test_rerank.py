@@ -44,7 +44,7 @@ def test_training_raises_dev_mrr_and_exports_the_best_checkpoint(ray_cluster, mi
 
     cfg = _job(tmp_path, 300, max_steps=16, eval_every_n_steps=8, keep_checkpoints=1, learning_rate=1e-4, max_len=128)
     run = run_all(cfg)
-    summary = run["rerank"]
+    summary = run.rerank
     out = tmp_path / "runs" / "reranktest" / "rerank"
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == list(range(1, 17))
@@ -67,7 +67,7 @@ def test_training_raises_dev_mrr_and_exports_the_best_checkpoint(ray_cluster, mi
     assert test["dense"]["n_queries"] == summary["test_queries"] == test["dense + rerank"]["n_queries"]
     assert test["dense"]["candidate_recall"] == test["dense + rerank"]["candidate_recall"]  # same candidates
     assert "| dense + rerank |" in (out / "retrieval.md").read_text()
-    assert run_all(cfg)["skipped"] == ["rerank"]  # unchanged: not trained again
+    assert run_all(cfg).skipped == ["rerank"]  # unchanged: not trained again
 
     # The exported folder is a one-logit sequence classifier: FlagEmbedding's FlagReranker reads it.
     from ray_ft.reranker import CrossEncoderReranker
