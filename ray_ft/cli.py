@@ -33,18 +33,26 @@ from pathlib import Path
 
 from ray_ft.console import stage
 from ray_ft.errors import RayFTError
+from ray_ft.locks import has_outputs
 from ray_ft.stages import STAGES
 
 
-def _load(args):
+def _load(args, lock: bool = True):
     """The job file with the command line's KEY=VALUE overrides (`main` writes it to the run
-    folder when the command ends)."""
+    folder when the command ends). `lock`: hold the run folder's lock (`ray_ft.locks`) until the
+    command ends, taken before anything is written there; `serve` (reads a finished run) and
+    `kb add` (LanceDB commits are transactions) go beside a command that holds it."""
+    from ray_ft import locks
     from ray_ft.config import load_job
     from ray_ft.console import setup_logging
 
-    args.cfg = load_job(args.job, getattr(args, "overrides", ()) or ())
-    setup_logging(args.cfg.run_dir, getattr(args, "verbose", True), os.environ.get("RAY_FT_LOG", "INFO"))
-    return args.cfg
+    cfg = load_job(args.job, getattr(args, "overrides", ()) or ())
+    if lock:
+        locks.acquire(cfg.run_dir)  # refused: nothing of this command lands in the folder
+        args.locked = cfg.run_dir
+    args.cfg = cfg
+    setup_logging(cfg.run_dir, getattr(args, "verbose", True), os.environ.get("RAY_FT_LOG", "INFO"))
+    return cfg
 
 
 def _view(cfg, stages: list[str]):
@@ -211,7 +219,7 @@ def _cmd_recipes(args) -> int:
 def _cmd_serve(args) -> int:
     from ray_ft.serve.entry import serve_until_stopped
 
-    cfg = _load(args)
+    cfg = _load(args, lock=False)
     serve_until_stopped(cfg, args.job, announce=lambda line: print(line, flush=True))
     return 0
 
@@ -242,7 +250,7 @@ def _cmd_kb(args) -> int:
     from ray_ft.models import resolve_model
     from ray_ft.pipeline import init_ray
 
-    cfg = _load(args)
+    cfg = _load(args, lock=args.kb_cmd != "add")
     if args.kb_cmd == "add":
         from ray_ft.data.documents import list_documents
         from ray_ft.kb.build import add_files
@@ -342,6 +350,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         _record_config(args)
         _collect_logs(args)
+        if getattr(args, "locked", None) is not None:
+            from ray_ft import locks
+
+            locks.release(args.locked)
 
 
 def _log_file(args):
@@ -357,18 +369,18 @@ def _collect_logs(args) -> None:
     from ray_ft.console import collect_ray_logs
 
     cfg = getattr(args, "cfg", None)
-    if cfg is not None and cfg.run_dir.is_dir():
+    if cfg is not None and has_outputs(cfg.run_dir):
         collect_ray_logs(cfg.run_dir)
 
 
 def _record_config(args) -> None:
     """run_dir/config.resolved.yaml: the config the last command on this run folder ran with
     (file + overrides + defaults), also when it failed; not written when the command failed
-    before it made the run folder."""
+    before it wrote to the run folder."""
     from ray_ft.config import write_resolved
 
     cfg = getattr(args, "cfg", None)
-    if cfg is not None and cfg.run_dir.is_dir():
+    if cfg is not None and has_outputs(cfg.run_dir):
         write_resolved(cfg)
 
 

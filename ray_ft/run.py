@@ -167,9 +167,11 @@ def run_chain(cfg: JobConfig, force: set[str] | frozenset[str] = frozenset(), ar
     view) wraps each job. Returns their summaries, `cfg`'s last."""
     import contextlib
 
+    from ray_ft.locks import run_folder_lock
+
     summaries = []
     for job in [*required_jobs(cfg), cfg]:
-        with around(job) if around else contextlib.nullcontext():
+        with run_folder_lock(job.run_dir), around(job) if around else contextlib.nullcontext():
             summaries.append(run_all(job, force if job is cfg else frozenset()))
     return summaries
 
@@ -183,6 +185,13 @@ def run_all(cfg: JobConfig, force: set[str] | frozenset[str] = frozenset()) -> R
     Stages whose config and inputs are unchanged since they last finished are skipped
     (`ray_ft.stages`); `force` names stages to rerun anyway (the stages reading them rerun too).
     """
+    from ray_ft.locks import run_folder_lock
+
+    with run_folder_lock(cfg.run_dir):  # re-entrant: the CLI holds it already
+        return _run_locked(cfg, force)
+
+
+def _run_locked(cfg: JobConfig, force) -> RunSummary:
     from ray_ft.stages import StageLog
     from ray_ft.tracking import MLflowRun
 
