@@ -118,11 +118,17 @@ def test_mutated_squad_bytes_read_or_name_the_file(edits, on_error):
     _check_source(_read(_tmp(), "squad.json", _mutate(VALID_SQUAD, edits), _read_source(on_error)))
 
 
+def _read_jsonl(records: list, name: str, reader):
+    """`records` as a JSONL file `name`, read by `reader(path)` (see `_read`)."""
+    return _read(_tmp(), name, "\n".join(json.dumps(r) for r in records).encode(), reader)
+
+
+message = st.fixed_dictionaries({"role": fields, "content": fields})
+messages = st.lists(message, max_size=3) | fields
 jsonl_records = st.lists(
     st.fixed_dictionaries({"question": fields, "context": fields, "answer": fields})
     | st.fixed_dictionaries({"instruction": fields, "input": fields, "output": fields})
-    | st.fixed_dictionaries({"messages": st.lists(st.fixed_dictionaries({"role": fields, "content": fields}),
-                                                  max_size=3) | fields})
+    | st.fixed_dictionaries({"messages": messages})
     | json_values, min_size=1, max_size=4)
 
 
@@ -131,8 +137,7 @@ jsonl_records = st.lists(
 @example(records=[{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}]}],
          on_error="raise")
 def test_generated_jsonl_records_read_or_name_the_record(records, on_error):
-    data = "\n".join(json.dumps(r) for r in records).encode()
-    _check_source(_read(_tmp(), "rows.jsonl", data, _read_source(on_error)))
+    _check_source(_read_jsonl(records, "rows.jsonl", _read_source(on_error)))
 
 
 VALID_CSV = ('question,context,answer\n"Where is Paris?","Paris is in France.",France\n'
@@ -149,10 +154,7 @@ def test_mutated_qa_csv_reads_or_names_the_line(edits, on_error):
 
 pair_records = st.lists(
     st.fixed_dictionaries({"prompt": fields, "chosen": fields, "rejected": fields})
-    | st.fixed_dictionaries({"messages": st.lists(st.fixed_dictionaries({"role": fields, "content": fields}),
-                                                  max_size=3) | fields,
-                             "chosen": fields | st.fixed_dictionaries({"role": fields, "content": fields}),
-                             "rejected": fields})
+    | st.fixed_dictionaries({"messages": messages, "chosen": fields | message, "rejected": fields})
     | json_values, min_size=1, max_size=4)
 
 
@@ -161,8 +163,7 @@ pair_records = st.lists(
 def test_generated_preference_pairs_read_or_name_the_record(records, on_error):
     from ray_ft.data.preference import read_preference_source
 
-    data = "\n".join(json.dumps(r) for r in records).encode()
-    got = _read(_tmp(), "pairs.jsonl", data, lambda p: read_preference_source(p, on_error))
+    got = _read_jsonl(records, "pairs.jsonl", lambda p: read_preference_source(p, on_error))
     if got is not None:
         for pair in got[0]:
             assert isinstance(pair.chosen, str) and isinstance(pair.rejected, str) and pair.chosen != pair.rejected
@@ -180,8 +181,7 @@ triplet_records = st.lists(
 def test_generated_triplets_read_or_name_the_record(records, on_error):
     from ray_ft.data.triplets import read_triplets_jsonl
 
-    data = "\n".join(json.dumps(r) for r in records).encode()
-    got = _read(_tmp(), "triplets.jsonl", data, lambda p: read_triplets_jsonl(p, on_error))
+    got = _read_jsonl(records, "triplets.jsonl", lambda p: read_triplets_jsonl(p, on_error))
     if got is not None:
         for t in got[0]:
             assert isinstance(t["query"], str) and t["pos"] and all(isinstance(x, str) for x in t["pos"] + t["neg"])
