@@ -3,6 +3,11 @@ that carries the step history, and exporting that checkpoint into the run folder
 
 Ray Train V2's `Result` keeps only the metrics reported with a checkpoint, so the whole per-step
 history travels inside the final checkpoint as `ray_ft_history.jsonl`.
+
+Every rank that writes checkpoint files also writes `ray_ft_files.rank<R>.json`: each file's size
+and sha256. A restart checks them (`checkpoint_problems`) before it loads anything: a truncated
+or damaged file (a full disk, a copy cut short) makes the loop fall back to the checkpoint before
+it, with a warning, instead of loading garbage or dying on it.
 """
 
 from __future__ import annotations
@@ -16,10 +21,48 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from ray_ft.errors import RayFTError
 from ray_ft.io import read_jsonl
 
 HISTORY_FILE = "ray_ft_history.jsonl"
+FILES_PREFIX = "ray_ft_files.rank"
 log = logging.getLogger(__name__)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_file_hashes(folder: Path, rank: int) -> None:
+    """`folder/ray_ft_files.rank<rank>.json`: size and sha256 of every file in `folder`."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(FILES_PREFIX))
+    table = {str(p.relative_to(folder)): [p.stat().st_size, _sha256(p)] for p in files}
+    (folder / f"{FILES_PREFIX}{rank}.json").write_text(json.dumps(table, indent=0))
+
+
+def checkpoint_problems(folder: Path) -> list[str]:
+    """What does not match the checkpoint's file hashes (missing, other size, other sha256); []
+    for a whole checkpoint, or one written before ray_ft recorded hashes."""
+    problems = []
+    for listing in sorted(folder.glob(f"{FILES_PREFIX}*.json")):
+        try:
+            table = json.loads(listing.read_text())
+        except (OSError, ValueError) as err:
+            problems.append(f"{listing.name}: unreadable ({err})")
+            continue
+        for rel, (size, sha) in table.items():
+            path = folder / rel
+            if not path.is_file():
+                problems.append(f"{rel}: missing")
+            elif path.stat().st_size != size:
+                problems.append(f"{rel}: {path.stat().st_size} bytes, {size} written")
+            elif _sha256(path) != sha:
+                problems.append(f"{rel}: sha256 differs from the one written")
+    return problems
 
 
 def ordered_ingest():
@@ -96,6 +139,8 @@ def report_checkpoint(history: list[dict], rank: int, save: Callable[[Path], Non
         if rank == 0:
             Path(tmp, HISTORY_FILE).write_text("".join(json.dumps(r) + "\n" for r in history))
         wrote = any(Path(tmp).iterdir())
+        if wrote:
+            write_file_hashes(Path(tmp), rank)
         ray.train.report(history[-1], checkpoint=ray.train.Checkpoint.from_directory(tmp) if wrote else None)
 
 
@@ -121,8 +166,12 @@ def fit_and_export(trainer, out_dir: Path, name: str, best_by: str | None = None
     final = out_dir / name
     tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{name}."))
     with chosen.as_directory() as src:
+        problems = checkpoint_problems(Path(src))
+        if problems:
+            shutil.rmtree(tmp)
+            raise RayFTError(f"{chosen.path}: the checkpoint to export is damaged: {'; '.join(problems[:3])}")
         shutil.copytree(Path(src, subdir) if subdir else src, tmp, dirs_exist_ok=True)
-    for extra in (HISTORY_FILE, *drop):
+    for extra in (HISTORY_FILE, *drop, *(p.name for p in tmp.glob(f"{FILES_PREFIX}*.json"))):
         (tmp / extra).unlink(missing_ok=True)
     if final.exists():
         shutil.rmtree(final)

@@ -31,7 +31,7 @@ from ray_ft.errors import RayFTError
 from ray_ft.io import read_jsonl
 from ray_ft.train import faults
 from ray_ft.train import metrics as tm
-from ray_ft.train.checkpoints import HISTORY_FILE, report_checkpoint
+from ray_ft.train.checkpoints import HISTORY_FILE, checkpoint_problems, report_checkpoint
 
 log = logging.getLogger(__name__)
 LOOP_STATE = "loop_state.json"
@@ -162,15 +162,39 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 
 @contextlib.contextmanager
 def latest_checkpoint():
-    """Ray Train's latest checkpoint (after a restart) as a local folder; None on a fresh start."""
+    """Ray Train's latest checkpoint (after a restart) as a local folder; None on a fresh start.
+    One whose files do not match their recorded hashes is passed over for the newest one before
+    it that does (a warning names what is wrong); none whole: an error."""
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         yield None
         return
-    with ckpt.as_directory() as d:
-        yield Path(d)
+    for candidate in [ckpt, *_earlier_checkpoints(ckpt)]:
+        with candidate.as_directory() as d:
+            problems = checkpoint_problems(Path(d))
+            if not problems:
+                if candidate is not ckpt:
+                    log.warning("resuming from %s instead", candidate.path)
+                yield Path(d)
+                return
+        log.warning("checkpoint %s is damaged, not loaded: %s", candidate.path, "; ".join(problems[:3]))
+    raise RayFTError(f"{ckpt.path}: no whole checkpoint to resume from (every one is damaged); start again "
+                     "with `--force train`")
+
+
+def _earlier_checkpoints(ckpt) -> list:
+    """The run's other checkpoints older than `ckpt`, newest first (Ray names them
+    checkpoint_<timestamp>, so names sort by time)."""
+    import pyarrow.fs as pafs
+    import ray.train
+
+    parent, name = ckpt.path.rstrip("/").rsplit("/", 1)
+    infos = ckpt.filesystem.get_file_info(pafs.FileSelector(parent))
+    older = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory
+                    and i.base_name.startswith("checkpoint_") and i.base_name < name), reverse=True)
+    return [ray.train.Checkpoint(f"{parent}/{n}", filesystem=ckpt.filesystem) for n in older]
 
 
 def restore(stepper, folder: Path | None) -> LoopState:

@@ -2,6 +2,8 @@
 validation with best-checkpoint export, merged export, and resume after a killed worker."""
 
 
+import json
+
 import numpy as np
 import pytest
 from safetensors import safe_open
@@ -247,6 +249,32 @@ def test_a_stopped_run_started_again_continues_from_its_last_checkpoint(clean_re
     fresh = run_training(cfg, prepared, tiny_model_dir, out, resume=False)
     assert [h["step"] for h in fresh.history] == list(range(1, 7))
     assert not any("resumed_from_step" in h for h in fresh.history)
+
+
+@pytest.mark.slow
+def test_a_damaged_latest_checkpoint_is_passed_over_for_the_one_before(clean_resume_run, tiny_model_dir, tmp_path,
+                                                                       monkeypatch, caplog):
+    """The run stops after step 5 (checkpoints at steps 2 and 4); the step-4 checkpoint's weights
+    are then cut short, as a full disk would leave them. Started again, the run finds the damage
+    through the recorded hashes, resumes from step 2 with a warning, and ends as an undisturbed run."""
+    prepared = write_prepared(tmp_path / "data", tiny_model_dir, repeats=4)
+    cfg = _job(tmp_path, tiny_model_dir, **RESUME_RUN, max_failures=0)
+    out = tmp_path / "damaged"
+    fail_once(monkeypatch, out / ".killed_once", after_step=5, rank=1)
+    with pytest.raises(Exception):
+        run_training(cfg, prepared, tiny_model_dir, out)
+    no_faults(monkeypatch)
+    latest = sorted(p for p in (out / "ray").glob("sft_*/checkpoint_*") if p.is_dir())[-1]
+    assert json.loads((latest / "loop_state.json").read_text())["step"] == 4
+    weights = max(latest.rglob("*.safetensors"), key=lambda p: p.stat().st_size)
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+    again = run_training(cfg, prepared, tiny_model_dir, out)
+    assert [(h["step"], h["resumed_from_step"]) for h in again.history if "resumed_from_step" in h] == [(3, 2)]
+    assert [h["step"] for h in again.history] == list(range(1, 7))
+    clean = clean_resume_run
+    assert [h["loss"] for h in again.history] == pytest.approx([h["loss"] for h in clean.history], rel=1e-4)
+    assert not list(again.adapter_dir.glob("ray_ft_files*"))  # the export carries no checkpoint bookkeeping
 
 
 def test_bf16_without_deepspeed_keeps_full_and_freeze_weights_fp32_under_autocast(monkeypatch):
