@@ -253,7 +253,7 @@ def test_a_stopped_run_started_again_continues_from_its_last_checkpoint(clean_re
 
 @pytest.mark.slow
 def test_a_damaged_latest_checkpoint_is_passed_over_for_the_one_before(clean_resume_run, tiny_model_dir, tmp_path,
-                                                                       monkeypatch, caplog):
+                                                                       monkeypatch):
     """The run stops after step 5 (checkpoints at steps 2 and 4); the step-4 checkpoint's weights
     are then cut short, as a full disk would leave them. Started again, the run finds the damage
     through the recorded hashes, resumes from step 2 with a warning, and ends as an undisturbed run."""
