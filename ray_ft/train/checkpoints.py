@@ -22,25 +22,17 @@ from pathlib import Path
 from typing import Callable
 
 from ray_ft.errors import RayFTError
-from ray_ft.io import read_jsonl
+from ray_ft.io import file_sha256, read_jsonl
 
 HISTORY_FILE = "ray_ft_history.jsonl"
 FILES_PREFIX = "ray_ft_files.rank"
 log = logging.getLogger(__name__)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_file_hashes(folder: Path, rank: int) -> None:
     """`folder/ray_ft_files.rank<rank>.json`: size and sha256 of every file in `folder`."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(FILES_PREFIX))
-    table = {str(p.relative_to(folder)): [p.stat().st_size, _sha256(p)] for p in files}
+    table = {str(p.relative_to(folder)): [p.stat().st_size, file_sha256(p)] for p in files}
     (folder / f"{FILES_PREFIX}{rank}.json").write_text(json.dumps(table, indent=0))
 
 
@@ -60,7 +52,7 @@ def checkpoint_problems(folder: Path) -> list[str]:
                 problems.append(f"{rel}: missing")
             elif path.stat().st_size != size:
                 problems.append(f"{rel}: {path.stat().st_size} bytes, {size} written")
-            elif _sha256(path) != sha:
+            elif file_sha256(path) != sha:
                 problems.append(f"{rel}: sha256 differs from the one written")
     return problems
 
