@@ -33,7 +33,7 @@ from pathlib import Path
 
 from ray_ft.console import stage
 from ray_ft.errors import RayFTError
-from ray_ft.locks import has_outputs
+from ray_ft import locks
 from ray_ft.stages import STAGES
 
 
@@ -42,7 +42,6 @@ def _load(args, lock: bool = True):
     folder when the command ends). `lock`: hold the run folder's lock (`ray_ft.locks`) until the
     command ends, taken before anything is written there; `serve` (reads a finished run) and
     `kb add` (LanceDB commits are transactions) go beside a command that holds it."""
-    from ray_ft import locks
     from ray_ft.config import load_job
     from ray_ft.console import setup_logging
 
@@ -351,8 +350,6 @@ def main(argv: list[str] | None = None) -> int:
         _record_config(args)
         _collect_logs(args)
         if getattr(args, "locked", None) is not None:
-            from ray_ft import locks
-
             locks.release(args.locked)
 
 
@@ -369,7 +366,7 @@ def _collect_logs(args) -> None:
     from ray_ft.console import collect_ray_logs
 
     cfg = getattr(args, "cfg", None)
-    if cfg is not None and has_outputs(cfg.run_dir):
+    if cfg is not None and locks.has_outputs(cfg.run_dir):
         collect_ray_logs(cfg.run_dir)
 
 
@@ -380,7 +377,7 @@ def _record_config(args) -> None:
     from ray_ft.config import write_resolved
 
     cfg = getattr(args, "cfg", None)
-    if cfg is not None and has_outputs(cfg.run_dir):
+    if cfg is not None and locks.has_outputs(cfg.run_dir):
         write_resolved(cfg)
 
 

@@ -156,12 +156,11 @@ def fit_and_export(trainer, out_dir: Path, name: str, best_by: str | None = None
     with result.checkpoint.as_directory() as latest:
         history = read_jsonl(Path(latest, HISTORY_FILE))
     final = out_dir / name
-    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{name}."))
     with chosen.as_directory() as src:
         problems = checkpoint_problems(Path(src))
         if problems:
-            shutil.rmtree(tmp)
             raise RayFTError(f"{chosen.path}: the checkpoint to export is damaged: {'; '.join(problems[:3])}")
+        tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{name}."))
         shutil.copytree(Path(src, subdir) if subdir else src, tmp, dirs_exist_ok=True)
     for extra in (HISTORY_FILE, *drop, *(p.name for p in tmp.glob(f"{FILES_PREFIX}*.json"))):
         (tmp / extra).unlink(missing_ok=True)

@@ -18,6 +18,7 @@ the current epoch that it already trained on, so it sees the data an uninterrupt
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import time
@@ -171,7 +172,7 @@ def latest_checkpoint():
     if ckpt is None:
         yield None
         return
-    for candidate in [ckpt, *_earlier_checkpoints(ckpt)]:
+    for candidate in itertools.chain([ckpt], _earlier_checkpoints(ckpt)):
         with candidate.as_directory() as d:
             problems = checkpoint_problems(Path(d))
             if not problems:
@@ -184,9 +185,9 @@ def latest_checkpoint():
                      "with `--force train`")
 
 
-def _earlier_checkpoints(ckpt) -> list:
+def _earlier_checkpoints(ckpt):
     """The run's other checkpoints older than `ckpt`, newest first (Ray names them
-    checkpoint_<timestamp>, so names sort by time)."""
+    checkpoint_<timestamp>, so names sort by time); listed only when asked for the first one."""
     import pyarrow.fs as pafs
     import ray.train
 
@@ -194,7 +195,8 @@ def _earlier_checkpoints(ckpt) -> list:
     infos = ckpt.filesystem.get_file_info(pafs.FileSelector(parent))
     older = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory
                     and i.base_name.startswith("checkpoint_") and i.base_name < name), reverse=True)
-    return [ray.train.Checkpoint(f"{parent}/{n}", filesystem=ckpt.filesystem) for n in older]
+    for n in older:
+        yield ray.train.Checkpoint(f"{parent}/{n}", filesystem=ckpt.filesystem)
 
 
 def restore(stepper, folder: Path | None) -> LoopState:

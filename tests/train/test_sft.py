@@ -212,6 +212,19 @@ def test_killed_worker_resumes_from_the_last_checkpoint(clean_resume_run, tiny_m
     assert all(np.allclose(a[k].numpy(), b[k].numpy(), atol=1e-5) for k in a)
 
 
+def _stopped_after_step_5(tiny_model_dir, tmp_path, monkeypatch, name: str):
+    """A run with no restarts left whose rank 1 is killed after step 5 (checkpoints at 2 and 4):
+    (its config, its data, its output folder)."""
+    prepared = write_prepared(tmp_path / "data", tiny_model_dir, repeats=4)
+    cfg = _job(tmp_path, tiny_model_dir, **RESUME_RUN, max_failures=0)
+    out = tmp_path / name
+    fail_once(monkeypatch, out / ".killed_once", after_step=5, rank=1)
+    with pytest.raises(Exception):
+        run_training(cfg, prepared, tiny_model_dir, out)
+    no_faults(monkeypatch)
+    return cfg, prepared, out
+
+
 @pytest.mark.slow
 def test_a_stopped_run_started_again_continues_from_its_last_checkpoint(clean_resume_run, tiny_model_dir, tmp_path,
                                                                         monkeypatch):
@@ -219,13 +232,7 @@ def test_a_stopped_run_started_again_continues_from_its_last_checkpoint(clean_re
     Ctrl-C or a dead driver would. Started again with the same config and data (what `ray-ft run`
     does next), it continues from the step-4 checkpoint; started once more after it finished, it
     retrains nothing; resume=False (`--force train`) starts from step 0."""
-    prepared = write_prepared(tmp_path / "data", tiny_model_dir, repeats=4)
-    cfg = _job(tmp_path, tiny_model_dir, **RESUME_RUN, max_failures=0)
-    out = tmp_path / "stopped"
-    fail_once(monkeypatch, out / ".killed_once", after_step=5, rank=1)
-    with pytest.raises(Exception):
-        run_training(cfg, prepared, tiny_model_dir, out)
-    no_faults(monkeypatch)
+    cfg, prepared, out = _stopped_after_step_5(tiny_model_dir, tmp_path, monkeypatch, "stopped")
     assert "killed rank 1 after step 5" in (out / ".killed_once").read_text()
     assert not (out / "adapter").exists()
 
@@ -257,13 +264,7 @@ def test_a_damaged_latest_checkpoint_is_passed_over_for_the_one_before(clean_res
     """The run stops after step 5 (checkpoints at steps 2 and 4); the step-4 checkpoint's weights
     are then cut short, as a full disk would leave them. Started again, the run finds the damage
     through the recorded hashes, resumes from step 2 with a warning, and ends as an undisturbed run."""
-    prepared = write_prepared(tmp_path / "data", tiny_model_dir, repeats=4)
-    cfg = _job(tmp_path, tiny_model_dir, **RESUME_RUN, max_failures=0)
-    out = tmp_path / "damaged"
-    fail_once(monkeypatch, out / ".killed_once", after_step=5, rank=1)
-    with pytest.raises(Exception):
-        run_training(cfg, prepared, tiny_model_dir, out)
-    no_faults(monkeypatch)
+    cfg, prepared, out = _stopped_after_step_5(tiny_model_dir, tmp_path, monkeypatch, "damaged")
     latest = sorted(p for p in (out / "ray").glob("sft_*/checkpoint_*") if p.is_dir())[-1]
     assert json.loads((latest / "loop_state.json").read_text())["step"] == 4
     weights = max(latest.rglob("*.safetensors"), key=lambda p: p.stat().st_size)
