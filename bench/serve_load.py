@@ -128,9 +128,9 @@ def retrieve_phase(cfg, url: str, questions: list[str], args) -> None:
     `--concurrency`; the retriever replica's resident memory after each mode."""
     from ray import serve
 
-    from ray_ft.serve.app import APP_NAME
+    from ray_ft.serve.app import app_name
 
-    retriever = serve.get_deployment_handle("RetrieverDeployment", app_name=APP_NAME)
+    retriever = serve.get_deployment_handle("RetrieverDeployment", app_name=app_name(cfg))
     base = cfg.serve.retrieval_for(cfg.data.language).model_dump()
     print(f"\n| /v1/retrieve (top 5, {args.kb} passages) | mode | concurrency | requests | failed | requests/s "
           "| p50 (ms) | p95 (ms) |")
@@ -204,7 +204,7 @@ def main() -> None:
 
     from ray_ft.config import parse_job
     from ray_ft.models import resolve_model
-    from ray_ft.serve.app import APP_NAME, deploy
+    from ray_ft.serve.app import app_name, deploy
 
     questions, docs = finqa(args.kb)
     print(json.dumps({"model_alone_in_process": model_ceiling(questions, args.embedder_dtype, args.embedder_threads)}))
@@ -226,7 +226,7 @@ def main() -> None:
                       "embedder_threads": args.embedder_threads or os.cpu_count(),
                       "embed_requests": args.embed_requests, "concurrency": args.concurrency,
                       "rag_requests": args.rag_requests, "max_tokens": args.max_tokens}))
-    embedder = serve.get_deployment_handle("EmbedderDeployment", app_name=APP_NAME)
+    embedder = serve.get_deployment_handle("EmbedderDeployment", app_name=app_name(cfg))
     settings = {"batched": {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_s},
                 "unbatched": {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}}
 

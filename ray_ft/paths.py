@@ -17,6 +17,10 @@ from ray_ft.errors import RayFTError
 
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 _NAME = re.compile(NAME_PATTERN)
+# The same names as one regular expression without look-arounds (JSON Schema `pattern`, pydantic's
+# Rust regex): every '.' is followed by a character other than '.', or ends the name; the length
+# (at most 128) is checked apart.
+SAFE_NAME_REGEX = r"^[A-Za-z0-9](?:[A-Za-z0-9_-]|\.[A-Za-z0-9_-])*\.?$"
 
 
 def name_problem(value: object) -> str | None:

@@ -10,6 +10,7 @@ from ray_ft.config.base import _Strict, safe_keys
 from ray_ft.config.knowledge_base import KnowledgeBaseConfig
 from ray_ft.config.live_adapters import LiveAdaptersConfig
 from ray_ft.config.rerank import ServeRerankSettings
+from ray_ft.paths import NAME_PATTERN, name_problem
 
 
 class VLLMConfig(_Strict):
@@ -185,7 +186,15 @@ class ServeConfig(_Strict):
         "2.5-6x slower than the base (bench/RESULTS.md), unmerged on GPU. eval.adapters stay unmerged.",
     )
     max_tokens: int = Field(48, ge=1, description="Default completion length.")
-    http_port: int = Field(8000, ge=1, le=65535, description="Ray Serve HTTP port.")
+    http_port: int = Field(
+        8000, ge=1, le=65535, description="Ray Serve HTTP port. One per cluster: the first job to "
+        "start Serve sets it, and a job asking for another port on that cluster is refused.",
+    )
+    route_prefix: str = Field(
+        "/", description="Path the job's endpoints live under (/: http://host:port/v1/...; /fin: "
+        "http://host:port/fin/v1/...). The job's Serve app is named after the job, so several jobs "
+        "serve on one cluster at once, each under a prefix of its own.",
+    )
     generator_cpus: float = Field(1.0, ge=0, description="Logical CPUs reserved for the generator.")
     embedder_cpus: float = Field(0.5, ge=0, description="Logical CPUs reserved for the embedder.")
     embedder_threads: int = Field(
@@ -245,6 +254,14 @@ class ServeConfig(_Strict):
         None, description="User turn of /v1/rag prompts with {context_str} (the retrieved passages, "
         "joined) and {query} (None: the training prompt of data.language, byte for byte).",
     )
+
+    @field_validator("route_prefix")
+    @classmethod
+    def _check_route_prefix(cls, prefix: str) -> str:
+        if prefix != "/" and not (prefix.startswith("/") and name_problem(prefix[1:]) is None):
+            raise ValueError(f"route_prefix={prefix!r} must be '/' or '/' followed by one name "
+                             f"({NAME_PATTERN}), e.g. /fin")
+        return prefix
 
     @field_validator("models")
     @classmethod

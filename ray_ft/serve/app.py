@@ -32,7 +32,6 @@ from ray_ft.serve.ingress import IngressSettings, LiveAdapterSettings, RAGServic
 from ray_ft.serve.prompting import rag_prompt_of
 from ray_ft.serve.retriever import RetrieverDeployment
 
-APP_NAME = "ray_ft"
 log = logging.getLogger("ray_ft.serve")
 
 
@@ -258,15 +257,20 @@ def build_rag_app(cfg: JobConfig, model_dir: str, embedder_dir: str, adapters: d
     return ingress.bind(generator, retriever, embedder, settings, engines, reranker)
 
 
+def app_name(cfg: JobConfig) -> str:
+    """The job's Serve app: named after the job (a safe name), so jobs share a cluster."""
+    return cfg.name
+
+
 def deploy(cfg: JobConfig, model_dir: str, embedder_dir: str, adapters: dict[str, str],
            documents: list[dict], whole_models: dict[str, str] | None = None,
            take_over: bool = True, reranker_dir: str | None = None) -> str:
     """Bring the knowledge-base table to `documents` (Ray Data; embeds only what changed), start
-    Serve on `serve.http_host:http_port`, deploy the graph; return the URL to reach it from this machine. `take_over=False`: refuse when a ray_ft app already runs on
-    the cluster (an evaluation must not take down a live deployment)."""
-    if not take_over and APP_NAME in _running_apps():
-        raise RayFTError(f"a '{APP_NAME}' Serve app is already running on this cluster (ray.address="
-                         f"{cfg.ray.address}): stop it, or evaluate on another cluster")
+    Serve on `serve.http_host:http_port` (or join the Serve a job before started on the cluster),
+    deploy the graph as the app `cfg.name` under `serve.route_prefix`; return the URL to reach it
+    from this machine. `take_over=False`: refuse when this job's app already runs (an evaluation
+    must not take down a live deployment); `take_over=True` replaces it."""
+    _check_cluster_room(cfg, take_over)
     from ray_ft.kb.build import build_job_knowledge_base
 
     built = build_job_knowledge_base(cfg, documents, embedder_dir)  # on the cluster, before any replica opens it
@@ -275,25 +279,55 @@ def deploy(cfg: JobConfig, model_dir: str, embedder_dir: str, adapters: dict[str
              ", ".join(built.indexes) or "none", built.seconds)
     serve.start(proxy_location=cfg.serve.proxy_location,
                 http_options={"host": cfg.serve.http_host, "port": cfg.serve.http_port})
+    name = app_name(cfg)
     serve.run(build_rag_app(cfg, model_dir, embedder_dir, adapters, whole_models, reranker_dir),
-              name=APP_NAME, route_prefix="/", blocking=False,
+              name=name, route_prefix=cfg.serve.route_prefix, blocking=False,
               logging_config=LoggingConfig(enable_access_log=False))  # one line per call is noise
     # Open the table in the retriever replicas now, so the first request does not pay for it.
-    retriever = serve.get_deployment_handle("RetrieverDeployment", app_name=APP_NAME)
+    retriever = serve.get_deployment_handle("RetrieverDeployment", app_name=name)
     retriever.ready.remote().result(timeout_s=600)
     host = "127.0.0.1" if cfg.serve.http_host in ("0.0.0.0", "::") else cfg.serve.http_host
-    return f"http://{host}:{cfg.serve.http_port}"
+    return f"http://{host}:{cfg.serve.http_port}{cfg.serve.route_prefix.rstrip('/')}"
 
 
-def _running_apps() -> set[str]:
-    """Serve apps on the connected cluster (none when Serve has not been started there)."""
-    return set(serve.status().applications)
+def _check_cluster_room(cfg: JobConfig, take_over: bool) -> None:
+    """Refuse, before anything is built, a deployment the Serve already on the cluster cannot take:
+    this job's app live and take_over=False, another app on the job's route prefix, or Serve
+    listening on another port (serve.start would ignore ours and the URL would be wrong)."""
+    details = _serve_details()
+    if details is None:
+        return
+    where = f"on this cluster (ray.address={cfg.ray.address or 'local'})"
+    name, prefix = app_name(cfg), cfg.serve.route_prefix
+    apps = {n: a for n, a in details.applications.items() if a.status != "DELETING"}
+    if not take_over and name in apps:
+        raise RayFTError(f"the Serve app '{name}' is already running {where}: stop it, or evaluate "
+                         "on another cluster")
+    holder = next((n for n, a in apps.items() if a.route_prefix == prefix and n != name), None)
+    if holder is not None:
+        raise RayFTError(f"serve.route_prefix={prefix!r} is used by the Serve app '{holder}' {where}: "
+                         "give this job another serve.route_prefix (e.g. /" + name + ")")
+    port = details.http_options.port if details.http_options else None
+    if port is not None and port != cfg.serve.http_port:
+        raise RayFTError(f"serve.http_port={cfg.serve.http_port}, but Serve {where} listens on {port}: "
+                         f"set serve.http_port: {port}")
+
+
+def _serve_details():
+    """Serve's instance details on the connected cluster (ray.serve.schema.ServeInstanceDetails,
+    what `serve status` and the dashboard show), or None when Serve has not been started there."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeInstanceDetails
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    return None if client is None else ServeInstanceDetails(**client.get_serve_details())
 
 
 def stop_serving(cfg: JobConfig) -> None:
-    """Delete ray_ft's app, letting its replicas drain the requests they hold (measured:
+    """Delete the job's app, letting its replicas drain the requests they hold (measured:
     serve.shutdown() alone cut a streamed answer in flight); shut Serve down only on the local
-    cluster this process started, never on a shared one where other apps may run."""
-    serve.delete(APP_NAME)
-    if not cfg.ray.address:
+    cluster this process started and only once no other job's app is left on it; never on a shared
+    cluster."""
+    serve.delete(app_name(cfg))
+    if not cfg.ray.address and not serve.status().applications:
         serve.shutdown()

@@ -23,8 +23,8 @@ def cause_message(exc: BaseException) -> str:
     return str(getattr(exc, "cause", None) or exc)
 
 
-def _error(status: int, message: str, kind: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content=error_body(message, kind))
+def _error(status: int, message: str, kind: str, code: str | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content=error_body(message, kind, code))
 
 
 class GuardMiddleware:
@@ -117,15 +117,16 @@ def install_error_handlers(api: FastAPI, refusal_type: type) -> None:
         return _error(400, f"{where}: {first.get('msg')}", "invalid_request_error")
 
     statuses = {
-        refusal_type: None, UnknownModelError: (404, "model_not_found"),
-        InvalidStructuredOutput: (400, "invalid_request_error"), PromptTooLong: (400, "invalid_request_error"),
-        InvalidMessages: (400, "invalid_request_error"),
-        UpstreamTimeout: (504, "timeout"), UpstreamUnavailable: (503, "service_unavailable"),
+        refusal_type: None, UnknownModelError: (404, "model_not_found", None),
+        InvalidStructuredOutput: (400, "invalid_request_error", "invalid_response_format"),
+        PromptTooLong: (400, "invalid_request_error", "context_length_exceeded"),
+        InvalidMessages: (400, "invalid_request_error", "invalid_messages"),
+        UpstreamTimeout: (504, "timeout", None), UpstreamUnavailable: (503, "service_unavailable", None),
     }
     for exc_type, answer in statuses.items():
         def handler(_: Request, exc: Exception, answer=answer):
-            status, kind = answer or (exc.status, exc.kind)
-            return _error(status, cause_message(exc), kind)
+            status, kind, code = answer or (exc.status, exc.kind, exc.code)
+            return _error(status, cause_message(exc), kind, code)
 
         api.add_exception_handler(exc_type, handler)
 

@@ -24,14 +24,18 @@ import base64
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Path, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import SecretStr
 
 from ray_ft.errors import RayFTError
+from ray_ft.paths import SAFE_NAME_REGEX
 from ray_ft.serve.http_guard import GuardMiddleware, cause_message, install_error_handlers
+from ray_ft.serve.openapi import (
+    ChatCompletion, DeletedAdapter, EmbeddingList, Health, ModelList, documented, publish_truthful_schema,
+)
 from ray_ft.serve.openai_format import SSE_DONE, ChunkWriter, completion_body, error_body, sse
 from ray_ft.serve.prompting import RAGPrompt
 from ray_ft.serve.resilience import (
@@ -79,11 +83,12 @@ class LiveAdapterSettings:
 
 
 class RequestError(RayFTError):
-    """A request the service refuses, with the HTTP status and OpenAI error type to answer with."""
+    """A request the service refuses, with the HTTP status and OpenAI error type to answer with,
+    and a `code` when the refusal is one the published schema cannot state (LIMIT_CODES)."""
 
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
         super().__init__(message)
-        self.status, self.kind = status, kind
+        self.status, self.kind, self.code = status, kind, code
 
 
 class RAGService:
@@ -118,7 +123,8 @@ class RAGService:
 
     def _check_chars(self, n: int, what: str) -> None:
         if n > self.s.max_input_chars:
-            raise RequestError(400, f"{what}: {n} characters exceed the limit of {self.s.max_input_chars}")
+            raise RequestError(400, f"{what}: {n} characters exceed the limit of {self.s.max_input_chars}",
+                               code="input_too_long")
 
     async def _call(self, send, what: str, deadline: Deadline, stats: dict):
         return await call_with_retries(send, what, deadline, self.s.retries, stats=stats)
@@ -198,7 +204,8 @@ class RAGService:
 
     def _reranks(self, asked: bool | None) -> bool:
         if asked and self.reranker is None:
-            raise RequestError(400, "rerank: no reranker is served here (serve.rerank.enabled is off)")
+            raise RequestError(400, "rerank: no reranker is served here (serve.rerank.enabled is off)",
+                               code="rerank_unavailable")
         return self.reranker is not None and asked is not False
 
     async def _retrieve(self, query: str, top_k: int | None, deadline: Deadline, stats: dict,
@@ -219,15 +226,16 @@ class RAGService:
     async def rerank(self, req: RerankRequest, stats: dict) -> dict:
         if self.reranker is None:
             raise RequestError(404, "no reranker is served here (serve.rerank.enabled is off)", "not_found_error")
-        n = len(req.documents)
+        texts = req.texts
+        n = len(texts)
         if not 1 <= n <= self.s.max_rerank_documents:
             raise RequestError(400, f"documents must hold 1 to {self.s.max_rerank_documents} texts, got {n}")
-        self._check_chars(len(req.query) + sum(len(d) for d in req.documents), "query and documents")
-        scores = await self._call(lambda: self.reranker.rerank.remote(req.query, req.documents), "reranker",
+        self._check_chars(len(req.query) + sum(len(d) for d in texts), "query and documents")
+        scores = await self._call(lambda: self.reranker.rerank.remote(req.query, texts), "reranker",
                                   Deadline(self.s.request_timeout_s), stats)
         order = _best_first(scores)[: req.top_n or n]
         results = [RerankResult(index=i, relevance_score=float(scores[i]),
-                                document={"text": req.documents[i]} if req.return_documents else None)
+                                document={"text": texts[i]} if req.return_documents else None)
                    for i in order]
         return RerankResponse(id=f"rerank-{uuid.uuid4().hex}", model=req.model or "reranker", results=results).model_dump(exclude_none=True)
 
@@ -300,7 +308,7 @@ class RAGService:
             location = await asyncio.to_thread(check_live_adapter, req.location, list(a.allowed_roots),
                                                list(a.allowed_schemes), a.base_dir, a.max_rank)
         except (RayFTError, OSError) as err:  # BadAdapter, an unreachable URI, a missing config
-            raise RequestError(400, f"adapter {req.name!r}: {cause_message(err)}") from None
+            raise RequestError(400, f"adapter {req.name!r}: {cause_message(err)}", code="adapter_rejected") from None
         await asyncio.to_thread(self._adapter_registry().add, req.name, location)
         return AdapterResponse(id=req.name, location=location)
 
@@ -317,8 +325,6 @@ class RAGService:
         deadline = Deadline(self.s.request_timeout_s)  # one budget for retrieval and generation
         t0 = time.perf_counter()
         if req.contexts is not None:
-            if not req.contexts:
-                raise RequestError(400, "contexts: give at least one passage or leave it out")
             contexts = [RetrievedContext(node_id=None, text=c, score=None) for c in req.contexts]
         else:
             contexts = await self._retrieve(req.query, req.top_k, deadline, stats, req.rerank)
@@ -362,18 +368,21 @@ async def _answered(call, req, response: Response | None = None):
 
 def build_api(service: RAGService) -> FastAPI:
     api = FastAPI(title="ray_ft RAG")
+    s = service.s
+    publish_truthful_schema(api, auth=s.auth_token is not None, max_tokens=s.max_tokens_limit,
+                            max_texts=s.max_embed_inputs, max_rerank_documents=s.max_rerank_documents)
     install_error_handlers(api, RequestError)
-    api.add_middleware(GuardMiddleware, settings=service.s)
+    api.add_middleware(GuardMiddleware, settings=s)
 
-    @api.get("/healthz")
+    @api.get("/healthz", responses={200: {"model": Health}})
     async def healthz():
         return {"status": "ok"}
 
-    @api.get("/v1/models")
+    @api.get("/v1/models", responses=documented(ModelList))
     async def models():
         return await service.models()
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", responses=documented(ChatCompletion, 404, stream=True))
     async def chat(req: ChatCompletionRequest, response: Response):
         if req.stream:
             stats: dict = {}
@@ -382,35 +391,36 @@ def build_api(service: RAGService) -> FastAPI:
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
         return await _answered(service.chat, req, response)
 
-    @api.post("/v1/embeddings")
+    @api.post("/v1/embeddings", responses=documented(EmbeddingList))
     async def embeddings(req: EmbeddingRequest):
         return await _answered(service.embeddings, req)
 
-    @api.post("/v1/retrieve", response_model=RetrieveResponse)
+    @api.post("/v1/retrieve", response_model=RetrieveResponse, responses=documented(None))
     async def retrieve(req: RetrieveRequest, response: Response):
         return await _answered(service.retrieve, req, response)
 
-    @api.post("/v1/rerank", response_model=RerankResponse, response_model_exclude_none=True)
+    @api.post("/v1/rerank", response_model=RerankResponse, response_model_exclude_none=True,
+              responses=documented(None, 404))
     async def rerank(req: RerankRequest):
         return await _answered(service.rerank, req)
 
-    @api.post("/v1/documents", response_model=DocumentsResponse)
+    @api.post("/v1/documents", response_model=DocumentsResponse, responses=documented(None, 403))
     async def add_documents(req: DocumentsRequest, response: Response):
         return await _answered(service.add_documents, req, response)
 
-    @api.delete("/v1/documents/{document_id}", response_model=DeletedDocument)
+    @api.delete("/v1/documents/{document_id}", response_model=DeletedDocument, responses=documented(None, 403, 404))
     async def delete_document(document_id: str, response: Response):
         return await _answered(service.delete_document, document_id, response)
 
-    @api.post("/v1/adapters", response_model=AdapterResponse)
+    @api.post("/v1/adapters", response_model=AdapterResponse, responses=documented(None, 403, 404, 409))
     async def add_adapter(req: AdapterRequest, response: Response):
         return await _answered(service.add_adapter, req, response)
 
-    @api.delete("/v1/adapters/{name}")
-    async def delete_adapter(name: str):
+    @api.delete("/v1/adapters/{name}", responses=documented(DeletedAdapter, 403, 404, 409))
+    async def delete_adapter(name: Annotated[str, Path(json_schema_extra={"pattern": SAFE_NAME_REGEX, "maxLength": 128})]):
         return await _answered(service.delete_adapter, name)
 
-    @api.post("/v1/rag", response_model=RAGResponse)
+    @api.post("/v1/rag", response_model=RAGResponse, responses=documented(None, 404))
     async def rag(req: RAGRequest, response: Response):
         return await _answered(service.rag, req, response)
 

@@ -50,5 +50,6 @@ def sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-def error_body(message: str, kind: str) -> dict:
-    return {"error": {"message": message, "type": kind}}
+def error_body(message: str, kind: str, code: str | None = None) -> dict:
+    """OpenAI's error object; `code` names refusals a schema cannot foresee (LIMIT_CODES)."""
+    return {"error": {"message": message, "type": kind, **({"code": code} if code else {})}}

@@ -1,13 +1,32 @@
-"""Request/response bodies of the HTTP API (OpenAI-compatible where OpenAI has the endpoint)."""
+"""Request/response bodies of the HTTP API (OpenAI-compatible where OpenAI has the endpoint).
+
+Requests are parsed strictly (no 0 for false, no "1" for 1): what the published schema says a
+field holds is what is accepted.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ray_ft.paths import SAFE_NAME_REGEX
 
-class ChatMessage(BaseModel):
+
+class _Request(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integral_floats(cls, data):
+        """JSON Schema's integer admits 2.0, which strict parsing alone would refuse."""
+        if not isinstance(data, dict):
+            return data
+        ints = {n for n, f in cls.model_fields.items() if f.annotation is int or int in get_args(f.annotation)}
+        return {k: int(v) if k in ints and isinstance(v, float) and v.is_integer() else v for k, v in data.items()}
+
+
+class ChatMessage(_Request):
     role: Literal["system", "user", "assistant"]
     content: str
 
@@ -23,46 +42,50 @@ class ChatMessage(BaseModel):
         return "\n".join(str(p.get("text", "")) for p in content)
 
 
-class JSONSchemaFormat(BaseModel):
+class JSONSchemaFormat(_Request):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
     name: str = "reply"
     json_schema: dict = Field(..., alias="schema")
 
 
-class ResponseFormat(BaseModel):
-    """OpenAI `response_format`: free text, any JSON object, or JSON following a schema."""
-
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JSONSchemaFormat | None = None
-
-    @model_validator(mode="after")
-    def _schema_given(self):
-        if self.type == "json_schema" and self.json_schema is None:
-            raise ValueError("type 'json_schema' needs json_schema.schema")
-        return self
+class TextFormat(_Request):
+    type: Literal["text"]
 
     def structured(self) -> dict | None:
-        """The engine's structured-output constraint, or None for free text.
-
-        Whitespace between JSON tokens is disallowed: it means nothing to a JSON reader, and a
-        small model let free to emit it can fill `max_tokens` with newlines before the closing
-        brace (measured: most of SmolLM2-135M's judge replies were cut that way).
-        """
-        if self.type == "json_object":
-            return {"json_object": True, "disable_any_whitespace": True}
-        if self.type == "json_schema":
-            return {"json": self.json_schema.json_schema, "disable_any_whitespace": True}
         return None
 
 
-class StreamOptions(BaseModel):
+# Whitespace between JSON tokens is disallowed: it means nothing to a JSON reader, and a small
+# model let free to emit it can fill `max_tokens` with newlines before the closing brace
+# (measured: most of SmolLM2-135M's judge replies were cut that way).
+class JSONObjectFormat(_Request):
+    type: Literal["json_object"]
+
+    def structured(self) -> dict | None:
+        return {"json_object": True, "disable_any_whitespace": True}
+
+
+class JSONSchemaResponseFormat(_Request):
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaFormat
+
+    def structured(self) -> dict | None:
+        return {"json": self.json_schema.json_schema, "disable_any_whitespace": True}
+
+
+# OpenAI `response_format`: free text, any JSON object, or JSON following a schema; `structured()`
+# is the engine's decoding constraint (None for free text).
+ResponseFormat = Annotated[TextFormat | JSONObjectFormat | JSONSchemaResponseFormat, Field(discriminator="type")]
+
+
+class StreamOptions(_Request):
     model_config = ConfigDict(extra="ignore")
 
     include_usage: bool = Field(False, description="Send the token usage in a last chunk.")
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(_Request):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
 
     model: str
@@ -78,10 +101,9 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
 
-
     @field_validator("stop")
     @classmethod
-    def _few_stops(cls, stop):
+    def _few_stops(cls, stop):  # here, not as max_length: a union's error would name its first branch
         if isinstance(stop, list) and len(stop) > 4:
             raise ValueError(f"at most 4 stop strings, got {len(stop)}")
         return stop
@@ -96,7 +118,7 @@ class ChatCompletionRequest(BaseModel):
         return out
 
 
-class EmbeddingRequest(BaseModel):
+class EmbeddingRequest(_Request):
     model_config = ConfigDict(extra="ignore")
 
     input: str | list[str]
@@ -106,7 +128,7 @@ class EmbeddingRequest(BaseModel):
     )
 
 
-class RAGRequest(BaseModel):
+class RAGRequest(_Request):
     model_config = ConfigDict(extra="forbid")
 
     query: str = Field(..., min_length=1)
@@ -115,7 +137,7 @@ class RAGRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     contexts: list[str] | None = Field(
-        None, description="Use these passages instead of retrieving (the gold-context control)."
+        None, min_length=1, description="Use these passages instead of retrieving (the gold-context control)."
     )
     rerank: bool | None = Field(
         None, description="Rerank the retrieved passages (default: when the deployment has a reranker).")
@@ -140,7 +162,7 @@ class RAGResponse(BaseModel):
     completion_tokens: int
 
 
-class RetrieveRequest(BaseModel):
+class RetrieveRequest(_Request):
     model_config = ConfigDict(extra="forbid")
 
     query: str = Field(..., min_length=1)
@@ -154,28 +176,29 @@ class RetrieveResponse(BaseModel):
     latency_s: float
 
 
-class RerankRequest(BaseModel):
+class RerankDocument(BaseModel):
+    text: str
+
+
+class RerankRequest(_Request):
     """The common rerank request (Cohere, Jina, vLLM): a query and the documents to order."""
 
     model_config = ConfigDict(extra="ignore")
 
     query: str = Field(..., min_length=1)
-    documents: list[str] = Field(..., description="Texts to score against the query (at least one).")
+    documents: list[str | RerankDocument] = Field(
+        ..., description="Texts to score against the query (at least one): strings, or objects with a "
+        "`text` field (as Cohere v2 / Jina accept)."
+    )
     top_n: int | None = Field(None, ge=1, description="Return the best n (default: all).")
     model: str | None = Field(None, description="Ignored: the deployment serves one reranker.")
     return_documents: bool = Field(True, description="Echo each result's text.")
 
-    @field_validator("documents", mode="before")
-    @classmethod
-    def _texts(cls, documents):
-        """Plain strings, or objects with a `text` field (as Cohere v2 / Jina accept)."""
-        if isinstance(documents, list):
-            return [d["text"] if isinstance(d, dict) and isinstance(d.get("text"), str) else d for d in documents]
-        return documents
+    @property
+    def texts(self) -> list[str]:
+        return [d if isinstance(d, str) else d.text for d in self.documents]
 
 
-class RerankDocument(BaseModel):
-    text: str
 
 
 class RerankResult(BaseModel):
@@ -190,7 +213,7 @@ class RerankResponse(BaseModel):
     results: list[RerankResult]
 
 
-class DocumentIn(BaseModel):
+class DocumentIn(_Request):
     model_config = ConfigDict(extra="forbid")
 
     id: str = Field(..., min_length=1, max_length=256,
@@ -199,18 +222,19 @@ class DocumentIn(BaseModel):
     metadata: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
 
 
-class DocumentsRequest(BaseModel):
+class DocumentsRequest(_Request):
     model_config = ConfigDict(extra="forbid")
 
-    documents: list[DocumentIn] = Field(..., min_length=1)
+    documents: list[DocumentIn] = Field(
+        ..., min_length=1, description="Documents to add; a repeated id is one document, the last "
+        "one given (as a later request replaces an earlier one)."
+    )
 
     @field_validator("documents")
     @classmethod
-    def _unique_ids(cls, documents):
-        ids = [d.id for d in documents]
-        if len(set(ids)) < len(ids):
-            raise ValueError(f"document ids repeat: {sorted({i for i in ids if ids.count(i) > 1})[:5]}")
-        return documents
+    def _last_of_each_id(cls, documents):
+        last = {d.id: d for d in documents}  # keeps the first position, the last value
+        return list(last.values())
 
 
 class DocumentsResponse(BaseModel):
@@ -226,10 +250,12 @@ class DeletedDocument(BaseModel):
     version: int
 
 
-class AdapterRequest(BaseModel):
+class AdapterRequest(_Request):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(..., min_length=1, max_length=128, description="Served name (the `model` of requests).")
+    # The pattern is published; the check is ray_ft.paths' own, whose message says what is wrong.
+    name: str = Field(..., min_length=1, max_length=128, json_schema_extra={"pattern": SAFE_NAME_REGEX},
+                      description="Served name (the `model` of requests).")
     location: str = Field(..., min_length=1, max_length=4096,
                           description="Adapter folder under an allowed root, or an allowed object-storage URI.")
 

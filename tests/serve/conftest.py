@@ -86,7 +86,8 @@ def served(ray_cluster, smollm_dir, minilm_dir, tmp_path_factory):
     cfg = parse_job({"name": "servetest", "data": {"language": "en"},
                      "output_dir": str(tmp_path_factory.mktemp("runs")),
                      # fp32 like the transformers + peft reference, so greedy outputs can be compared
-                     "serve": {"http_port": free_port(), "top_k": 2, "max_tokens": 16,
+                     # max_tokens_limit bounds what the API fuzz test may ask for (test_api_fuzz.py)
+                     "serve": {"http_port": free_port(), "top_k": 2, "max_tokens": 16, "max_tokens_limit": 48,
                                "models": {"tuned-merged": str(merged)},
                                "auth_token_env": TOKEN_ENV,
                                "rerank": {"enabled": True, "model": str(reranker), "candidates": 3, "cpus": 0.3},

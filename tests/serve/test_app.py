@@ -203,7 +203,7 @@ def test_an_evaluation_never_takes_over_a_running_deployment(served):
     from ray_ft.serve.app import deploy
 
     # `ray-ft eval`/`run` deploy with take_over=False: a live ray_ft app on the cluster stays.
-    with pytest.raises(RayFTError, match="'ray_ft' Serve app is already running on this cluster"):
+    with pytest.raises(RayFTError, match="the Serve app 'servetest' is already running on this cluster"):
         deploy(served.cfg, "/no/model", "/no/embedder", {}, [], take_over=False)
     with httpx.Client(base_url=served.url, timeout=60, headers=served.headers) as http:
         assert http.get("/healthz").json() == {"status": "ok"}
@@ -242,4 +242,53 @@ def test_rerank_endpoint_and_reranked_rag_on_the_real_graph(served):
         for body, status in bad:
             resp = http.post("/v1/rerank", json=body)
             assert resp.status_code == status and resp.json()["error"]["message"], resp.text
+        assert http.get("/healthz").json() == {"status": "ok"}
+
+
+@pytest.mark.slow
+def test_a_second_job_serves_beside_the_first_under_its_own_route_prefix(served):
+    from ray import serve
+
+    from ray_ft.config import parse_job
+    from ray_ft.errors import RayFTError
+    from ray_ft.models import resolve_model
+    from ray_ft.serve.app import deploy, stop_serving
+
+    def job(**serve_cfg):
+        return parse_job({"name": "second", "data": {"language": "en"}, "output_dir": served.cfg.output_dir,
+                          "serve": {"http_port": served.cfg.serve.http_port, "max_tokens": 8, "top_k": 1,
+                                    # the first graph holds 3.6 of the cluster's 4 CPUs
+                                    "generator_cpus": 0.05, "embedder_cpus": 0.05,
+                                    "knowledge_base": {"embed_cpus": 0.1},
+                                    "vllm": {"dtype": "float32"}, **serve_cfg}})
+
+    model, embedder = str(resolve_model(BASE)), str(resolve_model("all-MiniLM-L6-v2"))
+    # The first job holds "/" and the port: a second job asking for either is refused up front.
+    with pytest.raises(RayFTError, match="serve.route_prefix='/' is used by the Serve app 'servetest'"):
+        deploy(job(), model, embedder, {}, DOCS[:1])
+    other_port = served.cfg.serve.http_port + 1
+    with pytest.raises(RayFTError, match=f"serve.http_port={other_port}, but Serve .* listens on "
+                                         f"{served.cfg.serve.http_port}"):
+        deploy(job(http_port=other_port, route_prefix="/second"), model, embedder, {}, DOCS[:1])
+    assert set(serve.status().applications) == {"servetest"}
+
+    second = job(route_prefix="/second")
+    url = deploy(second, model, embedder, {}, DOCS[1:2])
+    try:
+        assert url == served.url + "/second"
+        assert set(serve.status().applications) == {"servetest", "second"}
+        with httpx.Client(base_url=url, timeout=120) as http:  # no auth on the second job
+            assert http.get("/healthz").json() == {"status": "ok"}
+            assert [m["id"] for m in http.get("/v1/models").json()["data"]] == [BASE]
+            hits = http.post("/v1/retrieve", json={"query": "Which river flows into the sea?", "top_k": 3}).json()
+            assert [c["node_id"] for c in hits["contexts"]] == ["nile"]  # its own knowledge base only
+            assert http.get("/openapi.json").json()["paths"].keys() >= {"/v1/chat/completions", "/v1/rag"}
+        with httpx.Client(base_url=served.url, timeout=120, headers=served.headers) as http:
+            assert [m["id"] for m in http.get("/v1/models").json()["data"]] == [BASE, "tuned", "tuned-merged"]
+            first = http.post("/v1/retrieve", json={"query": "How tall is Everest?", "top_k": 3}).json()
+            assert {c["node_id"] for c in first["contexts"]} == {d["passage_id"] for d in DOCS}
+    finally:
+        stop_serving(second)  # the first job's app is left, so Serve stays up
+    assert set(serve.status().applications) == {"servetest"}
+    with httpx.Client(base_url=served.url, timeout=60, headers=served.headers) as http:
         assert http.get("/healthz").json() == {"status": "ok"}

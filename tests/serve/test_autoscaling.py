@@ -11,7 +11,7 @@ import pytest
 def _running(deployment: str) -> int:
     from ray import serve
 
-    return serve.status().applications["ray_ft"].deployments[deployment].replica_states.get("RUNNING", 0)
+    return serve.status().applications["servetest"].deployments[deployment].replica_states.get("RUNNING", 0)
 
 
 @pytest.mark.slow

@@ -85,7 +85,6 @@ def test_a_replaced_chunked_document_loses_the_chunks_its_new_text_has_not(tmp_p
 
 @pytest.mark.parametrize("body, status, fragment", [
     ({"documents": []}, 400, "documents"),
-    ({"documents": [{"id": "a", "text": "x"}, {"id": "a", "text": "y"}]}, 400, "document ids repeat: ['a']"),
     ({"documents": [{"id": "a", "text": ""}]}, 400, "text"),
     ({"documents": [{"id": "a", "text": 5}]}, 400, "text"),
     ({"documents": [{"id": "a", "text": "x", "extra": 1}]}, 400, "extra"),
@@ -100,6 +99,17 @@ def test_bad_document_requests_are_4xx_with_a_reason_and_the_service_keeps_servi
     if fragment:
         assert fragment in resp.json()["error"]["message"]
     assert http.post("/v1/retrieve", json={"query": "dog", "top_k": 1}, headers=AUTH).status_code == 200
+
+
+def test_a_repeated_id_in_one_request_is_one_document_the_last_given(tmp_path):
+    http, _ = _graph(tmp_path)
+    docs = [{"id": "pet", "text": "The cat sleeps all day."}, {"id": "other", "text": "Rivers flow to the sea."},
+            {"id": "pet", "text": "The dog barks at night."}]
+    resp = http.post("/v1/documents", headers=AUTH, json={"documents": docs})
+    assert resp.status_code == 200 and resp.json()["documents"] == 2
+    hit = http.post("/v1/retrieve", json={"query": "dog barks", "top_k": 20}, headers=AUTH).json()["contexts"]
+    texts = [c["text"] for c in hit]
+    assert "The dog barks at night." in texts and "The cat sleeps all day." not in texts
 
 
 def test_writes_need_auth(tmp_path):
