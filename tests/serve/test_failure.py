@@ -10,7 +10,7 @@ import pytest
 
 from tests.serve.conftest import QUESTION
 
-EMBEDDER_CLASS = "ServeReplica:ray_ft:EmbedderDeployment"
+EMBEDDER_CLASS = "ServeReplica:servetest:EmbedderDeployment"  # the Serve app is named after the job
 # 16 texts per embeddings request: a replica spends longer encoding a request than the HTTP path
 # takes to bring the next one, so the replicas hold requests most of the time.
 N_REQUESTS, CONCURRENCY, TEXTS, TIME_CAP_S = 120, 8, 16, 120
