@@ -29,6 +29,7 @@ from pathlib import Path
 LOG_DIR = "logs"
 DRIVER_LOG = "driver.log"
 PROGRESS_FILE = "progress.jsonl"  # rank 0 of a training run appends its step rows here
+_SILENT = logging.CRITICAL + 1  # a handler level no record reaches
 _LIBRARIES = ("ray", "ray.data", "ray.serve", "ray.train", "ray.tune", "vllm", "py.warnings")
 _state = {"verbose": True, "file_handler": None, "handlers": [], "view": None, "since": 0.0}
 
@@ -90,24 +91,28 @@ def setup_logging(run_dir: Path | None, verbose_: bool, level: str = "INFO") -> 
 
 def quiet_libraries() -> None:
     """Ray, Ray Data, Serve and vLLM log through handlers of their own (not the root's): without
-    `verbose` their terminal handlers are raised to errors and their records also go to the
+    `verbose` their terminal handlers are silenced (errors too, as `_to_terminal` keeps library
+    errors off the terminal: Ray logs them while it recovers) and their records also go to the
     driver log. Ray Data's progress bars are turned off (the view shows the stage instead)."""
     if _state["verbose"]:
         return
+    # Ray Data installs its handlers when it is first imported: imported later (by the prepare
+    # stage), its INFO lines and progress logs reached the terminal (~70 lines per prepare).
+    import ray.data  # noqa: F401
+
     handler = _state["file_handler"]
     for name in _LIBRARIES:
         logger = logging.getLogger(name)
         for h in logger.handlers:
             if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
-                h.setLevel(logging.ERROR)
+                h.setLevel(_SILENT)
         if handler is not None and not logger.propagate and handler not in logger.handlers:
             logger.addHandler(handler)
-    if "ray.data" in sys.modules:
-        from ray.data import DataContext
+    from ray.data import DataContext
 
-        ctx = DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
 
 
 def collect_ray_logs(run_dir: Path) -> Path | None:

@@ -31,8 +31,13 @@ def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> None:
 @contextmanager
 def staged_dir(out: Path) -> Iterator[Path]:
     """A temp folder beside `out` to write into; it replaces `out` only when the block completes,
-    and is removed if the block raises, so readers never see a half-built folder."""
+    and is removed if the block raises, so readers never see a half-built folder. Temp folders of
+    `out` already there are a killed writer's (SIGKILL runs no cleanup; callers hold the run
+    folder's lock, `ray_ft.locks`, so no live writer owns one) and are removed first."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
         yield tmp

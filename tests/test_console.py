@@ -80,6 +80,27 @@ def test_the_live_view_renders_each_stage_state(tmp_path):
     assert "5/10 (50%) loss=1.5" in text and "12s" in text
 
 
+QUIET_THEN_IMPORT = """
+import logging, sys
+from ray_ft import console
+console.setup_logging(None, False)
+console.quiet_libraries()
+import ray.data  # as the prepare stage does, after the command set the routing up
+levels = [h.level for h in logging.getLogger("ray.data").handlers if type(h).__name__ != "SessionFileHandler"]
+print(levels, ray.data.DataContext.get_current().enable_progress_bars)
+"""
+
+
+def test_ray_data_imported_after_the_routing_is_set_up_stays_off_the_terminal():
+    import subprocess
+    import sys
+
+    # A fresh interpreter: in this one, other tests imported Ray Data long ago.
+    out = subprocess.run([sys.executable, "-c", QUIET_THEN_IMPORT], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"[{logging.CRITICAL + 1}] False"
+
+
 def test_quiet_logging_keeps_the_terminal_for_ray_ft_warnings_and_the_file_for_everything(tmp_path, capsys):
     run_dir = tmp_path / "run"
     console.setup_logging(run_dir, False)
@@ -96,7 +117,7 @@ def test_quiet_logging_keeps_the_terminal_for_ray_ft_warnings_and_the_file_for_e
         lib.info("ray data progress")
         err = capsys.readouterr().err
         assert "a warning line" in err and "an info line" not in err and "a serve error" not in err
-        assert own.level == logging.ERROR  # the library's own terminal handler
+        assert own.level > logging.CRITICAL  # the library's own terminal handler: silenced
         text = console.driver_log(run_dir).read_text()
         assert all(s in text for s in ("an info line", "a warning line", "a serve error", "ray data progress"))
     finally:
