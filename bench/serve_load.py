@@ -146,20 +146,10 @@ def retrieve_phase(cfg, url: str, questions: list[str], args) -> None:
                   f"{res['p50_ms']:.1f} | {res['p95_ms']:.1f} |")
             if res["failed"]:
                 print("failures:", res["first_failures"])
-    print(json.dumps({"retriever_replica_rss_mb": replica_rss_mb("RetrieverDeployment")}))
+    from ray_ft.serve.soak import replica_use
 
-
-def replica_rss_mb(deployment: str) -> list[float]:
-    """Resident memory of each replica process of `deployment` on this machine (Ray titles a
-    replica's process `ray::ServeReplica:APP:DEPLOYMENT`)."""
-    import psutil
-
-    out = []
-    for proc in psutil.process_iter(["cmdline", "memory_info"]):
-        title = " ".join(proc.info["cmdline"] or [])
-        if title.startswith("ray::ServeReplica") and title.split(":")[-1].split()[0] == deployment:
-            out.append(round(proc.info["memory_info"].rss / 2**20, 1))
-    return out
+    rss = [r.rss_mb for r in replica_use(app_name(cfg)) if r.title.endswith(":RetrieverDeployment")]
+    print(json.dumps({"retriever_replica_rss_mb": rss}))
 
 
 def main() -> None:

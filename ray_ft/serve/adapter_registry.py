@@ -30,6 +30,8 @@ class BadAdapter(RayFTError):
 
 def check_location(location: str, allowed_roots: list[str], allowed_schemes: list[str]) -> str:
     """The location, normalised, when it is allowed; else BadAdapter."""
+    if "\0" in location:  # no path or URI holds one; os.path would raise ValueError (found by fuzzing)
+        raise BadAdapter(f"location {location!r}: contains a NUL character")
     if is_uri(location):
         scheme = location.split("://", 1)[0]
         if scheme not in allowed_schemes:

@@ -6,11 +6,18 @@ field holds is what is accepted.
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ray_ft.paths import SAFE_NAME_REGEX
+
+
+@functools.cache
+def _int_fields(model: type[BaseModel]) -> frozenset[str]:
+    """The integer fields of a request model (once per model, not per request)."""
+    return frozenset(n for n, f in model.model_fields.items() if f.annotation is int or int in get_args(f.annotation))
 
 
 class _Request(BaseModel):
@@ -22,7 +29,7 @@ class _Request(BaseModel):
         """JSON Schema's integer admits 2.0, which strict parsing alone would refuse."""
         if not isinstance(data, dict):
             return data
-        ints = {n for n, f in cls.model_fields.items() if f.annotation is int or int in get_args(f.annotation)}
+        ints = _int_fields(cls)
         return {k: int(v) if k in ints and isinstance(v, float) and v.is_integer() else v for k, v in data.items()}
 
 

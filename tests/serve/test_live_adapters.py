@@ -144,6 +144,7 @@ def test_post_and_delete_adapters_over_http(tmp_path, adapters, tiny_model_dir):
         ({"name": "a", "location": str(adapters / "torn")}, 400, "corrupt weights"),
         ({"name": "a", "location": str(adapters / "other_base")}, 400, "does not fit the served base model"),
         ({"name": "a", "location": "gs://bucket/adapter"}, 400, "scheme 'gs' is not allowed"),
+        ({"name": "a", "location": "x\u0000y"}, 400, "contains a NUL character"),  # found by schemathesis
         ({"name": "a"}, 400, "location"),
     ]
     for body, status, fragment in cases:
